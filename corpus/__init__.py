@@ -1,0 +1,1 @@
+"""The corpus stage: spec parsing (IR), and later planning, prompts and generation."""

@@ -1,0 +1,94 @@
+"""`msm spec ...`: show, check and record specs. Imports nothing heavy at module level."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from msm.cli_util import db_option, parse_vars, var_option
+
+
+@click.group("spec")
+def spec_group():
+    """Parse a Model Spec into units, validate it, record it in the warehouse."""
+
+
+def _load(path: str, variables: tuple[str, ...]):
+    from corpus.spec import load_spec
+
+    return load_spec(path, parse_vars(variables))
+
+
+@spec_group.command("show")
+@click.argument("path")
+@var_option
+@click.option("--json", "as_json", is_flag=True, help="Emit the unit tree as JSON.")
+@click.option("--max-depth", type=int, default=None, help="Only show units up to this depth.")
+def show(path, variables, as_json, max_depth):
+    """Print the unit tree: id, kind, title and tokens of every unit."""
+    spec = _load(path, variables)
+    if as_json:
+        click.echo(json.dumps(spec.to_json(), ensure_ascii=False, indent=1))
+        return
+    from msm.tokens import default_counter
+
+    counter = default_counter()
+    tokens = counter.count_many([u.text for u in spec.units])
+    total = sum(tokens)
+    note = "" if counter.exact else " (approximate; `msm models prepare` enables exact counts)"
+    click.echo(f"{spec.name}  version {spec.version}  {len(spec.units)} units  "
+               f"{total:,} tokens by {counter.name}{note}")
+    if spec.variables:
+        click.echo("variables: " + ", ".join(f"{k}={v}" for k, v in spec.variables.items()))
+    click.echo(f"{'LINES':>11}  {'KIND':<9} {'TOKENS':>6}  ID  TITLE")
+    for unit, n in zip(spec.units, tokens):
+        if max_depth is not None and unit.depth > max_depth:
+            continue
+        lines = f"{unit.span[0]}-{unit.span[1]}"
+        title = unit.title if len(unit.title) <= 70 else unit.title[:69] + "…"
+        click.echo(f"{lines:>11}  {unit.kind:<9} {n:>6}  {'  ' * unit.depth}{unit.id}  {title}")
+    for problem in spec.problems:
+        click.echo(f"{path}: {problem}", err=True)
+
+
+@spec_group.command("check")
+@click.argument("path")
+@var_option
+@click.option("--strict", is_flag=True, help="Fail on warnings too.")
+def check(path, variables, strict):
+    """Validate a spec: unfilled placeholders, empty sections, duplicate ids, unknown keys."""
+    from corpus.spec_check import check_spec
+
+    spec = _load(path, variables)
+    problems = check_spec(spec)
+    for problem in problems:
+        click.echo(f"{path}: {problem}")
+    errors = sum(p.severity == "error" for p in problems)
+    warnings = len(problems) - errors
+    click.echo(f"{path}: {len(spec.units)} units, {errors} error(s), {warnings} warning(s)")
+    if errors or (strict and warnings):
+        sys.exit(1)
+
+
+@spec_group.command("load")
+@click.argument("path")
+@var_option
+@db_option
+def load(path, variables, db):
+    """Record a spec version and its units in the warehouse (a no-op if already there)."""
+    from msm.config import load_settings
+    from msm.tokens import default_counter
+    from warehouse.db import connect
+    from warehouse.specs import record_spec
+
+    spec = _load(path, variables)
+    settings = load_settings(db)
+    con = connect(settings.db)
+    try:
+        added = record_spec(con, spec, default_counter())
+    finally:
+        con.close()
+    verb = "recorded" if added else "already recorded"
+    click.echo(f"{spec.name}: version {spec.version} {verb} ({len(spec.units)} units) in {settings.db}")

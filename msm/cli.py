@@ -1,0 +1,100 @@
+"""The `msm` command. Stage groups are mounted lazily so `msm --help` stays fast and light."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from msm import __version__
+from msm.errors import MsmError
+
+# group name -> "module:attribute". Each stage owns its group; msm only mounts it.
+STAGE_GROUPS = {
+    "spec": "corpus.cli:spec_group",
+    "warehouse": "warehouse.cli:warehouse_group",
+}
+
+
+class MsmGroup(click.Group):
+    """Mounts stage groups on demand and turns MsmError into one line on stderr."""
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(STAGE_GROUPS))
+
+    def get_command(self, ctx, name):
+        if name in STAGE_GROUPS:
+            module, attr = STAGE_GROUPS[name].split(":")
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except MsmError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=MsmGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="msm")
+def cli():
+    """msm: compile a Model Spec into a midtraining corpus, then train and evaluate on it."""
+
+
+@cli.group("models")
+def models_group():
+    """Local models: SmolLM2-135M-Instruct (generation) and MiniLM (embeddings)."""
+
+
+@models_group.command("list")
+def models_list():
+    """Show the model aliases and whether each is ready."""
+    from msm.models import list_models
+
+    for row in list_models():
+        star = "*" if row["default"] else " "
+        click.echo(f"{star} {row['alias']:<24} {row['kind']:<10} {row['status']:<36} {row['where']}")
+
+
+@models_group.command("prepare")
+@click.argument("alias", required=False)
+@click.option("--force", is_flag=True, help="Convert again even if the cache exists.")
+def models_prepare(alias, force):
+    """Convert the bundled GGUF to a safetensors cache (once) and check the embedder."""
+    from msm.models import prepare, resolve_embedder
+
+    prepare(alias, force=force, log=click.echo)
+    if alias is None:
+        click.echo(f"all-minilm-l6-v2: ready at {resolve_embedder()}")
+
+
+@cli.command("doctor")
+def doctor():
+    """Check the install and say how to fix what is wrong."""
+    from msm.doctor import run_checks
+
+    failed = 0
+    for check in run_checks():
+        mark = "ok  " if check.ok else ("warn" if check.warn_only else "FAIL")
+        line = f"[{mark}] {check.name}: {check.detail}"
+        if not check.ok and check.fix:
+            line += f"  -> {check.fix}"
+        click.echo(line)
+        failed += not check.ok and not check.warn_only
+    if failed:
+        click.echo(f"{failed} problem(s) found", err=True)
+        sys.exit(1)
+    click.echo("all checks passed")
+
+
+def main():
+    try:
+        cli(prog_name="msm")
+    except BrokenPipeError:  # `msm ... | head`
+        sys.stderr.close()
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Where msm reads and writes: msm.toml, then the environment, then flags (later sources win)."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from msm.errors import MsmError
+
+CONFIG_FILE = "msm.toml"
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    db: Path
+    config_file: Path | None
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise MsmError(f"{path} is not valid TOML ({exc})", "fix the file or remove it") from None
+
+
+def load_settings(db: str | os.PathLike | None = None, cwd: Path | None = None) -> Settings:
+    cwd = cwd or Path.cwd()
+    config_path = cwd / CONFIG_FILE
+    file_cfg = _read_toml(config_path) if config_path.is_file() else {}
+    home = Path(os.environ.get("MSM_HOME") or file_cfg.get("home") or ".msm")
+    if not home.is_absolute():
+        home = cwd / home
+    db_path = db or os.environ.get("MSM_DB") or file_cfg.get("db") or home / "msm.duckdb"
+    db_path = Path(db_path)
+    if not db_path.is_absolute():
+        db_path = cwd / db_path
+    return Settings(home=home, db=db_path, config_file=config_path if file_cfg else None)
+
+
+def cache_dir() -> Path:
+    """msm's model cache: $XDG_CACHE_HOME/msm, else ~/.cache/msm."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "msm"

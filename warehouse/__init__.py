@@ -1,0 +1,1 @@
+"""The warehouse: one DuckDB file, the single source of truth and provenance record."""
