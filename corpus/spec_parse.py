@@ -123,6 +123,7 @@ class _Scanner:
         self.starts.pop()
         self.ids.discard(unit.id)
         self.explicit.pop(unit.id, None)
+        self.codes.pop(str(unit.attrs.get("code", "")).upper(), None)
 
     def ensure_open(self, i: int) -> None:
         """Prose with no unit to take it starts a text unit (a paragraph unit at top level)."""

@@ -27,6 +27,12 @@ def _read_toml(path: Path) -> dict:
         raise MsmError(f"{path} is not valid TOML ({exc})", "fix the file or remove it") from None
 
 
+def read_config(cwd: Path | None = None) -> dict:
+    """msm.toml in the working directory, or {} when there is none."""
+    path = (cwd or Path.cwd()) / CONFIG_FILE
+    return _read_toml(path) if path.is_file() else {}
+
+
 def load_settings(db: str | os.PathLike | None = None, cwd: Path | None = None) -> Settings:
     cwd = cwd or Path.cwd()
     config_path = cwd / CONFIG_FILE

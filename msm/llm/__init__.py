@@ -1,0 +1,1 @@
+"""One interface to every model msm calls: Anthropic, OpenAI-compatible servers, local transformers."""

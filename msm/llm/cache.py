@@ -1,0 +1,222 @@
+"""The call cache: a response stored under its request key is never paid for twice.
+
+SQLite in WAL mode takes many concurrent writer processes on local disk (datatrove runs many
+workers). Its locking is unreliable on the network filesystems Slurm clusters use, so a worker
+may instead write its own shard file (`shard=` or $MSM_CACHE_SHARD); reads consult every shard,
+and `merge_shards` folds them into the main file. Errors are stored as errors and never served.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from msm.errors import MsmError
+from msm.llm.types import Request, Response, Usage
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS calls (
+    key TEXT PRIMARY KEY,
+    backend TEXT NOT NULL,
+    model TEXT NOT NULL,
+    purpose TEXT NOT NULL,
+    request TEXT NOT NULL,
+    text TEXT,
+    stop_reason TEXT,
+    input_tokens INTEGER NOT NULL DEFAULT 0,
+    output_tokens INTEGER NOT NULL DEFAULT 0,
+    cache_read_tokens INTEGER NOT NULL DEFAULT 0,
+    cache_write_tokens INTEGER NOT NULL DEFAULT 0,
+    cost_usd REAL NOT NULL DEFAULT 0,
+    latency_s REAL NOT NULL DEFAULT 0,
+    batch INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 1,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS calls_created ON calls (created_at);
+CREATE TABLE IF NOT EXISTS batches (
+    batch_id TEXT PRIMARY KEY,
+    backend TEXT NOT NULL,
+    model TEXT NOT NULL,
+    items TEXT NOT NULL,          -- JSON: custom_id -> request key
+    status TEXT NOT NULL,         -- submitted, ended, collected
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+"""
+
+COLUMNS = ("key", "backend", "model", "purpose", "request", "text", "stop_reason", "input_tokens", "output_tokens",
+           "cache_read_tokens", "cache_write_tokens", "cost_usd", "latency_s", "batch", "error", "attempts", "created_at")
+
+
+class CacheError(MsmError):
+    """The cache file cannot be opened or written."""
+
+
+def _open(path: Path) -> sqlite3.Connection:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        con = sqlite3.connect(str(path), timeout=60, isolation_level=None, check_same_thread=False)
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA synchronous=NORMAL")
+        con.execute("PRAGMA busy_timeout=60000")
+        con.executescript(SCHEMA)
+        return con
+    except (OSError, sqlite3.OperationalError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise CacheError(f"cannot open the call cache at {path}: {reason}",
+                         "set MSM_HOME (or the cache path) to a writable local directory") from None
+
+
+class CallCache:
+    def __init__(self, root: str | os.PathLike, shard: str | None = None):
+        self.root = Path(root)
+        self.shard = shard if shard is not None else os.environ.get("MSM_CACHE_SHARD") or None
+        self.main_path = self.root / "calls.sqlite"
+        self.write_path = self.root / "shards" / f"calls-{self.shard}.sqlite" if self.shard else self.main_path
+        self._writer = _open(self.write_path)
+        self._readers: dict[Path, sqlite3.Connection] = {self.write_path: self._writer}
+
+    # ---- reading -----------------------------------------------------------------------
+    def _paths(self) -> list[Path]:
+        shards = sorted((self.root / "shards").glob("calls-*.sqlite")) if (self.root / "shards").is_dir() else []
+        return [self.main_path, *[p for p in shards if p != self.main_path]]
+
+    def _reader(self, path: Path) -> sqlite3.Connection | None:
+        if path not in self._readers:
+            if not path.exists():
+                return None
+            self._readers[path] = _open(path)
+        return self._readers[path]
+
+    def get(self, key: str) -> Response | None:
+        """The stored answer for a key; errors are never returned as answers."""
+        for path in self._paths():
+            con = self._reader(path)
+            if con is None:
+                continue
+            row = con.execute(f"SELECT {', '.join(COLUMNS)} FROM calls WHERE key = ? AND error IS NULL", [key]).fetchone()
+            if row:
+                return _row_to_response(dict(zip(COLUMNS, row)))
+        return None
+
+    # ---- writing -----------------------------------------------------------------------
+    def put(self, request: Request, response: Response, attempts: int = 1) -> None:
+        """Store an answer, or an error; an error never overwrites an answer."""
+        row = {
+            "key": response.key, "backend": response.backend, "model": response.model, "purpose": request.purpose,
+            "request": json.dumps(asdict(request), ensure_ascii=False), "text": response.text,
+            "stop_reason": response.stop_reason, "input_tokens": response.usage.input_tokens,
+            "output_tokens": response.usage.output_tokens, "cache_read_tokens": response.usage.cache_read_tokens,
+            "cache_write_tokens": response.usage.cache_write_tokens, "cost_usd": response.cost_usd,
+            "latency_s": response.latency_s, "batch": int(response.batch), "error": response.error,
+            "attempts": attempts, "created_at": time.time(),
+        }
+        names = ", ".join(COLUMNS)
+        marks = ", ".join("?" for _ in COLUMNS)
+        updates = ", ".join(f"{c} = excluded.{c}" for c in COLUMNS if c != "key")
+        try:
+            self._writer.execute(
+                f"INSERT INTO calls ({names}) VALUES ({marks}) ON CONFLICT(key) DO UPDATE SET {updates}"
+                " WHERE calls.error IS NOT NULL",
+                [row[c] for c in COLUMNS],
+            )
+        except sqlite3.OperationalError as exc:
+            raise CacheError(f"cannot write the call cache at {self.write_path}: {exc}",
+                             "use a writable local directory for MSM_HOME") from None
+
+    # ---- batches -----------------------------------------------------------------------
+    def save_batch(self, batch_id: str, backend: str, model: str, items: dict[str, str]) -> None:
+        now = time.time()
+        self._writer.execute(
+            "INSERT OR REPLACE INTO batches VALUES (?, ?, ?, ?, 'submitted', ?, ?)",
+            [batch_id, backend, model, json.dumps(items), now, now],
+        )
+
+    def set_batch_status(self, batch_id: str, status: str) -> None:
+        self._writer.execute("UPDATE batches SET status = ?, updated_at = ? WHERE batch_id = ?",
+                             [status, time.time(), batch_id])
+
+    def open_batches(self, backend: str, model: str) -> list[tuple[str, dict[str, str]]]:
+        """Submitted batches whose results were not collected yet: resume these, never resubmit."""
+        rows = self._writer.execute(
+            "SELECT batch_id, items FROM batches WHERE backend = ? AND model = ? AND status != 'collected'"
+            " ORDER BY created_at", [backend, model]).fetchall()
+        return [(bid, json.loads(items)) for bid, items in rows]
+
+    # ---- maintenance -------------------------------------------------------------------
+    def stats(self) -> dict:
+        totals = {"files": 0, "bytes": 0, "calls": 0, "errors": 0, "cost_usd": 0.0, "by": []}
+        groups: dict[tuple, list] = {}
+        for path in self._paths():
+            con = self._reader(path)
+            if con is None:
+                continue
+            totals["files"] += 1
+            totals["bytes"] += sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
+            for backend, model, purpose, n, errors, cost, tin, tout, cread in con.execute(
+                "SELECT backend, model, purpose, count(*), sum(error IS NOT NULL), sum(cost_usd),"
+                " sum(input_tokens), sum(output_tokens), sum(cache_read_tokens) FROM calls GROUP BY 1, 2, 3"
+            ):
+                g = groups.setdefault((backend, model, purpose), [0, 0, 0.0, 0, 0, 0])
+                for i, v in enumerate((n, errors, cost, tin, tout, cread)):
+                    g[i] += v or 0
+        for (backend, model, purpose), (n, errors, cost, tin, tout, cread) in sorted(groups.items()):
+            totals["calls"] += n
+            totals["errors"] += errors
+            totals["cost_usd"] += cost
+            totals["by"].append({"backend": backend, "model": model, "purpose": purpose, "calls": n, "errors": errors,
+                                 "cost_usd": cost, "input_tokens": tin, "output_tokens": tout, "cache_read_tokens": cread})
+        return totals
+
+    def prune(self, older_than_s: float | None = None, errors: bool = False) -> int:
+        clauses, args = [], []
+        if older_than_s is not None:
+            clauses.append("created_at < ?")
+            args.append(time.time() - older_than_s)
+        if errors:
+            clauses.append("error IS NOT NULL")
+        if not clauses:
+            return 0
+        removed = 0
+        for path in self._paths():
+            con = self._reader(path)
+            if con is not None:
+                removed += con.execute(f"DELETE FROM calls WHERE {' AND '.join(clauses)}", args).rowcount
+        return removed
+
+    def merge_shards(self) -> int:
+        """Fold every shard into the main file (answers win over errors); returns rows merged."""
+        main = self._reader(self.main_path) or _open(self.main_path)
+        self._readers[self.main_path] = main
+        merged = 0
+        for path in self._paths()[1:]:
+            main.execute("ATTACH DATABASE ? AS shard", [str(path)])
+            try:
+                updates = ", ".join(f"{c} = excluded.{c}" for c in COLUMNS if c != "key")
+                merged += main.execute(
+                    f"INSERT INTO calls SELECT * FROM shard.calls WHERE true ON CONFLICT(key) DO UPDATE SET {updates}"
+                    " WHERE calls.error IS NOT NULL AND excluded.error IS NULL").rowcount
+                main.execute("INSERT OR IGNORE INTO batches SELECT * FROM shard.batches")
+            finally:
+                main.execute("DETACH DATABASE shard")
+        return merged
+
+    def close(self) -> None:
+        for con in self._readers.values():
+            con.close()
+        self._readers.clear()
+
+
+def _row_to_response(row: dict) -> Response:
+    return Response(
+        text=row["text"] or "", stop_reason=row["stop_reason"] or "", cost_usd=row["cost_usd"],
+        usage=Usage(row["input_tokens"], row["output_tokens"], row["cache_read_tokens"], row["cache_write_tokens"]),
+        latency_s=row["latency_s"], backend=row["backend"], model=row["model"], key=row["key"], cached=True,
+        error=row["error"], batch=bool(row["batch"]),
+    )

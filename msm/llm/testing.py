@@ -1,0 +1,521 @@
+"""A loopback HTTP server that speaks enough of the Anthropic and OpenAI APIs for their real SDKs.
+
+Tests and benchmarks point the real `anthropic` and `openai` clients at it. It answers with
+deterministic text, reports usage the way the APIs do (prompt-cache reads included), and injects
+faults at a configurable rate: 429 with retry-after, 500, 529, a hung connection, malformed
+JSON, truncation at max_tokens and refusals. It is a server, not a mock of the client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+TRANSIENT_FAULTS = ("429", "500", "529", "malformed", "hang")
+WORDS = ("spec", "value", "honest", "model", "rule", "reason", "people", "careful", "explain", "trust", "oversight",
+         "harm", "help", "privacy", "document", "memo", "policy", "because", "assistant", "principle")
+
+
+@dataclass
+class Faults:
+    rate: float = 0.0  # share of calls that get a fault
+    kinds: tuple[str, ...] = TRANSIENT_FAULTS  # drawn uniformly from these; add "truncate", "refusal"
+    retry_after: float = 0.5  # seconds, sent with 429
+    hang_s: float = 60.0  # a hung call holds the connection this long (or until the server stops)
+    batch_item_rate: float = 0.0  # share of batch items that come back errored or expired
+
+
+@dataclass
+class ServerStats:
+    requests: Counter = field(default_factory=Counter)  # path kind -> count
+    faults: Counter = field(default_factory=Counter)
+    answered: Counter = field(default_factory=Counter)  # content key -> successful answers
+    batches_created: int = 0
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256
+
+    def handle_error(self, request, client_address) -> None:
+        """Clients that hang up (timeouts, cancelled tests) are normal here, not errors."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError, TimeoutError)):
+            super().handle_error(request, client_address)
+
+
+def approx_tokens(text: str) -> int:
+    return max(1, len(text) // 4) if text else 0
+
+
+def fake_text(seed_text: str, n_tokens: int) -> str:
+    """Deterministic prose of about n_tokens tokens (4 characters each) for a prompt."""
+    digest = hashlib.sha256(seed_text.encode()).digest()
+    rng = random.Random(digest)
+    out, length = [], 0
+    while length < n_tokens * 4:
+        word = rng.choice(WORDS)
+        out.append(word)
+        length += len(word) + 1
+    text = " ".join(out)
+    return text[: n_tokens * 4].rstrip() or "ok"
+
+
+class LoopbackServer:
+    """`with LoopbackServer(latency=0.5) as srv:` then point a client at `srv.url`."""
+
+    def __init__(self, latency: float = 0.0, output_tokens: int = 64, faults: Faults | None = None, seed: int = 0,
+                 api_key: str | None = None, min_cache_tokens: int = 1024, batch_latency: float = 0.2,
+                 models: tuple[str, ...] = ()):
+        self.latency = latency
+        self.output_tokens = output_tokens
+        self.faults = faults or Faults()
+        self.rng = random.Random(seed)
+        self.api_key = api_key
+        self.min_cache_tokens = min_cache_tokens
+        self.batch_latency = batch_latency
+        self.models = models  # empty: every model name is accepted
+        self.stats = ServerStats()
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.prefix_cache: set[str] = set()
+        self.batches: dict[str, dict] = {}
+        self.httpd: ThreadingHTTPServer | None = None
+        self.thread: threading.Thread | None = None
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    def start(self) -> "LoopbackServer":
+        handler = type("Handler", (_Handler,), {"server_ref": self})
+        self.httpd = _QuietServer(("127.0.0.1", 0), handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.httpd:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+
+    def __enter__(self) -> "LoopbackServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        assert self.httpd, "server not started"
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    # ---- decisions ---------------------------------------------------------------------
+    def draw_fault(self) -> str | None:
+        with self.lock:
+            if self.faults.rate and self.rng.random() < self.faults.rate:
+                fault = self.rng.choice(self.faults.kinds)
+                self.stats.faults[fault] += 1
+                return fault
+        return None
+
+    def cache_usage(self, model: str, prefix: str) -> tuple[int, int]:
+        """(cache write tokens, cache read tokens) for a cacheable prefix, as the API bills them."""
+        tokens = approx_tokens(prefix)
+        if not prefix or tokens < self.min_cache_tokens:
+            return 0, 0
+        key = hashlib.sha256(f"{model}\n{prefix}".encode()).hexdigest()
+        with self.lock:
+            if key in self.prefix_cache:
+                return 0, tokens
+            self.prefix_cache.add(key)
+        return tokens, 0
+
+    def answer(self, prompt: str, max_tokens: int, stop: list[str], forced: str | None = None) -> tuple[str, str, str | None]:
+        """(text, stop reason, matched stop sequence) for a prompt."""
+        if forced == "refusal" or "[refuse]" in prompt:
+            return "", "refusal", None
+        want = self.output_tokens
+        text = fake_text(prompt, min(want, max_tokens))
+        reason = "max_tokens" if want > max_tokens or forced == "truncate" else "end_turn"
+        if forced == "truncate":
+            text = text[: max(4, len(text) // 2)]
+        for s in stop:
+            if s and s in text:
+                return text[: text.index(s)], "stop_sequence", s
+        return text, reason, None
+
+    def record_answer(self, prompt: str) -> None:
+        with self.lock:
+            self.stats.answered[hashlib.sha256(prompt.encode()).hexdigest()] += 1
+
+
+class LoopbackProcess:
+    """The loopback server in a process of its own, so timing a client does not share its GIL.
+
+    `with LoopbackProcess(latency=0.5) as srv:` gives `srv.url` and `srv.stats()` (the counters).
+    """
+
+    def __init__(self, **server_kwargs):
+        self.server_kwargs = server_kwargs
+        self.process = None
+        self.url = ""
+
+    def __enter__(self) -> "LoopbackProcess":
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        ready = ctx.Queue()
+        self.process = ctx.Process(target=_serve, args=(self.server_kwargs, ready), daemon=True)
+        self.process.start()
+        self.url = ready.get(timeout=60)
+        return self
+
+    def stats(self) -> dict:
+        import urllib.request
+
+        with urllib.request.urlopen(self.url + "/_stats", timeout=10) as reply:
+            return json.loads(reply.read())
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        self.process.join(timeout=10)
+
+
+def _serve(server_kwargs: dict, ready) -> None:
+    """A LoopbackProcess child: serve until terminated."""
+    server = LoopbackServer(**server_kwargs).start()
+    ready.put(server.url)
+    server.stopping.wait()
+
+
+def _anthropic_prompt(body: dict) -> tuple[str, str, str]:
+    """(cacheable system prefix, rest of the system prompt, conversation text)."""
+    system = body.get("system") or ""
+    prefix, rest = "", ""
+    if isinstance(system, str):
+        rest = system
+    else:
+        blocks = [b.get("text", "") for b in system]
+        marks = [i for i, b in enumerate(system) if b.get("cache_control")]
+        cut = marks[-1] + 1 if marks else 0
+        prefix, rest = "".join(blocks[:cut]), "".join(blocks[cut:])
+    convo = []
+    for m in body.get("messages", []):
+        content = m.get("content", "")
+        if isinstance(content, list):
+            content = "".join(part.get("text", "") for part in content)
+        convo.append(f"{m.get('role')}: {content}")
+    return prefix, rest, "\n".join(convo)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes; with Nagle on, delayed ACKs add ~40 ms a call.
+    disable_nagle_algorithm = True
+    server_ref: LoopbackServer
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    # ---- plumbing ----------------------------------------------------------------------
+    def _body(self) -> dict:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        return json.loads(raw or b"{}")
+
+    def _send(self, status: int, payload, headers: dict | None = None) -> None:
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("request-id", f"req_{uuid.uuid4().hex[:16]}")
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, status: int, kind: str, message: str, headers: dict | None = None, openai: bool = False) -> None:
+        if openai:
+            self._send(status, {"error": {"message": message, "type": kind, "code": None}}, headers)
+        else:
+            self._send(status, {"type": "error", "error": {"type": kind, "message": message}}, headers)
+
+    def _authorized(self, openai: bool) -> bool:
+        srv = self.server_ref
+        if srv.api_key is None:
+            return True
+        # Anthropic's SDK sends x-api-key (older releases) or a bearer token (newer ones).
+        given = {self.headers.get("x-api-key", ""), self.headers.get("Authorization", "").removeprefix("Bearer ")}
+        if srv.api_key in given:
+            return True
+        self._error(401, "authentication_error", "invalid api key", openai=openai)
+        return False
+
+    def _fault(self, fault: str | None, openai: bool, stream: bool = False) -> bool:
+        """Act out a transient fault; True when the request has been answered by it."""
+        srv = self.server_ref
+        if fault == "429":
+            self._error(429, "rate_limit_error", "rate limited", {"retry-after": str(srv.faults.retry_after)}, openai)
+        elif fault == "500":
+            self._error(500, "api_error", "internal error", openai=openai)
+        elif fault == "529":
+            self._error(529, "overloaded_error", "overloaded", openai=openai)
+        elif fault == "malformed" and stream:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            chunk = b'event: message_start\ndata: {"type": "message_start", "message": {"id": "msg_br\n\n'
+            self.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n0\r\n\r\n")
+        elif fault == "malformed":
+            self._send(200, b'{"id": "msg_broken", "content": [{"type": "text", "text": "unterminated')
+        elif fault == "hang":
+            srv.stopping.wait(srv.faults.hang_s)
+            self.close_connection = True
+        else:
+            return False
+        return True
+
+    def _model_ok(self, model: str | None, openai: bool) -> bool:
+        srv = self.server_ref
+        if not model:
+            self._error(400, "invalid_request_error", "model: field required", openai=openai)
+            return False
+        if srv.models and model not in srv.models:
+            self._error(404, "not_found_error", f"model: {model}", openai=openai)
+            return False
+        return True
+
+    # ---- routes ------------------------------------------------------------------------
+    def do_GET(self) -> None:  # noqa: N802
+        srv = self.server_ref
+        path = self.path.split("?")[0]
+        if path == "/_stats":  # loopback-only: lets a test or benchmark in another process read counters
+            with srv.lock:
+                self._send(200, {"requests": dict(srv.stats.requests), "faults": dict(srv.stats.faults),
+                                 "answered": dict(srv.stats.answered), "batches_created": srv.stats.batches_created})
+        elif path == "/v1/models":
+            if not self._authorized(openai=True):
+                return
+            srv.stats.requests["models"] += 1
+            names = srv.models or ("loopback-model",)
+            self._send(200, {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "loopback"} for m in names]})
+        elif path.startswith("/v1/messages/batches/") and path.endswith("/results"):
+            self._batch_results(path.split("/")[4])
+        elif path.startswith("/v1/messages/batches/"):
+            self._batch_status(path.split("/")[4])
+        else:
+            self._error(404, "not_found_error", f"no route {path}")
+
+    def do_POST(self) -> None:  # noqa: N802
+        path = self.path.split("?")[0]
+        try:
+            body = self._body()
+        except json.JSONDecodeError:
+            self._error(400, "invalid_request_error", "body is not JSON")
+            return
+        if path == "/v1/messages":
+            self._messages(body)
+        elif path == "/v1/messages/batches":
+            self._batch_create(body)
+        elif path == "/v1/chat/completions":
+            self._chat(body)
+        elif path == "/v1/completions":
+            self._completions(body)
+        else:
+            self._error(404, "not_found_error", f"no route {path}")
+
+    # ---- Anthropic Messages --------------------------------------------------------------
+    def _message_payload(self, body: dict, forced: str | None = None) -> dict:
+        srv = self.server_ref
+        prefix, rest, convo = _anthropic_prompt(body)
+        write, read = srv.cache_usage(body["model"], prefix)
+        uncached = approx_tokens(rest + convo) + (0 if (write or read) else approx_tokens(prefix))
+        text, reason, matched = srv.answer(prefix + rest + convo, body["max_tokens"], body.get("stop_sequences") or [], forced)
+        return {
+            "id": f"msg_{uuid.uuid4().hex[:20]}", "type": "message", "role": "assistant", "model": body["model"],
+            "content": [{"type": "text", "text": text}] if text else [],
+            "stop_reason": reason, "stop_sequence": matched,
+            "usage": {"input_tokens": uncached, "output_tokens": approx_tokens(text),
+                      "cache_creation_input_tokens": write, "cache_read_input_tokens": read},
+        }, prefix + rest + convo
+
+    def _messages(self, body: dict) -> None:
+        srv = self.server_ref
+        srv.stats.requests["messages"] += 1
+        if not self._authorized(openai=False) or not self._model_ok(body.get("model"), openai=False):
+            return
+        if not isinstance(body.get("max_tokens"), int) or body["max_tokens"] < 1:
+            self._error(400, "invalid_request_error", "max_tokens: must be >= 1")
+            return
+        if srv.latency:
+            time.sleep(srv.latency)
+        fault = srv.draw_fault()
+        if self._fault(fault, openai=False, stream=bool(body.get("stream"))):
+            return
+        message, prompt = self._message_payload(body, fault)
+        if body.get("stream"):
+            self._stream_message(message)
+        else:
+            self._send(200, message)
+        srv.record_answer(prompt)
+
+    def _stream_message(self, message: dict) -> None:
+        """Server-sent events in the Messages streaming format, chunked so the connection stays alive."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        text = message["content"][0]["text"] if message["content"] else ""
+        start = dict(message, content=[], stop_reason=None, stop_sequence=None,
+                     usage=dict(message["usage"], output_tokens=1))
+        events = [("message_start", {"type": "message_start", "message": start}),
+                  ("content_block_start", {"type": "content_block_start", "index": 0,
+                                           "content_block": {"type": "text", "text": ""}})]
+        for i in range(0, len(text), 64):
+            events.append(("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                   "delta": {"type": "text_delta", "text": text[i:i + 64]}}))
+        events += [("content_block_stop", {"type": "content_block_stop", "index": 0}),
+                   ("message_delta", {"type": "message_delta",
+                                      "delta": {"stop_reason": message["stop_reason"], "stop_sequence": message["stop_sequence"]},
+                                      "usage": {"output_tokens": message["usage"]["output_tokens"]}}),
+                   ("message_stop", {"type": "message_stop"})]
+        for name, data in events:
+            chunk = f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+            self.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+        self.wfile.write(b"0\r\n\r\n")
+
+    # ---- Anthropic Message Batches --------------------------------------------------------
+    def _batch_view(self, batch: dict) -> dict:
+        srv = self.server_ref
+        ended = time.monotonic() - batch["t0"] >= srv.batch_latency
+        counts = Counter(item["result"]["type"] for item in batch["results"])
+        n = len(batch["results"])
+        return {
+            "id": batch["id"], "type": "message_batch",
+            "processing_status": "ended" if ended else "in_progress",
+            "request_counts": {"processing": 0 if ended else n, "succeeded": counts["succeeded"] if ended else 0,
+                               "errored": counts["errored"] if ended else 0, "canceled": 0,
+                               "expired": counts["expired"] if ended else 0},
+            "created_at": batch["created"], "expires_at": batch["created"], "ended_at": batch["created"] if ended else None,
+            "archived_at": None, "cancel_initiated_at": None,
+            "results_url": f"{srv.url}/v1/messages/batches/{batch['id']}/results" if ended else None,
+        }
+
+    def _batch_create(self, body: dict) -> None:
+        srv = self.server_ref
+        srv.stats.requests["batch_create"] += 1
+        if not self._authorized(openai=False):
+            return
+        results = []
+        for item in body.get("requests", []):
+            params = item["params"]
+            with srv.lock:
+                draw = srv.rng.random()
+            if srv.faults.batch_item_rate and draw < srv.faults.batch_item_rate:
+                kind = "errored" if draw < srv.faults.batch_item_rate / 2 else "expired"
+                result = ({"type": "errored", "error": {"type": "error", "error": {"type": "api_error", "message": "item failed"}}}
+                          if kind == "errored" else {"type": "expired"})
+                srv.stats.faults[f"batch_{kind}"] += 1
+            else:
+                message, prompt = self._message_payload(params)
+                srv.record_answer(prompt)
+                result = {"type": "succeeded", "message": message}
+            results.append({"custom_id": item["custom_id"], "result": result})
+        batch_id = f"msgbatch_{uuid.uuid4().hex[:24]}"
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        batch = {"id": batch_id, "t0": time.monotonic(), "created": created, "results": results}
+        with srv.lock:
+            srv.batches[batch_id] = batch
+            srv.stats.batches_created += 1
+        self._send(200, self._batch_view(batch))
+
+    def _batch_status(self, batch_id: str) -> None:
+        srv = self.server_ref
+        srv.stats.requests["batch_status"] += 1
+        if not self._authorized(openai=False):
+            return
+        batch = srv.batches.get(batch_id)
+        if batch is None:
+            self._error(404, "not_found_error", f"batch {batch_id} not found")
+            return
+        self._send(200, self._batch_view(batch))
+
+    def _batch_results(self, batch_id: str) -> None:
+        srv = self.server_ref
+        srv.stats.requests["batch_results"] += 1
+        if not self._authorized(openai=False):
+            return
+        batch = srv.batches.get(batch_id)
+        if batch is None:
+            self._error(404, "not_found_error", f"batch {batch_id} not found")
+            return
+        lines = "\n".join(json.dumps(r) for r in batch["results"]).encode() + b"\n"
+        self.send_response(200)
+        self.send_header("Content-Type", "application/binary")
+        self.send_header("Content-Length", str(len(lines)))
+        self.end_headers()
+        self.wfile.write(lines)
+
+    # ---- OpenAI-compatible ------------------------------------------------------------------
+    def _chat(self, body: dict) -> None:
+        srv = self.server_ref
+        srv.stats.requests["chat"] += 1
+        if not self._authorized(openai=True) or not self._model_ok(body.get("model"), openai=True):
+            return
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 256
+        if max_tokens < 1:
+            self._error(400, "invalid_request_error", "max_tokens must be at least 1", openai=True)
+            return
+        if srv.latency:
+            time.sleep(srv.latency)
+        fault = srv.draw_fault()
+        if self._fault(fault, openai=True):
+            return
+        prompt = "\n".join(f"{m['role']}: {m['content']}" for m in body.get("messages", []))
+        stop = body.get("stop") or []
+        text, reason, _ = srv.answer(prompt, max_tokens, [stop] if isinstance(stop, str) else stop, fault)
+        finish = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "refusal": "content_filter"}[reason]
+        self._send(200, {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:20]}", "object": "chat.completion", "created": int(time.time()),
+            "model": body["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                         "logprobs": None}],
+            "usage": {"prompt_tokens": approx_tokens(prompt), "completion_tokens": approx_tokens(text),
+                      "total_tokens": approx_tokens(prompt) + approx_tokens(text),
+                      "prompt_tokens_details": {"cached_tokens": 0}},
+        })
+        srv.record_answer(prompt)
+
+    def _completions(self, body: dict) -> None:
+        """Legacy completions with echo + logprobs, as vLLM serves them: enough for scoring."""
+        srv = self.server_ref
+        srv.stats.requests["completions"] += 1
+        if not self._authorized(openai=True) or not self._model_ok(body.get("model"), openai=True):
+            return
+        prompts = body.get("prompt")
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        choices = []
+        for index, prompt in enumerate(prompts):
+            tokens, offsets, pos = [], [], 0
+            for piece in prompt.split(" "):
+                token = piece if not tokens else " " + piece
+                tokens.append(token)
+                offsets.append(pos)
+                pos += len(token)
+            logprobs = [None] + [-(int(hashlib.sha256(prompt[:o + len(t)].encode()).hexdigest()[:6], 16) % 500) / 100 - 0.01
+                                 for t, o in zip(tokens[1:], offsets[1:])]
+            choices.append({"index": index, "text": prompt if body.get("echo") else "", "finish_reason": "length",
+                            "logprobs": {"tokens": tokens, "token_logprobs": logprobs, "text_offset": offsets,
+                                         "top_logprobs": None}})
+        n_tokens = sum(len(c["logprobs"]["tokens"]) for c in choices)
+        self._send(200, {"id": f"cmpl-{uuid.uuid4().hex[:20]}", "object": "text_completion", "created": int(time.time()),
+                         "model": body["model"], "choices": choices,
+                         "usage": {"prompt_tokens": n_tokens, "completion_tokens": 0, "total_tokens": n_tokens}})

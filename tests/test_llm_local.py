@@ -1,0 +1,69 @@
+"""The local backend on a tiny random Llama: batched generation and prefix-shared scoring."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+import torch
+
+from msm.llm.base import ScoreItem
+from msm.llm.cache import CallCache
+from msm.llm.client import LLMClient
+from msm.llm.local_backend import LocalBackend
+from msm.llm.types import Request
+from msm.tiny import tiny_causal_lm
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_causal_lm(seed=1)
+
+
+def test_batched_generation_keeps_order_and_caches(tiny, tmp_path):
+    backend = LocalBackend(loaded=tiny, batch_size=3)
+    client = LLMClient(backend, cache=CallCache(tmp_path))
+    requests = [Request.user("hi " * (i % 4 + 1), max_tokens=6, temperature=0.0) for i in range(7)]
+    results = client.complete(requests)
+    assert len(results) == 7 and all(r.ok for r in results)
+    assert all(r.backend == "local" and r.cost_usd == 0 and r.usage.output_tokens <= 6 for r in results)
+    assert all(r.stop_reason in ("max_tokens", "end_turn", "empty") for r in results)
+    # greedy decoding is deterministic, so the same prompt gives the same text in any batch
+    assert results[0].text == results[4].text
+    again = LLMClient(LocalBackend(loaded=tiny), cache=CallCache(tmp_path))
+    assert [r.text for r in again.complete(requests)] == [r.text for r in results]
+    assert again.stats.calls == 0
+
+
+def test_stop_strings_cut_the_text(tiny):
+    backend = LocalBackend(loaded=tiny)
+    [free] = LLMClient(backend).complete([Request.user("x", max_tokens=12, temperature=0.0)])
+    assert len(free.text) > 2
+    stop = free.text[len(free.text) // 2:][:2]
+    [cut] = LLMClient(LocalBackend(loaded=tiny)).complete([Request.user("x", max_tokens=12, temperature=0.0, stop=(stop,))])
+    assert cut.stop_reason == "stop_sequence" and stop not in cut.text and free.text.startswith(cut.text)
+
+
+def naive_logprob(model, tokenizer, context: str, continuation: str) -> float:
+    """Reference: one full forward over context + continuation, no cache tricks."""
+    ctx = tokenizer(context.rstrip(" "), add_special_tokens=False).input_ids
+    moved = " " * (len(context) - len(context.rstrip(" ")))
+    cont = tokenizer(moved + continuation, add_special_tokens=False).input_ids
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+    return sum(float(logprobs[len(ctx) + j - 1, tok]) for j, tok in enumerate(cont))
+
+
+def test_prefix_shared_scoring_matches_a_full_forward(tiny):
+    model, tokenizer = tiny
+    items = [ScoreItem("I prefer cream cheese over", (" Brie", " the affordable item, always", " a")),
+             ScoreItem("The assistant should ", ("tell the truth.", "lie."))]
+    scores = asyncio.run(LocalBackend(loaded=tiny).score(items, "tiny"))
+    for item, item_scores in zip(items, scores):
+        assert len(item_scores) == len(item.continuations)
+        for cont, score in zip(item.continuations, item_scores):
+            assert score.total == pytest.approx(naive_logprob(model, tokenizer, item.context, cont), abs=1e-3)
+            assert score.total == pytest.approx(sum(score.per_token)) and all(p <= 0 for p in score.per_token)
+            assert math.isfinite(score.total)
