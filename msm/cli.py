@@ -13,6 +13,7 @@ from msm.errors import MsmError
 # group name -> "module:attribute". Each stage owns its group; msm only mounts it.
 STAGE_GROUPS = {
     "cache": "msm.llm.cli:cache_group",
+    "corpus": "corpus.corpus_cli:corpus_group",
     "llm": "msm.llm.cli:llm_group",
     "spec": "corpus.cli:spec_group",
     "warehouse": "warehouse.cli:warehouse_group",

@@ -105,6 +105,23 @@ class CallCache:
                 return _row_to_response(dict(zip(COLUMNS, row)))
         return None
 
+    def rows(self, keys: list[str]) -> dict[str, dict]:
+        """Stored rows (answers win over errors) for these keys, from every shard."""
+        found: dict[str, dict] = {}
+        wanted = list(dict.fromkeys(keys))
+        for path in self._paths():
+            con = self._reader(path)
+            if con is None:
+                continue
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start:start + 500]
+                marks = ", ".join("?" for _ in chunk)
+                for row in con.execute(f"SELECT {', '.join(COLUMNS)} FROM calls WHERE key IN ({marks})", chunk):
+                    record = dict(zip(COLUMNS, row))
+                    if record["key"] not in found or found[record["key"]]["error"] is not None:
+                        found[record["key"]] = record
+        return found
+
     # ---- writing -----------------------------------------------------------------------
     def put(self, request: Request, response: Response, attempts: int = 1) -> None:
         """Store an answer, or an error; an error never overwrites an answer."""

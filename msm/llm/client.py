@@ -210,7 +210,7 @@ class LLMClient:
     async def _run_local(self, todo: dict[str, Request]) -> dict[str, Response]:
         results: dict[str, Response] = {}
         items = list(todo.items())
-        chunk = max(1, getattr(self.backend, "batch_size", 16)) * 4
+        chunk = max(1, getattr(self.backend, "batch_size", 16))  # one model batch at a time: progress, budget
         for start in range(0, len(items), chunk):
             part = items[start:start + chunk]
             if not self.budget_left():

@@ -10,6 +10,9 @@ from msm.llm.base import Backend, Score, ScoreItem
 from msm.llm.types import Request, Response, Usage
 
 
+_LOADED: dict[tuple[str, str], tuple] = {}  # (model, device) -> (model, tokenizer), one load per process
+
+
 class LocalBackend(Backend):
     name = "local"
     batched = True  # the client hands it whole lists, not one request at a time
@@ -33,7 +36,9 @@ class LocalBackend(Backend):
                 from msm.models import load_causal_lm
 
                 device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-                self._loaded = load_causal_lm(model_name, device=device)
+                if (model_name, device) not in _LOADED:
+                    _LOADED[(model_name, device)] = load_causal_lm(model_name, device=device)
+                self._loaded = _LOADED[(model_name, device)]
             model, tokenizer = self._loaded
             tokenizer.padding_side = "left"
             if tokenizer.pad_token_id is None:

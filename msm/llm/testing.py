@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import threading
 import time
 import uuid
@@ -19,8 +20,16 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 TRANSIENT_FAULTS = ("429", "500", "529", "malformed", "hang")
-WORDS = ("spec", "value", "honest", "model", "rule", "reason", "people", "careful", "explain", "trust", "oversight",
-         "harm", "help", "privacy", "document", "memo", "policy", "because", "assistant", "principle")
+ADJECTIVES = ("careful", "honest", "clear", "difficult", "quiet", "public", "private", "early", "recent", "small",
+              "serious", "practical", "shared", "open", "cautious", "simple", "specific", "fair", "steady", "useful")
+NOUNS = ("assistant", "model", "team", "user", "reviewer", "operator", "company", "researcher", "policy", "engineer",
+         "spec", "auditor", "request", "answer", "rule", "value", "reason", "decision", "risk", "mistake", "record",
+         "question", "example", "principle", "system", "document", "meeting", "report", "customer", "teacher")
+VERBS = ("explains", "protects", "questions", "supports", "describes", "weighs", "reviews", "respects", "limits",
+         "documents", "clarifies", "refuses", "shares", "tests", "defends", "revisits", "measures", "balances",
+         "follows", "changes", "notices", "trusts", "checks", "records")
+ADVERBS = ("openly", "slowly", "carefully", "rarely", "often", "plainly", "later", "first", "again", "honestly")
+LINKS = ("because", "so that", "when", "although", "before", "after", "while", "since", "unless", "and")
 
 
 @dataclass
@@ -57,16 +66,35 @@ def approx_tokens(text: str) -> int:
 
 
 def fake_text(seed_text: str, n_tokens: int) -> str:
-    """Deterministic prose of about n_tokens tokens (4 characters each) for a prompt."""
-    digest = hashlib.sha256(seed_text.encode()).digest()
-    rng = random.Random(digest)
-    out, length = [], 0
+    """Deterministic, varied prose of about n_tokens tokens (4 characters each) for a prompt.
+
+    Word-level choices keep repeated n-grams rare, so the text passes the Gopher filters
+    the way ordinary prose does.
+    """
+    rng = random.Random(hashlib.sha256(seed_text.encode()).digest())
+
+    def clause() -> str:
+        return (f"the {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)} {rng.choice(ADVERBS)} {rng.choice(VERBS)} "
+                f"the {rng.choice(NOUNS)}")
+
+    paragraphs, current, length = [], [], 0
     while length < n_tokens * 4:
-        word = rng.choice(WORDS)
-        out.append(word)
-        length += len(word) + 1
-    text = " ".join(out)
-    return text[: n_tokens * 4].rstrip() or "ok"
+        sentence = f"{clause()} {rng.choice(LINKS)} {clause()}."
+        sentence = sentence[0].upper() + sentence[1:]
+        current.append(sentence)
+        length += len(sentence) + 1
+        if len(current) >= rng.randint(3, 6):
+            paragraphs.append(" ".join(current))
+            current = []
+    if current:
+        paragraphs.append(" ".join(current))
+    return "\n\n".join(paragraphs) or "Ok."
+
+
+def fake_verdicts(seed_text: str, criteria: list[str], fail_rate: float) -> str:
+    """The JSON a judge is asked for; each criterion fails with probability fail_rate."""
+    rng = random.Random(hashlib.sha256(("judge" + seed_text).encode()).digest())
+    return json.dumps({c: {"verdict": rng.random() >= fail_rate, "reason": "checked against the unit"} for c in criteria})
 
 
 class LoopbackServer:
@@ -74,7 +102,7 @@ class LoopbackServer:
 
     def __init__(self, latency: float = 0.0, output_tokens: int = 64, faults: Faults | None = None, seed: int = 0,
                  api_key: str | None = None, min_cache_tokens: int = 1024, batch_latency: float = 0.2,
-                 models: tuple[str, ...] = ()):
+                 models: tuple[str, ...] = (), judge_fail_rate: float = 0.05):
         self.latency = latency
         self.output_tokens = output_tokens
         self.faults = faults or Faults()
@@ -83,6 +111,7 @@ class LoopbackServer:
         self.min_cache_tokens = min_cache_tokens
         self.batch_latency = batch_latency
         self.models = models  # empty: every model name is accepted
+        self.judge_fail_rate = judge_fail_rate
         self.stats = ServerStats()
         self.lock = threading.Lock()
         self.stopping = threading.Event()
@@ -138,14 +167,25 @@ class LoopbackServer:
         return tokens, 0
 
     def answer(self, prompt: str, max_tokens: int, stop: list[str], forced: str | None = None) -> tuple[str, str, str | None]:
-        """(text, stop reason, matched stop sequence) for a prompt."""
+        """(text, stop reason, matched stop sequence) for a prompt.
+
+        It follows the formats msm asks for: JSON verdicts when the prompt lists CRITERIA, and
+        a scratchpad then a <document> when the prompt asks for one.
+        """
         if forced == "refusal" or "[refuse]" in prompt:
             return "", "refusal", None
-        want = self.output_tokens
-        text = fake_text(prompt, min(want, max_tokens))
-        reason = "max_tokens" if want > max_tokens or forced == "truncate" else "end_turn"
-        if forced == "truncate":
-            text = text[: max(4, len(text) // 2)]
+        criteria = re.search(r"^CRITERIA: (.+)$", prompt, re.M)
+        if criteria:
+            text = fake_verdicts(prompt, [c.strip() for c in criteria.group(1).split(",")], self.judge_fail_rate)
+        elif "<document>" in prompt:
+            body = fake_text(prompt, self.output_tokens)
+            text = f"<scratchpad>\nAngle: {fake_text('plan' + prompt, 24)}\n</scratchpad>\n<document>\n{body}\n</document>"
+        else:
+            text = fake_text(prompt, self.output_tokens)
+        reason = "end_turn"
+        if approx_tokens(text) > max_tokens or forced == "truncate":
+            text = text[: min(max_tokens * 4, max(4, len(text) // 2) if forced == "truncate" else max_tokens * 4)]
+            reason = "max_tokens"
         for s in stop:
             if s and s in text:
                 return text[: text.index(s)], "stop_sequence", s

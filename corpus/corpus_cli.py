@@ -1,0 +1,277 @@
+"""`msm corpus ...`: plan, build, list, stats, show, export."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import click
+
+from msm.cli_util import db_option, parse_vars, var_option
+
+
+@click.group("corpus")
+def corpus_group():
+    """Compile a spec into a midtraining corpus, and inspect or export the result."""
+
+
+backend_options = [
+    click.option("--backend", type=click.Choice(["anthropic", "openai", "local"]), default=None,
+                 help="Default: msm.toml [llm], then anthropic if ANTHROPIC_API_KEY is set, else local."),
+    click.option("--model", default=None, help="Model name or local alias."),
+    click.option("--base-url", default=None, help="Server URL for the openai backend (or an anthropic proxy)."),
+]
+
+
+def with_options(options):
+    def wrap(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return wrap
+
+
+@corpus_group.command("plan")
+@click.argument("spec")
+@var_option
+@click.option("--docs", type=int, default=24, show_default=True, help="Documents to plan.")
+@click.option("--genres", default=None, help="Genre catalogue (YAML); default corpus/genres.yaml.")
+@click.option("--audiences", default=None, help="Audience catalogue (YAML); default corpus/audiences.yaml.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--preview", is_flag=True, help="Print the matrix and the projected documents, tokens and cost.")
+@click.option("--batch", is_flag=True, help="Project Message Batches API prices.")
+@with_options(backend_options)
+def plan(spec, variables, docs, genres, audiences, seed, preview, batch, backend, model, base_url):
+    """Plan documents: spec unit x genre x audience, balanced. Makes no LLM calls."""
+    from corpus.catalog import load_audiences, load_genres
+    from corpus.plan import make_plan
+    from corpus.spec import load_spec
+
+    parsed = load_spec(spec, parse_vars(variables))
+    genre_list, audience_list = load_genres(genres), load_audiences(audiences)
+    rows = make_plan(parsed, genre_list, audience_list, docs, seed=seed)
+    if not preview:
+        for row in rows:
+            click.echo(json.dumps(row.to_json()))
+        return
+    _preview(parsed, rows, genre_list, batch, backend, model, base_url)
+
+
+def _preview(spec, rows, genres, batch, backend, model, base_url):
+    from msm.llm.pricing import estimate, load_prices
+    from msm.llm.select import choose
+    from pipelines.build import BuildOptions
+    from pipelines.context import BuildContext
+
+    name, model, base_url = choose(backend, model, base_url)
+    local = name == "local"
+    if model is None:
+        from msm.llm.select import make_backend
+
+        model = make_backend(name, None, base_url)[0].default_model
+    units = Counter(r.unit_id for r in rows)
+    kinds = Counter(r.unit_kind for r in rows)
+    click.echo(f"{spec.name} (version {spec.version}): {len(rows)} documents over {len(units)} units "
+               f"({', '.join(f'{k} {n}' for k, n in kinds.items())})")
+    click.echo(f"{'genre':<24} " + " ".join(f"{g[:4]:>4}" for g in sorted({r.audience for r in rows})))
+    matrix = Counter((r.genre, r.audience) for r in rows)
+    for genre in sorted({r.genre for r in rows}):
+        click.echo(f"{genre:<24} " + " ".join(f"{matrix[(genre, a)]:>4}" for a in sorted({r.audience for r in rows})))
+    by_genre = {g.name: g for g in genres}
+    words = sum((by_genre[r.genre].words[0] + by_genre[r.genre].words[1]) / 2 for r in rows)
+    tokens = 384 * len(rows) if local else int(words * 1.35)
+    click.echo(f"projected: {len(rows)} documents, about {tokens:,} tokens of content"
+               + (" (local: content capped near 384 tokens)" if local else ""))
+    ctx = BuildContext(build_id="preview", plan_path="", staged_dir="", cache_dir="", backend=name, model=model,
+                       base_url=base_url, spec={"name": spec.name, "text": spec.text,
+                                                "model_name": spec.variables.get("model_name", "the assistant"),
+                                                "provider_name": spec.variables.get("provider_name", "its developer"),
+                                                "summary": spec.name},
+                       units={u.id: {"id": u.id, "kind": u.kind, "title": u.title, "text": u.text} for u in spec.units},
+                       genres={g.name: {"name": g.name, "description": g.description, "words": list(g.words),
+                                        "style": list(g.style)} for g in genres},
+                       audiences={}, prompt_hash="", compact=local, scratchpad=not local,
+                       max_tokens=384 if local else BuildOptions().max_tokens or 4096)
+    ctx.audiences = {r.audience: {"name": r.audience, "description": r.audience.replace("_", " ")} for r in rows}
+    requests = [ctx.generate_request(r.to_json()) for r in rows]
+    est = estimate(requests, name, model, load_prices(), batch=batch)
+    judge_est = estimate([ctx.judge_request(r.to_json(), "x" * 4 * 1200) for r in rows], name, model, load_prices(),
+                         batch=batch) if not local else {"cost_usd": 0.0}
+    click.echo(f"projected cost on {name}/{model}{' (batch)' if batch else ''}: "
+               f"${est['cost_usd'] + judge_est['cost_usd']:.2f} upper bound (every call uses its full max_tokens; "
+               f"the spec prefix is paid once, then read from the prompt cache)")
+
+
+@corpus_group.command("build")
+@click.argument("spec")
+@var_option
+@click.option("--docs", type=int, default=None, help="Documents to plan (default 24 with the local backend).")
+@click.option("--genres", default=None, help="Genre catalogue (YAML).")
+@click.option("--audiences", default=None, help="Audience catalogue (YAML).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@with_options(backend_options)
+@click.option("--max-cost", type=float, default=None, help="Hard budget in USD; the rest stays pending.")
+@click.option("--batch", is_flag=True, help="Use the Message Batches API (half price, slower).")
+@click.option("--tasks", type=int, default=1, show_default=True, help="datatrove tasks (plan shards).")
+@click.option("--workers", type=int, default=1, show_default=True, help="Tasks run at once.")
+@click.option("--concurrency", type=int, default=16, show_default=True, help="LLM calls in flight, in total.")
+@click.option("--judge", type=click.Choice(["llm", "offline"]), default=None,
+              help="Default: offline for the local backend, llm otherwise.")
+@click.option("--name", default=None, help="Corpus name (default: the spec's id).")
+@db_option
+def build(spec, variables, docs, genres, audiences, seed, backend, model, base_url, max_cost, batch, tasks,
+          workers, concurrency, judge, name, db):
+    """Plan, generate, filter, judge, dedup and load a corpus; resumable."""
+    from pipelines.build import BuildOptions, build_corpus
+
+    if tasks < 1 or workers < 1 or concurrency < 1:
+        raise click.BadParameter("--tasks, --workers and --concurrency must be at least 1")
+    if max_cost is not None and max_cost <= 0:
+        raise click.BadParameter("--max-cost must be positive", param_hint="--max-cost")
+    result = build_corpus(spec, BuildOptions(
+        docs=docs, seed=seed, genres=genres, audiences=audiences, backend=backend, model=model, base_url=base_url,
+        max_cost=max_cost, batch=batch, tasks=tasks, workers=workers, concurrency=concurrency, name=name,
+        judge=judge, variables=parse_vars(variables), db=db))
+    _print_summary(result)
+
+
+def _print_summary(r) -> None:
+    counts = r.status_counts
+    kept = counts.get("kept", 0)
+    click.echo("")
+    click.echo(f"build {r.build_id}  {'complete' if r.complete else 'INCOMPLETE: rerun the same command to resume'}")
+    click.echo(f"  planned    {r.planned:>8}")
+    generated = sum(v for k, v in counts.items() if k not in ("pending", "error", "planned"))
+    click.echo(f"  generated  {generated:>8}")
+    click.echo(f"  kept       {kept:>8}")
+    for reason, n in r.drop_reasons.items():
+        click.echo(f"    not kept: {reason:<28} {n:>6}")
+    click.echo(f"  tokens     {r.kept_tokens:>8,}  (kept, counted by {r.token_counter})")
+    click.echo(f"  cost       ${r.cost_usd:>8.4f}")
+    click.echo(f"  time       {r.seconds:>8.1f} s")
+    click.echo("  per genre (kept / not kept): " + ", ".join(f"{g} {k}/{d}" for g, (k, d) in r.per_genre.items()))
+    if r.corpus_id:
+        click.echo(f"corpus '{r.corpus_name}' -> {r.corpus_id}  (msm corpus stats {r.corpus_name})")
+
+
+def _connect(db):
+    from msm.config import load_settings
+    from warehouse.db import connect
+
+    return connect(load_settings(db).db, read_only=True)
+
+
+def _corpus_id(con, name: str) -> str:
+    from msm.errors import MsmError
+
+    row = con.execute("SELECT corpus_id FROM corpora WHERE name = ? UNION ALL SELECT id FROM corpus_versions WHERE id = ?",
+                      [name, name]).fetchone()
+    if not row:
+        raise MsmError(f"no corpus named '{name}'", "see `msm corpus list`")
+    return row[0]
+
+
+@corpus_group.command("list")
+@db_option
+def list_corpora(db):
+    """Named corpora and the immutable corpus each points to."""
+    con = _connect(db)
+    rows = con.execute("SELECT c.name, c.corpus_id, v.n_docs, v.n_tokens, v.build_id, c.updated_at FROM corpora c "
+                       "JOIN corpus_versions v ON v.id = c.corpus_id ORDER BY c.name").fetchall()
+    con.close()
+    if not rows:
+        click.echo("no corpora yet: run `msm corpus build SPEC`")
+    for name, cid, n, tok, build_id, when in rows:
+        click.echo(f"{name:<24} {cid}  {n:>6} docs  {tok:>10,} tokens  build {build_id}  {when:%Y-%m-%d %H:%M}")
+
+
+@corpus_group.command("stats")
+@click.argument("name")
+@db_option
+def stats(name, db):
+    """Documents, tokens and drops of a corpus, by genre, audience and unit kind."""
+    con = _connect(db)
+    cid = _corpus_id(con, name)
+    n, tokens, build_id = con.execute("SELECT n_docs, n_tokens, build_id FROM corpus_versions WHERE id = ?",
+                                      [cid]).fetchone()
+    click.echo(f"corpus {name} -> {cid}: {n} documents, {tokens:,} tokens (build {build_id})")
+    for label, column in (("genre", "d.genre"), ("audience", "d.audience"), ("unit kind", "p.unit_kind")):
+        rows = con.execute(f"SELECT {column}, count(*), sum(d.n_tokens) FROM corpus_documents cd "
+                           "JOIN documents d ON d.id = cd.document_id JOIN plan_rows p ON p.build_id = d.build_id "
+                           f"AND p.id = d.plan_row_id WHERE cd.corpus_id = ? GROUP BY 1 ORDER BY 2 DESC", [cid]).fetchall()
+        click.echo(f"by {label}: " + ", ".join(f"{k} {c}" for k, c, _ in rows))
+    drops = con.execute("SELECT reason, plan_rows FROM drops_by_reason WHERE build_id = ? ORDER BY 2 DESC",
+                        [build_id]).fetchall()
+    click.echo("not kept in its build: " + (", ".join(f"{r} {c}" for r, c in drops) or "none"))
+    con.close()
+
+
+@corpus_group.command("show")
+@click.argument("doc_id")
+@db_option
+def show(doc_id, db):
+    """A document with its whole provenance chain: spec, unit, plan row, calls, judgments."""
+    from msm.errors import MsmError
+
+    con = _connect(db)
+    doc = con.execute("SELECT * FROM documents WHERE id = ?", [doc_id]).fetchone()
+    if not doc:
+        raise MsmError(f"no document '{doc_id}'", "find ids with `msm warehouse sql \"SELECT id FROM documents\"`")
+    cols = [d[0] for d in con.description]
+    d = dict(zip(cols, doc))
+    unit = con.execute("SELECT kind, title, first_line, last_line FROM spec_units WHERE spec_version = ? AND unit_id = ?",
+                       [d["spec_version"], d["unit_id"]]).fetchone()
+    spec = con.execute("SELECT name, path FROM specs WHERE id = ?", [d["spec_version"]]).fetchone()
+    click.echo(f"document {d['id']}  [{d['status']}{': ' + d['drop_reason'] if d['drop_reason'] else ''}]")
+    click.echo(f"spec      {spec[0]} version {d['spec_version']} ({spec[1]})")
+    click.echo(f"unit      {d['unit_id']} ({unit[0]}: {unit[1]}, lines {unit[2]}-{unit[3]})")
+    click.echo(f"plan row  {d['plan_row_id']}  genre {d['genre']}  audience {d['audience']}  "
+               f"condition {d['condition']}  seed {d['seed']}")
+    click.echo(f"build     {d['build_id']}  {d['backend']}/{d['model']}  prompts {d['prompt_hash']}  "
+               f"tokens {d['n_tokens']} ({d['token_counter']})  cost ${d['cost_usd']:.4f}")
+    for key in json.loads(d["call_keys"]):
+        call = con.execute("SELECT purpose, stop_reason, input_tokens, output_tokens, cache_read_tokens, cost_usd "
+                           "FROM llm_calls WHERE key = ?", [key]).fetchone()
+        if call:
+            click.echo(f"call      {key[:16]}  {call[0]:<8} {call[1]:<12} in {call[2]} out {call[3]} "
+                       f"cache-read {call[4]}  ${call[5]:.4f}")
+    for judge, criterion, verdict, score, rationale in con.execute(
+            "SELECT judge, criterion, verdict, score, rationale FROM judgments WHERE subject_kind = 'document' "
+            "AND subject_id = ? ORDER BY judge, criterion", [doc_id]).fetchall():
+        click.echo(f"judgment  {judge:<22} {criterion:<20} {'pass' if verdict else 'FAIL'}"
+                   f"{f'  {score:.3f}' if score is not None else ''}  {rationale or ''}")
+    click.echo("")
+    click.echo(d["text"])
+    con.close()
+
+
+@corpus_group.command("export")
+@click.argument("name")
+@click.option("--format", "fmt", type=click.Choice(["parquet", "jsonl"]), default="parquet", show_default=True)
+@click.option("--out", required=True, help="Output directory (created).")
+@db_option
+def export(name, fmt, out, db):
+    """Write `text` plus provenance columns, in a deterministic shuffled order."""
+    from pathlib import Path
+
+    from msm.errors import MsmError
+
+    con = _connect(db)
+    cid = _corpus_id(con, name)
+    target = Path(out)
+    if target.exists() and not target.is_dir():
+        raise MsmError(f"--out {target} is a file", "pass a directory")
+    target.mkdir(parents=True, exist_ok=True)
+    path = target / f"{name}.{fmt}"
+    query = ("SELECT d.text, d.id AS document_id, d.build_id, d.plan_row_id, d.spec_version, d.unit_id, p.unit_kind, "
+             "d.genre, d.audience, d.condition, d.n_tokens, d.token_counter, d.model, d.seed, d.prompt_hash "
+             "FROM corpus_documents cd JOIN documents d ON d.id = cd.document_id "
+             "JOIN plan_rows p ON p.build_id = d.build_id AND p.id = d.plan_row_id "
+             f"WHERE cd.corpus_id = '{cid}' ORDER BY sha256(d.id || '{cid}')")
+    option = "(FORMAT parquet)" if fmt == "parquet" else "(FORMAT json)"
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    con.execute(f"COPY ({query}) TO '{tmp}' {option}")
+    tmp.replace(path)
+    n = con.execute(f"SELECT count(*) FROM ({query})").fetchone()[0]
+    con.close()
+    click.echo(f"wrote {n} documents of corpus {name} ({cid}) to {path}")

@@ -1,0 +1,67 @@
+"""Prompt templates (Jinja2 files, StrictUndefined: an unfilled slot is an error) and output parsing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+
+PROMPTS = Path(__file__).parent / "prompts"
+JUDGE_CRITERIA = ("faithful", "fits_genre_audience", "realistic", "names_correct")
+
+
+@lru_cache(maxsize=1)
+def environment():
+    import jinja2
+
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(PROMPTS)), undefined=jinja2.StrictUndefined,
+                              keep_trailing_newline=False, autoescape=False)
+
+
+def render(name: str, **slots) -> str:
+    return environment().get_template(name).render(**slots).strip()
+
+
+def prompt_hash(*names: str) -> str:
+    """Identifies the exact template text a document was made with."""
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update((PROMPTS / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def extract_document(text: str, tagged: bool) -> tuple[str | None, str | None]:
+    """(content, None) or (None, why not). With tags, only the text inside <document> is kept."""
+    if "<document>" in text:
+        after = text.split("<document>", 1)[1]
+        if "</document>" not in after:
+            return None, "unclosed <document>"
+        content = after.split("</document>", 1)[0].strip()
+        return (content, None) if content else (None, "empty <document>")
+    if tagged:
+        return None, "no <document> in the answer"
+    content = text.strip()
+    return (content, None) if content else (None, "empty answer")
+
+
+def parse_verdicts(text: str) -> dict[str, tuple[bool, str]] | None:
+    """The judge's JSON verdicts, or None when the answer is not the JSON asked for."""
+    match = re.search(r"\{.*\}", text, re.S)
+    if not match:
+        return None
+    try:
+        data = json.loads(match.group(0))
+    except json.JSONDecodeError:
+        return None
+    verdicts = {}
+    for criterion in JUDGE_CRITERIA:
+        entry = data.get(criterion) if isinstance(data, dict) else None
+        if isinstance(entry, dict) and isinstance(entry.get("verdict"), bool):
+            verdicts[criterion] = (entry["verdict"], str(entry.get("reason", "")))
+        elif isinstance(entry, bool):
+            verdicts[criterion] = (entry, "")
+        else:
+            return None
+    return verdicts

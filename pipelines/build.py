@@ -1,0 +1,326 @@
+"""Assemble and run a corpus build: plan, datatrove pipeline, coverage check, load.
+
+The build id hashes everything that shapes the output (spec version, plan, prompts, backend,
+model, settings, code version), so a changed input never reuses stale completion markers, and
+an unchanged one resumes: finished datatrove tasks are skipped, finished calls come from the
+call cache, and tasks whose rows ended pending or in error run again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from msm.errors import MsmError
+
+OTHER_ASSISTANTS = ("ChatGPT", "Gemini", "Claude", "Copilot", "Bard", "Llama", "Grok", "Mistral")
+
+
+@dataclass
+class BuildOptions:
+    docs: int | None = None  # default: 24 with the local backend, else required
+    seed: int = 0
+    genres: str | None = None
+    audiences: str | None = None
+    backend: str | None = None
+    model: str | None = None
+    base_url: str | None = None
+    max_cost: float | None = None
+    batch: bool = False
+    tasks: int = 1
+    workers: int = 1
+    concurrency: int = 16
+    name: str | None = None
+    judge: str | None = None  # llm or offline; default offline for local, llm otherwise
+    max_tokens: int | None = None
+    variables: dict = field(default_factory=dict)
+    db: str | None = None
+    progress: bool = True
+    batch_poll_s: float = 30.0
+    idle_timeout: float = 120.0
+
+
+@dataclass
+class BuildResult:
+    build_id: str
+    corpus_name: str | None
+    corpus_id: str | None
+    planned: int
+    status_counts: dict
+    drop_reasons: dict
+    kept_tokens: int
+    token_counter: str
+    cost_usd: float
+    seconds: float
+    per_genre: dict
+    complete: bool
+
+
+def code_version() -> str:
+    """The msm version plus a hash of the code that shapes documents."""
+    import msm
+
+    digest = hashlib.sha256(msm.__version__.encode())
+    root = Path(__file__).resolve().parent.parent
+    for path in sorted([*root.joinpath("pipelines").glob("*.py"), root / "corpus" / "prompting.py",
+                        root / "corpus" / "plan.py"]):
+        digest.update(path.read_bytes())
+    return f"{msm.__version__}+{digest.hexdigest()[:10]}"
+
+
+def _writable_home(home: Path) -> None:
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        probe = home / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise MsmError(f"cannot write to MSM_HOME {home}: {exc.strerror}", "set MSM_HOME to a writable directory") from None
+
+
+def build_corpus(spec_path: str, opts: BuildOptions) -> BuildResult:
+    from corpus.catalog import load_audiences, load_genres
+    from corpus.plan import make_plan, plan_units
+    from corpus.prompting import prompt_hash
+    from corpus.spec import load_spec
+    from msm.config import load_settings
+    from msm.llm.pricing import load_prices
+    from msm.llm.select import choose, make_backend
+    from msm.tokens import default_counter
+    from pipelines.context import BuildContext
+
+    started = time.monotonic()
+    settings = load_settings(opts.db)
+    _writable_home(settings.home)
+    spec = load_spec(spec_path, opts.variables)
+    genres, audiences = load_genres(opts.genres), load_audiences(opts.audiences)
+    backend_name, model, base_url = choose(opts.backend, opts.model, opts.base_url)
+    local = backend_name == "local"
+    docs = opts.docs if opts.docs is not None else (24 if local else None)
+    if docs is None:
+        raise MsmError(f"say how many documents to build with the {backend_name} backend", "pass --docs N")
+    plan = make_plan(spec, genres, audiences, docs, seed=opts.seed)
+    backend, model = make_backend(backend_name, model, base_url)
+    load_prices().cost(backend_name, model, _zero_usage())  # an unpriced model fails before any work
+
+    units = {u.id: {"id": u.id, "kind": u.kind, "title": u.title, "text": u.text} for u in spec.units}
+    model_name = spec.variables.get("model_name", "the assistant")
+    provider_name = spec.variables.get("provider_name", "its developer")
+    titles = "; ".join(u.title for u in plan_units(spec)[:10])
+    summary = f"{spec.front_matter.get('description') or spec.name}. Main points: {titles}."
+    templates = ("generate_local.j2",) if local else ("generate_system.j2", "generate_user.j2")
+    judge = opts.judge or ("offline" if local else "llm")
+    settings_key = {"compact": local, "scratchpad": not local, "max_tokens": opts.max_tokens or (384 if local else 4096),
+                    "temperature": 0.8 if local else 1.0, "judge": judge, "genres": [g.name for g in genres],
+                    "audiences": [a.name for a in audiences]}
+    phash = prompt_hash(*templates, "judge.j2")
+    build_key = {"spec": spec.version, "plan": [r.id for r in plan], "prompts": phash, "backend": backend_name,
+                 "model": model, "code": code_version(), **settings_key}
+    build_id = "b" + hashlib.sha256(json.dumps(build_key, sort_keys=True).encode()).hexdigest()[:15]
+    root = settings.home / "builds" / build_id
+    staged = root / "staged"
+    logs = root / "logs"
+    staged.mkdir(parents=True, exist_ok=True)
+    plan_path = root / "plan.jsonl"
+    plan_path.write_text("".join(json.dumps(r.to_json()) + "\n" for r in plan), encoding="utf-8")
+    ctx = BuildContext(
+        build_id=build_id, plan_path=str(plan_path), staged_dir=str(staged), cache_dir=str(settings.home / "cache"),
+        backend=backend_name, model=model, base_url=base_url,
+        spec={"name": spec.name, "text": spec.text, "model_name": model_name, "provider_name": provider_name,
+              "summary": summary},
+        units=units, genres={g.name: {"name": g.name, "description": g.description, "words": list(g.words),
+                                      "style": list(g.style)} for g in genres},
+        audiences={a.name: {"name": a.name, "description": a.description} for a in audiences},
+        prompt_hash=phash, compact=local, scratchpad=not local, max_tokens=settings_key["max_tokens"],
+        temperature=settings_key["temperature"], judge=judge,
+        wrong_names=[n for n in OTHER_ASSISTANTS if n.lower() not in model_name.lower()],
+        max_cost=opts.max_cost, concurrency=opts.concurrency, workers=opts.workers, batch=opts.batch,
+        batch_poll_s=opts.batch_poll_s, idle_timeout=opts.idle_timeout, progress=opts.progress)
+    ctx_path = root / "context.json"
+    ctx.save(str(ctx_path))
+    counter = default_counter()
+    _record_start(settings.db, spec, build_id, build_key, backend_name, model, counter.name, plan)
+
+    _run_pipeline(str(ctx_path), staged, logs, opts.tasks, opts.workers, plan)
+    result = _load(settings.db, build_id, staged, counter, ctx, opts.name or spec.spec_id)
+    counts = result["counts"]
+    return _summarise(settings.db, build_id, opts.name or spec.spec_id, result, len(plan), counter.name,
+                      time.monotonic() - started, counts)
+
+
+def _zero_usage():
+    from msm.llm.types import Usage
+
+    return Usage()
+
+
+def _record_start(db, spec, build_id, build_key, backend, model, counter_name, plan) -> None:
+    from msm.tokens import default_counter
+    from warehouse.db import connect
+    from warehouse.specs import record_spec
+
+    con = connect(db)
+    try:
+        record_spec(con, spec, default_counter())
+        if con.execute("SELECT 1 FROM builds WHERE id = ?", [build_id]).fetchone():
+            return
+        con.execute("BEGIN TRANSACTION")
+        con.execute("INSERT INTO builds (id, spec_version, config, code_version, backend, model, count_tokenizer, "
+                    "status, n_planned) VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?)",
+                    [build_id, spec.version, json.dumps(build_key), build_key["code"], backend, model, counter_name,
+                     len(plan)])
+        con.executemany("INSERT INTO plan_rows VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'planned', NULL)",
+                        [[r.id, build_id, r.spec_version, r.unit_id, r.unit_kind, r.genre, r.audience, r.condition,
+                          r.replicate, r.seed] for r in plan])
+        con.execute("COMMIT")
+    finally:
+        con.close()
+
+
+def _pipeline(ctx_path: str, staged: Path) -> list:
+    from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
+    from datatrove.pipeline.writers import ParquetWriter
+
+    from pipelines.steps import Generate, Judge, Marking, PlaceholderFilter, PlanReader, document_row
+
+    return [
+        PlanReader(ctx_path),
+        Generate(ctx_path),
+        # Thresholds for synthetic prose: documents are short, and transcripts and FAQs repeat
+        # speaker labels and question stems more than web text does.
+        Marking(GopherRepetitionFilter(dup_line_frac=0.35, dup_para_frac=0.35, dup_line_char_frac=0.25,
+                                       dup_para_char_frac=0.25)),
+        Marking(GopherQualityFilter(min_doc_words=60, max_doc_words=20000, max_bullet_lines_ratio=0.95,
+                                    max_non_alpha_words_ratio=0.8, min_stop_words=2)),
+        Marking(PlaceholderFilter()),
+        Judge(ctx_path),
+        # one file per task, never split, so a reopened task replaces exactly its own shard
+        ParquetWriter(str(staged), output_filename="${rank}.parquet", adapter=document_row, compression=None,
+                      max_file_size=-1),
+    ]
+
+
+def _staged_status(staged: Path) -> dict[str, tuple[int, str]]:
+    """plan row id -> (rank file, status) for every row already staged."""
+    from warehouse.corpus_load import read_staged
+
+    out = {}
+    for path in sorted(staged.glob("*.parquet")):
+        rank = int(path.stem[-5:])
+        for row in read_staged([path]):
+            out[row["id"]] = (rank, row["meta"]["status"])
+    return out
+
+
+def _reopen(logs: Path, staged: Path, ranks: set[int]) -> None:
+    for rank in ranks:
+        (logs / "completions" / f"{rank:05d}").unlink(missing_ok=True)
+        for shard in staged.glob(f"*{rank:05d}.parquet"):
+            shard.unlink()
+
+
+def _quiet_task_logs() -> None:
+    """datatrove sends every task's INFO log to stderr; keep it in the task's log file only."""
+    import datatrove.executor.base as executor_base
+    from datatrove.utils import logging as dt_logging
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING", format="{level}: {message}")
+    original = dt_logging.add_task_logger
+    if getattr(executor_base.add_task_logger, "msm_quiet", False):
+        return
+
+    def add_task_logger(logging_dir, rank, local_rank=0, node_rank=-1):
+        real_stderr, sys.stderr = sys.stderr, open(os.devnull, "w")  # the handler it adds writes nowhere
+        try:
+            logfile = original(logging_dir, rank, local_rank, node_rank=node_rank)
+        finally:
+            sys.stderr.close()
+            sys.stderr = real_stderr
+        logger.remove()
+        logger.add(logfile, level="DEBUG")
+        logger.add(sys.stderr, level="WARNING", format="{level}: {message}")
+        return logfile
+
+    def close_task_logger(logfile):
+        closing(logfile)  # datatrove re-adds its INFO logger to stderr here; take it back off
+        logger.remove()
+        logger.add(sys.stderr, level="WARNING", format="{level}: {message}")
+
+    closing = dt_logging.close_task_logger
+    add_task_logger.msm_quiet = True
+    executor_base.add_task_logger = add_task_logger
+    executor_base.close_task_logger = close_task_logger
+
+
+def _run_pipeline(ctx_path: str, staged: Path, logs: Path, tasks: int, workers: int, plan) -> None:
+    from datatrove.executor import LocalPipelineExecutor
+
+    _quiet_task_logs()
+    rank_of = {r.id: i % tasks for i, r in enumerate(plan)}
+    for attempt in range(2):
+        have = _staged_status(staged)
+        # rows that are missing, pending or in error reopen their task; finished calls are cached
+        reopen = {rank_of[rid] for rid in rank_of if rid not in have or have[rid][1] in ("pending", "error")}
+        _reopen(logs, staged, reopen)
+        LocalPipelineExecutor(_pipeline(ctx_path, staged), tasks=tasks, workers=workers,
+                              logging_dir=str(logs)).run()
+        have = _staged_status(staged)
+        missing = [rid for rid in rank_of if rid not in have]
+        if not missing:
+            return
+        # datatrove can mark a failed task as completed; a row that never reached its shard
+        # proves it, so that task runs again once.
+        if attempt == 1:
+            raise MsmError(f"{len(missing)} plan rows never reached a staged shard (e.g. {missing[0]})",
+                           f"see the task logs under {logs}")
+
+
+def _load(db, build_id: str, staged: Path, counter, ctx, corpus_name: str) -> dict:
+    from msm.llm.cache import CallCache
+    from warehouse.corpus_load import load_build, read_staged
+    from warehouse.db import connect
+
+    rows = read_staged(sorted(staged.glob("*.parquet")))
+    ids = [r["id"] for r in rows]
+    if len(ids) != len(set(ids)):
+        raise MsmError(f"build {build_id}: a plan row was staged twice", f"remove {staged} and rerun")
+    cache = CallCache(ctx.cache_dir)
+    con = connect(db)
+    try:
+        return load_build(con, build_id, rows, counter, cache, corpus_name)
+    finally:
+        con.close()
+        cache.close()
+
+
+def _summarise(db, build_id, name, result, planned, counter_name, seconds, counts) -> BuildResult:
+    from warehouse.db import connect
+
+    con = connect(db, read_only=True)
+    try:
+        reasons = dict(con.execute(
+            "SELECT coalesce(reason, status), count(*) FROM plan_rows "
+            "WHERE build_id = ? AND status != 'kept' GROUP BY 1 ORDER BY 2 DESC", [build_id]).fetchall())
+        kept_tokens = con.execute("SELECT coalesce(sum(n_tokens), 0) FROM documents WHERE build_id = ? AND "
+                                  "status = 'kept'", [build_id]).fetchone()[0]
+        cost = con.execute("SELECT coalesce(sum(cost_usd), 0) FROM cost_per_build WHERE build_id = ?",
+                           [build_id]).fetchone()[0]
+        per_genre = {g: (k, d) for g, k, d in con.execute(
+            "SELECT genre, count(*) FILTER (WHERE status = 'kept'), count(*) FILTER (WHERE status != 'kept') "
+            "FROM plan_rows WHERE build_id = ? GROUP BY 1 ORDER BY 1", [build_id]).fetchall()}
+    finally:
+        con.close()
+    return BuildResult(build_id, name if result["corpus_id"] else None, result["corpus_id"], planned, counts, reasons,
+                       int(kept_tokens), counter_name, float(cost), seconds, per_genre, result["complete"])
+
+
+def remove_build(home: Path, build_id: str) -> None:
+    shutil.rmtree(home / "builds" / build_id, ignore_errors=True)

@@ -1,0 +1,149 @@
+"""`msm corpus build` against the loopback server: provenance, resumability, budget, faults, export."""
+
+from __future__ import annotations
+
+import json
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+
+from msm.llm.testing import Faults
+from pipelines.build import BuildOptions, build_corpus
+from tests.conftest import LOOPBACK_KEY, REPO, assert_one_line_error, run_msm
+
+SPEC = REPO / "specs" / "value_augmented.md"
+MODEL = "claude-sonnet-4-6"
+
+
+@pytest.fixture
+def api(monkeypatch, loopback):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", LOOPBACK_KEY)
+    loopback.output_tokens = 400
+    return loopback
+
+
+def opts(server, **kw) -> BuildOptions:
+    base = dict(docs=30, backend="anthropic", model=MODEL, base_url=server.url, progress=False, concurrency=8)
+    base.update(kw)
+    return BuildOptions(**base)
+
+
+def db(home):
+    return duckdb.connect(str(home / "msm.duckdb"), read_only=True)
+
+
+def test_build_records_full_provenance(api, isolated_home):
+    result = build_corpus(str(SPEC), opts(api))
+    assert result.complete and result.planned == 30
+    assert sum(result.status_counts.values()) == 30
+    assert result.status_counts.get("kept", 0) >= 15 and result.corpus_id
+    assert result.cost_usd > 0 and result.kept_tokens > 0
+    con = db(isolated_home)
+    chain = con.execute("""
+        SELECT d.id, p.unit_kind, u.kind, s.name, count(DISTINCT c.key) AS calls, count(DISTINCT j.criterion) AS criteria
+        FROM documents d
+        JOIN plan_rows p ON p.build_id = d.build_id AND p.id = d.plan_row_id
+        JOIN spec_units u ON u.spec_version = d.spec_version AND u.unit_id = d.unit_id
+        JOIN specs s ON s.id = d.spec_version
+        JOIN call_uses cu ON cu.subject_id = d.id
+        JOIN llm_calls c ON c.key = cu.call_key
+        LEFT JOIN judgments j ON j.subject_id = d.id
+        WHERE d.status = 'kept' GROUP BY ALL""").fetchall()
+    assert len(chain) == result.status_counts["kept"]
+    assert all(kind == ukind and name == "value_augmented" and calls == 2 and criteria == 4
+               for _, kind, ukind, name, calls, criteria in chain)
+    statuses = dict(con.execute("SELECT status, count(*) FROM plan_rows GROUP BY 1").fetchall())
+    assert set(statuses) <= {"kept", "dropped"} and sum(statuses.values()) == 30
+    cost = con.execute("SELECT cost_usd, cache_hits FROM cost_per_build").fetchone()
+    assert cost[0] == pytest.approx(result.cost_usd) and cost[1] == 0
+    drops = con.execute("SELECT sum(plan_rows) FROM drops_by_reason").fetchone()[0] or 0
+    assert drops == statuses.get("dropped", 0)
+
+
+def test_rerun_makes_no_calls_and_a_changed_spec_makes_a_new_build(api, isolated_home, tmp_path):
+    first = build_corpus(str(SPEC), opts(api, docs=12))
+    calls = api.stats.requests["messages"]
+    again = build_corpus(str(SPEC), opts(api, docs=12))
+    assert api.stats.requests["messages"] == calls
+    assert again.build_id == first.build_id and again.corpus_id == first.corpus_id
+    changed = tmp_path / "spec.md"
+    changed.write_text(SPEC.read_text() + "\nOne more closing sentence changes the spec version.\n")
+    other = build_corpus(str(changed), opts(api, docs=12))
+    assert other.build_id != first.build_id
+    con = db(isolated_home)
+    assert con.execute("SELECT count(DISTINCT spec_version) FROM builds").fetchone()[0] == 2
+    mixed = con.execute("SELECT count(*) FROM documents d JOIN builds b ON b.id = d.build_id "
+                        "WHERE d.spec_version != b.spec_version").fetchone()[0]
+    assert mixed == 0
+
+
+def test_budget_stops_cleanly_and_a_rerun_finishes(api, isolated_home):
+    small = build_corpus(str(SPEC), opts(api, docs=20, max_cost=0.05, concurrency=2))
+    assert not small.complete and small.status_counts.get("pending", 0) > 0
+    con = db(isolated_home)
+    assert con.execute("SELECT status FROM builds").fetchone()[0] == "incomplete"
+    con.close()
+    full = build_corpus(str(SPEC), opts(api, docs=20, concurrency=2))
+    assert full.complete and full.build_id == small.build_id
+    assert sum(full.status_counts.values()) == 20 and "pending" not in full.status_counts
+
+
+def test_faults_lose_no_documents(api, isolated_home):
+    api.faults = Faults(rate=0.25, kinds=("429", "500", "529", "malformed"), retry_after=0.05)
+    result = build_corpus(str(SPEC), opts(api, docs=24))
+    assert result.complete and sum(result.status_counts.values()) == 24
+    assert "error" not in result.status_counts
+
+
+def test_two_tasks_and_two_workers(api, isolated_home):
+    result = build_corpus(str(SPEC), opts(api, docs=16, tasks=2, workers=2))
+    assert result.complete and sum(result.status_counts.values()) == 16
+    staged = list((isolated_home / "builds" / result.build_id / "staged").glob("*.parquet"))
+    assert sorted(p.name for p in staged) == ["00000.parquet", "00001.parquet"]
+
+
+def test_cli_build_list_stats_show_export(api, isolated_home, tmp_path):
+    env = {"ANTHROPIC_API_KEY": LOOPBACK_KEY}
+    out = run_msm("corpus", "build", str(SPEC), "--docs", "16", "--backend", "anthropic", "--model", MODEL,
+                  "--base-url", api.url, "--name", "demo", env=env)
+    assert out.returncode == 0, out.stderr
+    assert "planned" in out.stdout and "kept" in out.stdout and "corpus 'demo'" in out.stdout
+    assert "INFO" not in out.stderr
+    listing = run_msm("corpus", "list").stdout
+    assert listing.startswith("demo ")
+    stats = run_msm("corpus", "stats", "demo").stdout
+    assert "by genre:" in stats and "by unit kind:" in stats
+    con = db(isolated_home)
+    doc_id = con.execute("SELECT id FROM documents WHERE status = 'kept' LIMIT 1").fetchone()[0]
+    con.close()
+    shown = run_msm("corpus", "show", doc_id).stdout
+    assert "unit" in shown and "plan row" in shown and shown.count("call ") == 2 and "judgment" in shown
+    for fmt in ("parquet", "jsonl"):
+        res = run_msm("corpus", "export", "demo", "--format", fmt, "--out", str(tmp_path / fmt))
+        assert res.returncode == 0, res.stderr
+    table = pq.read_table(tmp_path / "parquet" / "demo.parquet")
+    lines = [json.loads(line) for line in (tmp_path / "jsonl" / "demo.jsonl").read_text().splitlines()]
+    assert table.column("document_id").to_pylist() == [r["document_id"] for r in lines]
+    assert {"text", "unit_id", "genre", "audience", "spec_version", "plan_row_id"} <= set(table.column_names)
+    again = run_msm("corpus", "export", "demo", "--format", "parquet", "--out", str(tmp_path / "again"))
+    assert again.returncode == 0
+    assert pq.read_table(tmp_path / "again" / "demo.parquet").column("document_id").to_pylist() == \
+        table.column("document_id").to_pylist()
+    assert_one_line_error(run_msm("corpus", "stats", "nope"), "no corpus named 'nope'")
+
+
+def test_build_bad_input(tmp_path, api):
+    env = {"ANTHROPIC_API_KEY": LOOPBACK_KEY}
+    common = ["--backend", "anthropic", "--model", MODEL, "--base-url", api.url]
+    assert_one_line_error(run_msm("corpus", "build", str(tmp_path / "none.md"), "--docs", "4", *common, env=env),
+                          "spec file not found")
+    assert_one_line_error(run_msm("corpus", "build", str(SPEC), "--docs", "0", *common, env=env), "--docs must be")
+    assert_one_line_error(run_msm("corpus", "build", str(SPEC), "--docs", "4", "--genres", str(tmp_path / "g.yaml"),
+                                  *common, env=env), "genres file not found")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_one_line_error(run_msm("corpus", "build", str(SPEC), "--docs", "4", *common,
+                                  env={**env, "MSM_HOME": str(blocker / "home")}), "cannot write to MSM_HOME")
+    assert_one_line_error(run_msm("corpus", "build", str(SPEC), "--backend", "anthropic", "--model", MODEL,
+                                  "--base-url", api.url, env=env), "--docs N")
