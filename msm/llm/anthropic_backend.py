@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
-from msm.llm.base import Backend, FatalError, TransientError
+from msm.llm.base import Backend, FatalError, classify_sdk_error
 from msm.llm.types import Request, Response, Usage
 
 DEFAULT_MODEL = "claude-sonnet-4-6"
-RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504, 529}
-
-
-def scrub(text: str, secret: str | None) -> str:
-    """Keys never reach logs, errors or the warehouse."""
-    return text.replace(secret, "***") if secret else text
-
-
 class AnthropicBackend(Backend):
     name = "anthropic"
     default_model = DEFAULT_MODEL
@@ -71,28 +62,7 @@ class AnthropicBackend(Backend):
                         backend=self.name, model=model, batch=batch)
 
     def classify(self, exc: Exception) -> Exception:
-        sdk = self._sdk
-        message = scrub(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, self.api_key)
-        if isinstance(exc, sdk.APIStatusError):
-            status = exc.status_code
-            if status in RETRYABLE_STATUS or status >= 500:
-                retry_after = exc.response.headers.get("retry-after") if exc.response is not None else None
-                try:
-                    wait = float(retry_after) if retry_after else None
-                except ValueError:
-                    wait = None
-                return TransientError(f"HTTP {status}: {message}", retry_after=wait)
-            if status in (401, 403):
-                return FatalError(f"the Anthropic API refused the key (HTTP {status})", "check ANTHROPIC_API_KEY")
-            if status == 404:
-                return FatalError(f"the Anthropic API does not know this model or route (HTTP 404): {message}",
-                                  "check --model")
-            return FatalError(f"the Anthropic API rejected the request (HTTP {status}): {message}", "fix the request")
-        if isinstance(exc, (sdk.APITimeoutError, sdk.APIConnectionError)):
-            return TransientError(f"{type(exc).__name__}: {message}")
-        if isinstance(exc, (sdk.APIResponseValidationError, json.JSONDecodeError)):
-            return TransientError(f"malformed response: {message}")
-        return exc
+        return classify_sdk_error(exc, self._sdk, self.api_key, "the Anthropic API", "ANTHROPIC_API_KEY")
 
     async def call(self, request: Request, model: str) -> Response:
         started = time.monotonic()

@@ -35,6 +35,40 @@ class Score:
     tokens: list[str]
 
 
+RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504, 529}
+
+
+def scrub(text: str, secret: str | None) -> str:
+    """Keys never reach logs, errors or the warehouse."""
+    return text.replace(secret, "***") if secret else text
+
+
+def classify_sdk_error(exc: Exception, sdk, secret: str | None, who: str, key_env: str) -> Exception:
+    """Map an anthropic/openai SDK exception (the two share their error classes' shape) to retry or fail."""
+    import json
+
+    message = scrub(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, secret)
+    if isinstance(exc, sdk.APIStatusError):
+        status = exc.status_code
+        if status in RETRYABLE_STATUS or status >= 500:
+            retry_after = exc.response.headers.get("retry-after") if exc.response is not None else None
+            try:
+                wait = float(retry_after) if retry_after else None
+            except ValueError:
+                wait = None
+            return TransientError(f"HTTP {status}: {message}", retry_after=wait)
+        if status in (401, 403):
+            return FatalError(f"{who} refused the key (HTTP {status})", f"check {key_env}")
+        if status == 404:
+            return FatalError(f"{who} does not know this model or route (HTTP 404): {message}", "check --model")
+        return FatalError(f"{who} rejected the request (HTTP {status}): {message}", "check --model and the request")
+    if isinstance(exc, (sdk.APITimeoutError, sdk.APIConnectionError)):
+        return TransientError(f"{type(exc).__name__}: {message}")
+    if isinstance(exc, (sdk.APIResponseValidationError, json.JSONDecodeError)):
+        return TransientError(f"malformed response: {message}")
+    return exc
+
+
 class Backend:
     """One provider. `call` does one attempt; retries, caching and budgets live in the client."""
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
-from msm.llm.anthropic_backend import RETRYABLE_STATUS, scrub
-from msm.llm.base import Backend, FatalError, Score, ScoreItem, TransientError
+from msm.llm.base import Backend, FatalError, Score, ScoreItem, classify_sdk_error
 from msm.llm.types import Request, Response, Usage
 
 FINISH = {"stop": "end_turn", "length": "max_tokens", "content_filter": "refusal", "tool_calls": "end_turn"}
@@ -32,25 +30,7 @@ class OpenAIBackend(Backend):
                                          timeout=httpx2.Timeout(idle_timeout, connect=connect_timeout))
 
     def classify(self, exc: Exception) -> Exception:
-        sdk = self._sdk
-        message = scrub(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, self.api_key)
-        if isinstance(exc, sdk.APIStatusError):
-            status = exc.status_code
-            if status in RETRYABLE_STATUS or status >= 500:
-                retry_after = exc.response.headers.get("retry-after") if exc.response is not None else None
-                try:
-                    wait = float(retry_after) if retry_after else None
-                except ValueError:
-                    wait = None
-                return TransientError(f"HTTP {status}: {message}", retry_after=wait)
-            if status in (401, 403):
-                return FatalError(f"the server refused the key (HTTP {status})", "check OPENAI_API_KEY")
-            return FatalError(f"the server rejected the request (HTTP {status}): {message}", "check --model and the request")
-        if isinstance(exc, (sdk.APITimeoutError, sdk.APIConnectionError)):
-            return TransientError(f"{type(exc).__name__}: {message}")
-        if isinstance(exc, (sdk.APIResponseValidationError, json.JSONDecodeError)):
-            return TransientError(f"malformed response: {message}")
-        return exc
+        return classify_sdk_error(exc, self._sdk, self.api_key, "the server", "OPENAI_API_KEY")
 
     async def call(self, request: Request, model: str) -> Response:
         started = time.monotonic()

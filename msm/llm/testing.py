@@ -477,25 +477,22 @@ class _Handler(BaseHTTPRequestHandler):
             srv.stats.batches_created += 1
         self._send(200, self._batch_view(batch))
 
-    def _batch_status(self, batch_id: str) -> None:
+    def _find_batch(self, batch_id: str, route: str) -> dict | None:
         srv = self.server_ref
-        srv.stats.requests["batch_status"] += 1
+        srv.stats.requests[route] += 1
         if not self._authorized(openai=False):
-            return
+            return None
         batch = srv.batches.get(batch_id)
         if batch is None:
             self._error(404, "not_found_error", f"batch {batch_id} not found")
-            return
-        self._send(200, self._batch_view(batch))
+        return batch
+
+    def _batch_status(self, batch_id: str) -> None:
+        if (batch := self._find_batch(batch_id, "batch_status")) is not None:
+            self._send(200, self._batch_view(batch))
 
     def _batch_results(self, batch_id: str) -> None:
-        srv = self.server_ref
-        srv.stats.requests["batch_results"] += 1
-        if not self._authorized(openai=False):
-            return
-        batch = srv.batches.get(batch_id)
-        if batch is None:
-            self._error(404, "not_found_error", f"batch {batch_id} not found")
+        if (batch := self._find_batch(batch_id, "batch_results")) is None:
             return
         lines = "\n".join(json.dumps(r) for r in batch["results"]).encode() + b"\n"
         self.send_response(200)
