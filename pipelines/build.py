@@ -137,9 +137,7 @@ def build_corpus(spec_path: str, opts: BuildOptions) -> BuildResult:
         units=units, genres={g.name: {"name": g.name, "description": g.description, "words": list(g.words),
                                       "style": list(g.style)} for g in genres},
         audiences={a.name: {"name": a.name, "description": a.description} for a in audiences},
-        # On a CPU a second, longer local generation costs minutes: truncated local documents are dropped.
         prompt_hash=phash, compact=local, scratchpad=not local, max_tokens=settings_key["max_tokens"],
-        regrow=1.0 if local else 1.5,
         temperature=settings_key["temperature"], judge=judge,
         wrong_names=[n for n in OTHER_ASSISTANTS if n.lower() not in model_name.lower()],
         max_cost=opts.max_cost, concurrency=opts.concurrency, workers=opts.workers, batch=opts.batch,

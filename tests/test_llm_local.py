@@ -67,3 +67,18 @@ def test_prefix_shared_scoring_matches_a_full_forward(tiny):
             assert score.total == pytest.approx(naive_logprob(model, tokenizer, item.context, cont), abs=1e-3)
             assert score.total == pytest.approx(sum(score.per_token)) and all(p <= 0 for p in score.per_token)
             assert math.isfinite(score.total)
+
+
+def test_distinct_seeds_share_one_batch(tiny, monkeypatch):
+    model, tokenizer = tiny
+    calls = []
+    original = model.generate
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", counting)
+    requests = [Request.user(f"doc {i}", max_tokens=4, temperature=0.8, seed=1000 + i) for i in range(6)]
+    results = LLMClient(LocalBackend(loaded=tiny, batch_size=8)).complete(requests)
+    assert all(r.ok for r in results) and calls == [6]

@@ -81,7 +81,9 @@ class LocalBackend(Backend):
 
     @staticmethod
     def _settings(request: Request) -> tuple:
-        return (request.max_tokens, request.temperature, request.top_p, request.stop, request.seed)
+        """What must match within one generate() call. Seeds need not: a batch samples with one
+        generator seeded from its requests' seeds (so per-request seeds never split a batch)."""
+        return (request.max_tokens, request.temperature, request.top_p, request.stop)
 
     def _generate_batch(self, requests, prompts, model, tokenizer, model_name) -> list[Response]:
         import torch
@@ -98,8 +100,9 @@ class LocalBackend(Backend):
             kwargs["do_sample"] = False
         if req.stop:
             kwargs.update(stop_strings=list(req.stop), tokenizer=tokenizer)
-        if req.seed is not None:
-            torch.manual_seed(req.seed)
+        seeds = [r.seed for r in requests if r.seed is not None]
+        if seeds:
+            torch.manual_seed(hash(tuple(seeds)) & 0x7FFFFFFF)
         with torch.no_grad():
             out = model.generate(**enc, **kwargs)
         new = out[:, enc["input_ids"].shape[1]:]
