@@ -60,7 +60,6 @@ def plan(spec, variables, docs, genres, audiences, seed, preview, batch, backend
 def _preview(spec, rows, genres, batch, backend, model, base_url):
     from msm.llm.pricing import estimate, load_prices
     from msm.llm.select import choose
-    from pipelines.build import BuildOptions
     from pipelines.context import BuildContext
 
     name, model, base_url = choose(backend, model, base_url)
@@ -91,7 +90,7 @@ def _preview(spec, rows, genres, batch, backend, model, base_url):
                        genres={g.name: {"name": g.name, "description": g.description, "words": list(g.words),
                                         "style": list(g.style)} for g in genres},
                        audiences={}, prompt_hash="", compact=local, scratchpad=not local,
-                       max_tokens=384 if local else BuildOptions().max_tokens or 4096)
+                       max_tokens=384 if local else 4096)
     ctx.audiences = {r.audience: {"name": r.audience, "description": r.audience.replace("_", " ")} for r in rows}
     requests = [ctx.generate_request(r.to_json()) for r in rows]
     est = estimate(requests, name, model, load_prices(), batch=batch)

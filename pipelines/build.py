@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -320,7 +319,3 @@ def _summarise(db, build_id, name, result, planned, counter_name, seconds, count
         con.close()
     return BuildResult(build_id, name if result["corpus_id"] else None, result["corpus_id"], planned, counts, reasons,
                        int(kept_tokens), counter_name, float(cost), seconds, per_genre, result["complete"])
-
-
-def remove_build(home: Path, build_id: str) -> None:
-    shutil.rmtree(home / "builds" / build_id, ignore_errors=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from pathlib import Path
 
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
@@ -256,7 +255,3 @@ def _progress(ctx: BuildContext, total: int, rank: int):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=f"generate (task {rank})", unit="doc", dynamic_ncols=True)
-
-
-def staged_files(staged_dir: str | Path) -> list[Path]:
-    return sorted(Path(staged_dir).glob("*.parquet"))
