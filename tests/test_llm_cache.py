@@ -101,3 +101,23 @@ def test_cache_cli(tmp_path, isolated_home):
     assert run_msm("cache", "prune").returncode != 0
     ro = run_msm("cache", "stats", env={"MSM_HOME": "/proc/msm-home"})
     assert ro.returncode != 0 and "cannot open the call cache" in ro.stderr and "Traceback" not in ro.stderr
+
+
+def test_processes_opening_a_fresh_cache_together_all_succeed(tmp_path):
+    """Two workers switching one new file to WAL at the same moment used to fail with 'database is locked'."""
+    script = textwrap.dedent("""
+        import sys, time
+        from pathlib import Path
+        from msm.llm.cache import CallCache
+        root, rounds, start = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+        for r in range(rounds):
+            while time.time() < start + 0.05 * r:
+                pass
+            CallCache(root / f"round{r}").close()
+    """)
+    start = time.time() + 3
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), "30", str(start)],
+                              stderr=subprocess.PIPE, text=True) for _ in range(5)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 5, "\n".join(errors)
+    assert len(list(tmp_path.glob("round*/calls.sqlite"))) == 30

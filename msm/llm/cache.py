@@ -58,19 +58,39 @@ class CacheError(MsmError):
     """The cache file cannot be opened or written."""
 
 
-def _open(path: Path) -> sqlite3.Connection:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        con = sqlite3.connect(str(path), timeout=60, isolation_level=None, check_same_thread=False)
-        con.execute("PRAGMA journal_mode=WAL")
-        con.execute("PRAGMA synchronous=NORMAL")
-        con.execute("PRAGMA busy_timeout=60000")
-        con.executescript(SCHEMA)
-        return con
-    except (OSError, sqlite3.OperationalError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise CacheError(f"cannot open the call cache at {path}: {reason}",
-                         "set MSM_HOME (or the cache path) to a writable local directory") from None
+def _open(path: Path, attempts: int = 40) -> sqlite3.Connection:
+    """Open (and create) a cache file; retries the brief lock two processes meet when both
+    switch a fresh file to WAL, a case where SQLite skips its busy handler."""
+    for attempt in range(attempts):
+        con = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            con = sqlite3.connect(str(path), timeout=60, isolation_level=None, check_same_thread=False)
+            con.execute("PRAGMA busy_timeout=60000")
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA synchronous=NORMAL")
+            con.executescript(SCHEMA)
+            return con
+        except sqlite3.OperationalError as exc:
+            if con is not None:
+                con.close()
+            if _is_lock_error(exc) and attempt + 1 < attempts:
+                time.sleep(min(0.05 * (attempt + 1), 0.5))
+                continue
+            raise _cannot_open(path, str(exc)) from None
+        except OSError as exc:
+            raise _cannot_open(path, exc.strerror or str(exc)) from None
+    raise AssertionError("unreachable")
+
+
+def _is_lock_error(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
+def _cannot_open(path: Path, reason: str) -> CacheError:
+    return CacheError(f"cannot open the call cache at {path}: {reason}",
+                      "set MSM_HOME (or the cache path) to a writable local directory")
 
 
 class CallCache:
