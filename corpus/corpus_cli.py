@@ -54,13 +54,14 @@ def plan(spec, variables, docs, genres, audiences, seed, preview, batch, backend
         for row in rows:
             click.echo(json.dumps(row.to_json()))
         return
-    _preview(parsed, rows, genre_list, batch, backend, model, base_url)
+    _preview(parsed, rows, genre_list, audience_list, batch, backend, model, base_url)
 
 
-def _preview(spec, rows, genres, batch, backend, model, base_url):
+def _preview(spec, rows, genres, audiences, batch, backend, model, base_url):
     from msm.llm.pricing import estimate, load_prices
     from msm.llm.select import choose
-    from pipelines.context import BuildContext
+    from corpus.plan import plan_units
+    from pipelines.context import make_context
 
     name, model, base_url = choose(backend, model, base_url)
     local = name == "local"
@@ -81,17 +82,7 @@ def _preview(spec, rows, genres, batch, backend, model, base_url):
     tokens = 384 * len(rows) if local else int(words * 1.35)
     click.echo(f"projected: {len(rows)} documents, about {tokens:,} tokens of content"
                + (" (local: content capped near 384 tokens)" if local else ""))
-    ctx = BuildContext(build_id="preview", plan_path="", staged_dir="", cache_dir="", backend=name, model=model,
-                       base_url=base_url, spec={"name": spec.name, "text": spec.text,
-                                                "model_name": spec.variables.get("model_name", "the assistant"),
-                                                "provider_name": spec.variables.get("provider_name", "its developer"),
-                                                "summary": spec.name},
-                       units={u.id: {"id": u.id, "kind": u.kind, "title": u.title, "text": u.text} for u in spec.units},
-                       genres={g.name: {"name": g.name, "description": g.description, "words": list(g.words),
-                                        "style": list(g.style)} for g in genres},
-                       audiences={}, prompt_hash="", compact=local, scratchpad=not local,
-                       max_tokens=384 if local else 4096)
-    ctx.audiences = {r.audience: {"name": r.audience, "description": r.audience.replace("_", " ")} for r in rows}
+    ctx = make_context(spec, plan_units(spec), genres, audiences, name, model, base_url)
     requests = [ctx.generate_request(r.to_json()) for r in rows]
     est = estimate(requests, name, model, load_prices(), batch=batch)
     judge_est = estimate([ctx.judge_request(r.to_json(), "x" * 4 * 1200) for r in rows], name, model, load_prices(),
@@ -116,10 +107,11 @@ def _preview(spec, rows, genres, batch, backend, model, base_url):
 @click.option("--concurrency", type=int, default=16, show_default=True, help="LLM calls in flight, in total.")
 @click.option("--judge", type=click.Choice(["llm", "offline"]), default=None,
               help="Default: offline for the local backend, llm otherwise.")
+@click.option("--revise", is_flag=True, help="Add an editor's critique and a rewrite before the filters (3x calls).")
 @click.option("--name", default=None, help="Corpus name (default: the spec's id).")
 @db_option
 def build(spec, variables, docs, genres, audiences, seed, backend, model, base_url, max_cost, batch, tasks,
-          workers, concurrency, judge, name, db):
+          workers, concurrency, judge, revise, name, db):
     """Plan, generate, filter, judge, dedup and load a corpus; resumable."""
     from pipelines.build import BuildOptions, build_corpus
 
@@ -130,7 +122,7 @@ def build(spec, variables, docs, genres, audiences, seed, backend, model, base_u
     result = build_corpus(spec, BuildOptions(
         docs=docs, seed=seed, genres=genres, audiences=audiences, backend=backend, model=model, base_url=base_url,
         max_cost=max_cost, batch=batch, tasks=tasks, workers=workers, concurrency=concurrency, name=name,
-        judge=judge, variables=parse_vars(variables), db=db))
+        judge=judge, revise=revise, variables=parse_vars(variables), db=db))
     _print_summary(result)
 
 

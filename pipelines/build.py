@@ -8,6 +8,7 @@ call cache, and tasks whose rows ended pending or in error run again.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -17,9 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from msm.errors import MsmError
-
-OTHER_ASSISTANTS = ("ChatGPT", "Gemini", "Claude", "Copilot", "Bard", "Llama", "Grok", "Mistral")
-
 
 @dataclass
 class BuildOptions:
@@ -37,6 +35,7 @@ class BuildOptions:
     concurrency: int = 16
     name: str | None = None
     judge: str | None = None  # llm or offline; default offline for local, llm otherwise
+    revise: bool = False
     max_tokens: int | None = None
     variables: dict = field(default_factory=dict)
     db: str | None = None
@@ -86,13 +85,12 @@ def _writable_home(home: Path) -> None:
 def build_corpus(spec_path: str, opts: BuildOptions) -> BuildResult:
     from corpus.catalog import load_audiences, load_genres
     from corpus.plan import make_plan, plan_units
-    from corpus.prompting import prompt_hash
     from corpus.spec import load_spec
     from msm.config import load_settings
     from msm.llm.pricing import load_prices
     from msm.llm.select import choose, make_backend
     from msm.tokens import default_counter
-    from pipelines.context import BuildContext
+    from pipelines.context import make_context
 
     started = time.monotonic()
     settings = load_settings(opts.db)
@@ -108,19 +106,13 @@ def build_corpus(spec_path: str, opts: BuildOptions) -> BuildResult:
     backend, model = make_backend(backend_name, model, base_url)
     load_prices().cost(backend_name, model, _zero_usage())  # an unpriced model fails before any work
 
-    units = {u.id: {"id": u.id, "kind": u.kind, "title": u.title, "text": u.text} for u in spec.units}
-    model_name = spec.variables.get("model_name", "the assistant")
-    provider_name = spec.variables.get("provider_name", "its developer")
-    titles = "; ".join(u.title for u in plan_units(spec)[:10])
-    summary = f"{spec.front_matter.get('description') or spec.name}. Main points: {titles}."
-    templates = ("generate_local.j2",) if local else ("generate_system.j2", "generate_user.j2")
-    judge = opts.judge or ("offline" if local else "llm")
-    settings_key = {"compact": local, "scratchpad": not local, "max_tokens": opts.max_tokens or (384 if local else 4096),
-                    "temperature": 0.8 if local else 1.0, "judge": judge, "genres": [g.name for g in genres],
-                    "audiences": [a.name for a in audiences]}
-    phash = prompt_hash(*templates, "judge.j2")
-    build_key = {"spec": spec.version, "plan": [r.id for r in plan], "prompts": phash, "backend": backend_name,
-                 "model": model, "code": code_version(), **settings_key}
+    ctx = make_context(spec, plan_units(spec), genres, audiences, backend_name, model, base_url,
+                       max_tokens=opts.max_tokens, judge=opts.judge, revise=opts.revise)
+    settings_key = {"compact": ctx.compact, "scratchpad": ctx.scratchpad, "max_tokens": ctx.max_tokens,
+                    "temperature": ctx.temperature, "judge": ctx.judge, "revise": ctx.revise,
+                    "genres": [g.name for g in genres], "audiences": [a.name for a in audiences]}
+    build_key = {"spec": spec.version, "plan": [r.id for r in plan], "prompts": ctx.prompt_hash,
+                 "backend": backend_name, "model": model, "code": code_version(), **settings_key}
     build_id = "b" + hashlib.sha256(json.dumps(build_key, sort_keys=True).encode()).hexdigest()[:15]
     root = settings.home / "builds" / build_id
     staged = root / "staged"
@@ -128,19 +120,11 @@ def build_corpus(spec_path: str, opts: BuildOptions) -> BuildResult:
     staged.mkdir(parents=True, exist_ok=True)
     plan_path = root / "plan.jsonl"
     plan_path.write_text("".join(json.dumps(r.to_json()) + "\n" for r in plan), encoding="utf-8")
-    ctx = BuildContext(
-        build_id=build_id, plan_path=str(plan_path), staged_dir=str(staged), cache_dir=str(settings.home / "cache"),
-        backend=backend_name, model=model, base_url=base_url,
-        spec={"name": spec.name, "text": spec.text, "model_name": model_name, "provider_name": provider_name,
-              "summary": summary},
-        units=units, genres={g.name: {"name": g.name, "description": g.description, "words": list(g.words),
-                                      "style": list(g.style)} for g in genres},
-        audiences={a.name: {"name": a.name, "description": a.description} for a in audiences},
-        prompt_hash=phash, compact=local, scratchpad=not local, max_tokens=settings_key["max_tokens"],
-        temperature=settings_key["temperature"], judge=judge,
-        wrong_names=[n for n in OTHER_ASSISTANTS if n.lower() not in model_name.lower()],
-        max_cost=opts.max_cost, concurrency=opts.concurrency, workers=opts.workers, batch=opts.batch,
-        batch_poll_s=opts.batch_poll_s, idle_timeout=opts.idle_timeout, progress=opts.progress)
+    ctx = dataclasses.replace(
+        ctx, build_id=build_id, plan_path=str(plan_path), staged_dir=str(staged),
+        cache_dir=str(settings.home / "cache"), max_cost=opts.max_cost, concurrency=opts.concurrency,
+        workers=opts.workers, batch=opts.batch, batch_poll_s=opts.batch_poll_s, idle_timeout=opts.idle_timeout,
+        progress=opts.progress)
     ctx_path = root / "context.json"
     ctx.save(str(ctx_path))
     counter = default_counter()
@@ -186,11 +170,12 @@ def _pipeline(ctx_path: str, staged: Path) -> list:
     from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
     from datatrove.pipeline.writers import ParquetWriter
 
-    from pipelines.steps import Generate, Judge, Marking, PlaceholderFilter, PlanReader, document_row
+    from pipelines.steps import Generate, Judge, Marking, PlaceholderFilter, PlanReader, Revise, document_row
 
     return [
         PlanReader(ctx_path),
         Generate(ctx_path),
+        Revise(ctx_path),  # passes documents through untouched unless the build asks for revision
         # Thresholds for synthetic prose: documents are short, and transcripts and FAQs repeat
         # speaker labels and question stems more than web text does.
         Marking(GopherRepetitionFilter(dup_line_frac=0.35, dup_para_frac=0.35, dup_line_char_frac=0.25,

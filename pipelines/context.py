@@ -29,6 +29,7 @@ class BuildContext:
     regrow: float = 1.5
     temperature: float = 1.0
     judge: str = "llm"  # or "offline"
+    revise: bool = False  # critique, then rewrite, before the filters
     offline_min_similarity: float = 0.25
     wrong_names: list = field(default_factory=list)
     max_cost: float | None = None
@@ -71,13 +72,61 @@ class BuildContext:
         return Request(messages=tuple(Message(r, c) for r, c in request.pop("messages")), max_tokens=max_tokens,
                        temperature=self.temperature, seed=row["seed"], purpose="generate", **request)
 
-    def judge_request(self, row: dict, document: str) -> Request:
+    def critique_request(self, row: dict, document: str) -> Request:
+        from corpus.prompting import render
+        from msm.llm.types import Message
+
+        text = render("revise_critique.j2", document=document, **self._slots(row))
+        return Request(messages=(Message("user", text),), max_tokens=400, temperature=0.0, seed=row["seed"],
+                       purpose="revise")
+
+    def rewrite_request(self, row: dict, document: str, critique: str) -> Request:
+        from corpus.prompting import render
+        from msm.llm.types import Message
+
+        slots = self._slots(row)
+        text = render("revise_rewrite.j2", document=document, critique=critique.strip(), tagged=self.scratchpad,
+                      **slots)
+        room = self.max_tokens if self.compact else min(self.max_tokens, int(slots["genre"]["words"][1] * 1.6) + 100)
+        return Request(messages=(Message("user", text),), max_tokens=room, temperature=self.temperature,
+                       seed=row["seed"], purpose="revise")
+
+    def judge_request(self, row: dict, document: str, retry: bool = False) -> Request:
         from corpus.prompting import render
         from msm.llm.types import Message
 
         text = render("judge.j2", document=document, **self._slots(row))
-        return Request(messages=(Message("user", text),), max_tokens=600, temperature=0.0, seed=row["seed"],
-                       purpose="judge")
+        return Request(messages=(Message("user", text),), max_tokens=600, temperature=0.0 if not retry else 0.7,
+                       seed=row["seed"] + (1 if retry else 0), purpose="judge")
+
+
+OTHER_ASSISTANTS = ("ChatGPT", "Gemini", "Claude", "Copilot", "Bard", "Llama", "Grok", "Mistral")
+
+
+def make_context(spec, units_for_summary, genres, audiences, backend: str, model: str, base_url: str | None, *,
+                 max_tokens: int | None = None, judge: str | None = None, **run) -> BuildContext:
+    """The one place that decides how a build prompts: small local models get a compact prompt
+    without scratchpad or whole spec; API models get the spec as a cached prefix."""
+    from corpus.prompting import prompt_hash
+
+    local = backend == "local"
+    model_name = spec.variables.get("model_name", "the assistant")
+    titles = "; ".join(u.title for u in units_for_summary[:10])
+    templates = ("generate_local.j2",) if local else ("generate_system.j2", "generate_user.j2")
+    defaults = dict(build_id="preview", plan_path="", staged_dir="", cache_dir="")
+    return BuildContext(
+        **{**defaults, **run}, backend=backend, model=model, base_url=base_url,
+        spec={"name": spec.name, "text": spec.text, "model_name": model_name,
+              "provider_name": spec.variables.get("provider_name", "its developer"),
+              "summary": f"{spec.front_matter.get('description') or spec.name}. Main points: {titles}."},
+        units={u.id: {"id": u.id, "kind": u.kind, "title": u.title, "text": u.text} for u in spec.units},
+        genres={g.name: {"name": g.name, "description": g.description, "words": list(g.words), "style": list(g.style)}
+                for g in genres},
+        audiences={a.name: {"name": a.name, "description": a.description} for a in audiences},
+        prompt_hash=prompt_hash(*templates, "judge.j2", "revise_critique.j2", "revise_rewrite.j2"),
+        compact=local, scratchpad=not local, max_tokens=max_tokens or (384 if local else 4096),
+        temperature=0.8 if local else 1.0, judge=judge or ("offline" if local else "llm"),
+        wrong_names=[n for n in OTHER_ASSISTANTS if n.lower() not in model_name.lower()])
 
 
 def load_context(path: str) -> BuildContext:

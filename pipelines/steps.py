@@ -131,6 +131,54 @@ class Generate(_LLMStep):
         yield from docs
 
 
+class Revise(_LLMStep):
+    """Optional: an editor's critique, then a rewrite that fixes it. A rewrite that fails keeps
+    the draft, and the document says so (`revision` in its metadata); nothing is dropped here."""
+
+    name = "✏️ revise"
+    type = "🤖 - LLM"
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        from corpus.prompting import extract_document
+
+        ctx = load_context(self.context_path)
+        docs = list(data)
+        todo = [d for d in docs if d.metadata["status"] == "generated"] if ctx.revise else []
+        if todo:
+            with self.track_time():
+                client = self.client(ctx, world_size)
+                critiques = self.run_requests(client, [ctx.critique_request(d.metadata["plan"], d.text) for d in todo],
+                                              ctx.batch)
+                needs = [i for i, c in enumerate(critiques) if c.ok and c.text.strip().upper().rstrip(".") != "NONE"]
+                client = self.client(ctx, world_size)
+                rewrites = self.run_requests(client, [ctx.rewrite_request(todo[i].metadata["plan"], todo[i].text,
+                                                                          critiques[i].text) for i in needs], ctx.batch)
+            rewritten = dict(zip(needs, rewrites))
+            for i, (doc, critique) in enumerate(zip(todo, critiques)):
+                self.account(doc, critique)
+                meta = doc.metadata
+                if critique.stop_reason == "pending":
+                    meta["status"], meta["reason"] = "pending", "budget: revision not started"
+                elif not critique.ok:
+                    meta["revision"] = f"kept draft: critique failed ({critique.error})"
+                elif i not in rewritten:
+                    meta["revision"] = "kept draft: the editor found no problems"
+                else:
+                    rewrite = rewritten[i]
+                    self.account(doc, rewrite)
+                    content, problem = (extract_document(rewrite.text, ctx.scratchpad) if rewrite.ok
+                                        and not rewrite.truncated else (None, None))
+                    if rewrite.stop_reason == "pending":
+                        meta["status"], meta["reason"] = "pending", "budget: rewrite not started"
+                    elif content is None:
+                        why = problem or ("truncated" if rewrite.truncated else rewrite.error)
+                        meta["revision"] = f"kept draft: rewrite failed ({why})"
+                    else:
+                        meta["draft"], doc.text, meta["revision"] = doc.text, content, "revised"
+                self.stat_update(meta.get("revision", meta["status"]).split(":")[0])
+        yield from docs
+
+
 class Marking(PipelineStep):
     """Runs a datatrove filter but keeps dropped documents in the stream, marked with the reason."""
 
@@ -198,16 +246,28 @@ class Judge(_LLMStep):
 
         client = self.client(ctx, world_size)
         responses = self.run_requests(client, [ctx.judge_request(d.metadata["plan"], d.text) for d in docs], ctx.batch)
+        # An answer that is not the JSON asked for is a cached answer, so asking the same request
+        # again would return it again: ask once more under another seed, then drop for good.
+        unreadable = [i for i, r in enumerate(responses) if r.ok and parse_verdicts(r.text) is None]
+        if unreadable:
+            client = self.client(ctx, world_size)
+            again = self.run_requests(client, [ctx.judge_request(docs[i].metadata["plan"], docs[i].text, retry=True)
+                                               for i in unreadable], ctx.batch)
+            for i, response in zip(unreadable, again):
+                self.account(docs[i], responses[i])
+                responses[i] = response
         for doc, response in zip(docs, responses):
             self.account(doc, response)
             meta = doc.metadata
             if response.stop_reason == "pending":
                 meta["status"], meta["reason"] = "pending", "budget: judge not started"
                 continue
-            verdicts = parse_verdicts(response.text) if response.ok else None
+            if not response.ok:
+                meta["status"], meta["reason"] = "error", f"judge: {response.error}"
+                continue
+            verdicts = parse_verdicts(response.text)
             if verdicts is None:
-                meta["status"] = "error"
-                meta["reason"] = f"judge: {response.error or 'the verdict is not the JSON asked for'}"
+                meta["status"], meta["reason"] = "dropped", "judge: the verdict was not the JSON asked for, twice"
                 continue
             for criterion, (verdict, reason) in verdicts.items():
                 meta["judgments"].append({"judge": f"llm:{client.model}", "criterion": criterion, "verdict": verdict,

@@ -96,6 +96,38 @@ def test_faults_lose_no_documents(api, isolated_home):
     assert "error" not in result.status_counts
 
 
+def test_revision_rewrites_and_keeps_the_draft(api, isolated_home):
+    result = build_corpus(str(SPEC), opts(api, docs=12, revise=True))
+    assert result.complete and sum(result.status_counts.values()) == 12
+    con = db(isolated_home)
+    rows = con.execute("SELECT d.revision, d.draft_text IS NOT NULL, d.draft_text != d.text, "
+                       "list(c.purpose ORDER BY c.purpose) FROM documents d "
+                       "JOIN call_uses cu ON cu.subject_id = d.id JOIN llm_calls c ON c.key = cu.call_key "
+                       "GROUP BY d.id, d.revision, d.draft_text, d.text").fetchall()
+    assert len(rows) == 12
+    for revision, has_draft, changed, purposes in rows:
+        assert revision == "revised" and has_draft and changed
+        assert purposes.count("revise") == 2 and "generate" in purposes  # critique and rewrite
+    con.close()
+    # the pipeline without --revise is another build, and makes no revision calls
+    plain = build_corpus(str(SPEC), opts(api, docs=12))
+    con = db(isolated_home)
+    assert plain.build_id != result.build_id
+    assert con.execute("SELECT count(*) FROM documents WHERE build_id = ? AND revision IS NOT NULL",
+                       [plain.build_id]).fetchone()[0] == 0
+
+
+def test_unreadable_verdicts_are_asked_again_then_dropped_for_good(api, isolated_home):
+    api.judge_garble_rate = 0.5
+    result = build_corpus(str(SPEC), opts(api, docs=24))
+    assert result.complete and "error" not in result.status_counts
+    twice = [r for r in result.drop_reasons if "not the JSON asked for" in r]
+    asked = api.stats.requests["messages"]
+    assert twice and result.status_counts.get("kept", 0) > 0
+    again = build_corpus(str(SPEC), opts(api, docs=24))  # nothing is reopened, nothing asked again
+    assert api.stats.requests["messages"] == asked and again.status_counts == result.status_counts
+
+
 def test_two_tasks_and_two_workers(api, isolated_home):
     result = build_corpus(str(SPEC), opts(api, docs=16, tasks=2, workers=2))
     assert result.complete and sum(result.status_counts.values()) == 16

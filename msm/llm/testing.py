@@ -102,7 +102,7 @@ class LoopbackServer:
 
     def __init__(self, latency: float = 0.0, output_tokens: int = 64, faults: Faults | None = None, seed: int = 0,
                  api_key: str | None = None, min_cache_tokens: int = 1024, batch_latency: float = 0.2,
-                 models: tuple[str, ...] = (), judge_fail_rate: float = 0.05):
+                 models: tuple[str, ...] = (), judge_fail_rate: float = 0.05, judge_garble_rate: float = 0.0):
         self.latency = latency
         self.output_tokens = output_tokens
         self.faults = faults or Faults()
@@ -112,6 +112,7 @@ class LoopbackServer:
         self.batch_latency = batch_latency
         self.models = models  # empty: every model name is accepted
         self.judge_fail_rate = judge_fail_rate
+        self.judge_garble_rate = judge_garble_rate  # share of verdicts answered as prose, drawn per call
         self.stats = ServerStats()
         self.lock = threading.Lock()
         self.stopping = threading.Event()
@@ -175,7 +176,9 @@ class LoopbackServer:
         if forced == "refusal" or "[refuse]" in prompt:
             return "", "refusal", None
         criteria = re.search(r"^CRITERIA: (.+)$", prompt, re.M)
-        if criteria:
+        if criteria and self.judge_garble_rate and self._draw() < self.judge_garble_rate:
+            text = "I think this document is mostly fine, though " + fake_text(prompt, 20)
+        elif criteria:
             text = fake_verdicts(prompt, [c.strip() for c in criteria.group(1).split(",")], self.judge_fail_rate)
         elif "<document>" in prompt:
             body = fake_text(prompt, self.output_tokens)
@@ -190,6 +193,10 @@ class LoopbackServer:
             if s and s in text:
                 return text[: text.index(s)], "stop_sequence", s
         return text, reason, None
+
+    def _draw(self) -> float:
+        with self.lock:
+            return self.rng.random()
 
     def record_answer(self, prompt: str) -> None:
         with self.lock:
