@@ -107,11 +107,14 @@ def _preview(spec, rows, genres, audiences, batch, backend, model, base_url):
 @click.option("--concurrency", type=int, default=16, show_default=True, help="LLM calls in flight, in total.")
 @click.option("--judge", type=click.Choice(["llm", "offline"]), default=None,
               help="Default: offline for the local backend, llm otherwise.")
+@click.option("--truncated", "truncation", type=click.Choice(["regrow", "trim"]), default=None,
+              help="A cut-off answer: ask again with 1.5x room then drop it, or keep it to its last whole "
+                   "paragraph. Default: trim for the local backend, regrow otherwise.")
 @click.option("--revise", is_flag=True, help="Add an editor's critique and a rewrite before the filters (3x calls).")
 @click.option("--name", default=None, help="Corpus name (default: the spec's id).")
 @db_option
 def build(spec, variables, docs, genres, audiences, seed, backend, model, base_url, max_cost, batch, tasks,
-          workers, concurrency, judge, revise, name, db):
+          workers, concurrency, judge, truncation, revise, name, db):
     """Plan, generate, filter, judge, dedup and load a corpus; resumable."""
     from pipelines.build import BuildOptions, build_corpus
 
@@ -122,7 +125,7 @@ def build(spec, variables, docs, genres, audiences, seed, backend, model, base_u
     result = build_corpus(spec, BuildOptions(
         docs=docs, seed=seed, genres=genres, audiences=audiences, backend=backend, model=model, base_url=base_url,
         max_cost=max_cost, batch=batch, tasks=tasks, workers=workers, concurrency=concurrency, name=name,
-        judge=judge, revise=revise, variables=parse_vars(variables), db=db))
+        judge=judge, truncation=truncation, revise=revise, variables=parse_vars(variables), db=db))
     _print_summary(result)
 
 
@@ -139,7 +142,9 @@ def _print_summary(r) -> None:
         click.echo(f"    not kept: {reason:<28} {n:>6}")
     click.echo(f"  tokens     {r.kept_tokens:>8,}  (kept, counted by {r.token_counter})")
     click.echo(f"  cost       ${r.cost_usd:>8.4f}")
-    click.echo(f"  time       {r.seconds:>8.1f} s")
+    click.echo(f"  time       {r.seconds:>8.1f} s  ("
+               + ", ".join(f"{k.removeprefix('step: ')} {v:.1f}" for k, v in r.stage_seconds.items()
+                           if k.startswith("step: ") or k == "load") + ")")
     click.echo("  per genre (kept / not kept): " + ", ".join(f"{g} {k}/{d}" for g, (k, d) in r.per_genre.items()))
     if r.corpus_id:
         click.echo(f"corpus '{r.corpus_name}' -> {r.corpus_id}  (msm corpus stats {r.corpus_name})")

@@ -46,6 +46,21 @@ def extract_document(text: str, tagged: bool) -> tuple[str | None, str | None]:
     return (content, None) if content else (None, "empty answer")
 
 
+_SENTENCE_END = re.compile(r"[.!?][\"'”’)]*(?=\s|$)")
+
+
+def trim_to_boundary(text: str) -> str | None:
+    """A cut-off answer shortened to its last whole paragraph (or, failing that, sentence), so a
+    small model that never stops still yields a document that ends cleanly. None when nothing
+    whole remains."""
+    text = text.rstrip()
+    cut = text.rfind("\n\n")
+    if cut >= len(text) // 2:
+        return text[:cut].rstrip()
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    return text[:ends[-1]].rstrip() if ends else None
+
+
 def parse_verdicts(text: str) -> dict[str, tuple[bool, str]] | None:
     """The judge's JSON verdicts, or None when the answer is not the JSON asked for."""
     match = re.search(r"\{.*\}", text, re.S)

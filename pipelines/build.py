@@ -36,6 +36,7 @@ class BuildOptions:
     name: str | None = None
     judge: str | None = None  # llm or offline; default offline for local, llm otherwise
     revise: bool = False
+    truncation: str | None = None  # regrow or trim; default trim for local, regrow otherwise
     max_tokens: int | None = None
     variables: dict = field(default_factory=dict)
     db: str | None = None
@@ -58,6 +59,7 @@ class BuildResult:
     seconds: float
     per_genre: dict
     complete: bool
+    stage_seconds: dict = field(default_factory=dict)  # plan, pipeline steps (summed over tasks), load
 
 
 def code_version() -> str:
@@ -107,9 +109,11 @@ def build_corpus(spec_path: str, opts: BuildOptions) -> BuildResult:
     load_prices().cost(backend_name, model, _zero_usage())  # an unpriced model fails before any work
 
     ctx = make_context(spec, plan_units(spec), genres, audiences, backend_name, model, base_url,
-                       max_tokens=opts.max_tokens, judge=opts.judge, revise=opts.revise)
+                       max_tokens=opts.max_tokens, judge=opts.judge, revise=opts.revise,
+                       truncation=opts.truncation)
     settings_key = {"compact": ctx.compact, "scratchpad": ctx.scratchpad, "max_tokens": ctx.max_tokens,
                     "temperature": ctx.temperature, "judge": ctx.judge, "revise": ctx.revise,
+                    "truncation": ctx.truncation,
                     "genres": [g.name for g in genres], "audiences": [a.name for a in audiences]}
     build_key = {"spec": spec.version, "plan": [r.id for r in plan], "prompts": ctx.prompt_hash,
                  "backend": backend_name, "model": model, "code": code_version(), **settings_key}
@@ -130,11 +134,33 @@ def build_corpus(spec_path: str, opts: BuildOptions) -> BuildResult:
     counter = default_counter()
     _record_start(settings.db, spec, build_id, build_key, backend_name, model, counter.name, plan)
 
+    stages = {"plan": time.monotonic() - started}
+    mark = time.monotonic()
     _run_pipeline(str(ctx_path), staged, logs, opts.tasks, opts.workers, plan)
+    stages["pipeline"] = time.monotonic() - mark
+    stages.update(_step_seconds(logs))
+    mark = time.monotonic()
     result = _load(settings.db, build_id, staged, counter, ctx, opts.name or spec.spec_id)
+    stages["load"] = time.monotonic() - mark
     counts = result["counts"]
-    return _summarise(settings.db, build_id, opts.name or spec.spec_id, result, len(plan), counter.name,
-                      time.monotonic() - started, counts)
+    summary = _summarise(settings.db, build_id, opts.name or spec.spec_id, result, len(plan), counter.name,
+                         time.monotonic() - started, counts)
+    summary.stage_seconds = stages
+    return summary
+
+
+def _step_seconds(logs: Path) -> dict[str, float]:
+    """Per-step time from datatrove's merged stats (summed over tasks; this run's tasks only)."""
+    path = logs / "stats.json"
+    if not path.exists():
+        return {}
+    out = {}
+    for step in json.loads(path.read_text()):
+        seconds = step.get("time_stats", {}).get("total") if isinstance(step.get("time_stats"), dict) else None
+        if seconds is not None:
+            label = step["name"].split(": ", 1)[-1].split(" ", 1)[-1]  # "🤖 - LLM: ✍️ generate" -> "generate"
+            out[f"step: {label}"] = float(seconds)
+    return out
 
 
 def _zero_usage():

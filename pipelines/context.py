@@ -27,6 +27,9 @@ class BuildContext:
     scratchpad: bool = True
     max_tokens: int = 4096
     regrow: float = 1.5
+    # A cut-off answer: "regrow" asks once more with `regrow` times the room, then drops it;
+    # "trim" keeps it up to its last whole paragraph or sentence, and marks it trimmed.
+    truncation: str = "regrow"
     temperature: float = 1.0
     judge: str = "llm"  # or "offline"
     revise: bool = False  # critique, then rewrite, before the filters
@@ -104,7 +107,8 @@ OTHER_ASSISTANTS = ("ChatGPT", "Gemini", "Claude", "Copilot", "Bard", "Llama", "
 
 
 def make_context(spec, units_for_summary, genres, audiences, backend: str, model: str, base_url: str | None, *,
-                 max_tokens: int | None = None, judge: str | None = None, **run) -> BuildContext:
+                 max_tokens: int | None = None, judge: str | None = None, truncation: str | None = None,
+                 **run) -> BuildContext:
     """The one place that decides how a build prompts: small local models get a compact prompt
     without scratchpad or whole spec; API models get the spec as a cached prefix."""
     from corpus.prompting import prompt_hash
@@ -125,7 +129,8 @@ def make_context(spec, units_for_summary, genres, audiences, backend: str, model
         audiences={a.name: {"name": a.name, "description": a.description} for a in audiences},
         prompt_hash=prompt_hash(*templates, "judge.j2", "revise_critique.j2", "revise_rewrite.j2"),
         compact=local, scratchpad=not local, max_tokens=max_tokens or (384 if local else 4096),
-        temperature=0.8 if local else 1.0, judge=judge or ("offline" if local else "llm"),
+        temperature=0.8 if local else 1.0, truncation=truncation or ("trim" if local else "regrow"),
+        judge=judge or ("offline" if local else "llm"),
         wrong_names=[n for n in OTHER_ASSISTANTS if n.lower() not in model_name.lower()])
 
 

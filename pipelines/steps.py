@@ -83,32 +83,34 @@ class _LLMStep(PipelineStep):
 class Generate(_LLMStep):
     """Scratchpad then content (API models) or the content alone (small local models).
 
-    A truncated answer is asked for again once with more room, then dropped with a reason.
+    A truncated answer is asked for again once with more room, then dropped with a reason; or,
+    for small local models that rarely stop on their own, trimmed to its last whole paragraph.
     """
 
     name = "✍️ generate"
     type = "🤖 - LLM"
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        from corpus.prompting import extract_document
+        from corpus.prompting import extract_document, trim_to_boundary
 
         ctx = load_context(self.context_path)
         docs = list(data)
         todo = [d for d in docs if d.metadata["status"] == "planned"]
-        bar = _progress(ctx, len(todo), rank)
-        client = self.client(ctx, world_size, on_result=lambda r: bar.update(1) if bar else None)
+        bar = Progress(ctx, len(todo), rank, "generate")
+        client = self.client(ctx, world_size, on_result=bar)
         with self.track_time():
             responses = self.run_requests(client, [ctx.generate_request(d.metadata["plan"]) for d in todo], ctx.batch)
-            retry = [i for i, r in enumerate(responses) if r.ok and r.truncated and ctx.regrow > 1]
+            retry = [i for i, r in enumerate(responses)
+                     if r.ok and r.truncated and ctx.truncation == "regrow" and ctx.regrow > 1]
             if retry:
-                client = self.client(ctx, world_size)
+                bar.add(len(retry))
+                client = self.client(ctx, world_size, on_result=bar)
                 again = self.run_requests(client, [ctx.generate_request(todo[i].metadata["plan"], grow=True)
                                                    for i in retry], ctx.batch)
                 for i, response in zip(retry, again):
                     self.account(todo[i], responses[i])
                     responses[i] = response
-        if bar:
-            bar.close()
+        bar.close()
         for doc, response in zip(todo, responses):
             self.account(doc, response)
             meta = doc.metadata
@@ -118,6 +120,16 @@ class Generate(_LLMStep):
                 meta["status"], meta["reason"] = "error", f"generate: {response.error}"
             elif response.refused:
                 meta["status"], meta["reason"] = "dropped", "refusal: the model declined"
+            elif response.truncated and ctx.truncation == "trim":
+                tagged_but_none = ctx.scratchpad and "<document>" not in response.text
+                body = response.text.split("<document>", 1)[-1].split("</document>", 1)[0]
+                content = None if tagged_but_none else trim_to_boundary(body)
+                if tagged_but_none:
+                    meta["status"], meta["reason"] = "dropped", "truncated: cut off before <document>"
+                elif content is None:
+                    meta["status"], meta["reason"] = "dropped", "truncated: no whole sentence before max_tokens"
+                else:
+                    doc.text, meta["status"], meta["trimmed"] = content, "generated", True
             elif response.truncated:
                 meta["status"], meta["reason"] = "dropped", "truncated: hit max_tokens with more room too"
             else:
@@ -145,14 +157,17 @@ class Revise(_LLMStep):
         docs = list(data)
         todo = [d for d in docs if d.metadata["status"] == "generated"] if ctx.revise else []
         if todo:
+            bar = Progress(ctx, 2 * len(todo), rank, "revise")
             with self.track_time():
-                client = self.client(ctx, world_size)
+                client = self.client(ctx, world_size, on_result=bar)
                 critiques = self.run_requests(client, [ctx.critique_request(d.metadata["plan"], d.text) for d in todo],
                                               ctx.batch)
                 needs = [i for i, c in enumerate(critiques) if c.ok and c.text.strip().upper().rstrip(".") != "NONE"]
-                client = self.client(ctx, world_size)
+                bar.add(len(needs) - len(todo))
+                client = self.client(ctx, world_size, on_result=bar)
                 rewrites = self.run_requests(client, [ctx.rewrite_request(todo[i].metadata["plan"], todo[i].text,
                                                                           critiques[i].text) for i in needs], ctx.batch)
+            bar.close()
             rewritten = dict(zip(needs, rewrites))
             for i, (doc, critique) in enumerate(zip(todo, critiques)):
                 self.account(doc, critique)
@@ -236,26 +251,29 @@ class Judge(_LLMStep):
             if ctx.judge == "offline":
                 self.offline(ctx, todo)
             else:
-                self.llm(ctx, todo, world_size)
+                self.llm(ctx, todo, rank, world_size)
         for doc in todo:
             self.stat_update(doc.metadata["status"])
         yield from docs
 
-    def llm(self, ctx: BuildContext, docs: list[Document], world_size: int) -> None:
+    def llm(self, ctx: BuildContext, docs: list[Document], rank: int, world_size: int) -> None:
         from corpus.prompting import parse_verdicts
 
-        client = self.client(ctx, world_size)
+        bar = Progress(ctx, len(docs), rank, "judge")
+        client = self.client(ctx, world_size, on_result=bar)
         responses = self.run_requests(client, [ctx.judge_request(d.metadata["plan"], d.text) for d in docs], ctx.batch)
         # An answer that is not the JSON asked for is a cached answer, so asking the same request
         # again would return it again: ask once more under another seed, then drop for good.
         unreadable = [i for i, r in enumerate(responses) if r.ok and parse_verdicts(r.text) is None]
         if unreadable:
-            client = self.client(ctx, world_size)
+            bar.add(len(unreadable))
+            client = self.client(ctx, world_size, on_result=bar)
             again = self.run_requests(client, [ctx.judge_request(docs[i].metadata["plan"], docs[i].text, retry=True)
                                                for i in unreadable], ctx.batch)
             for i, response in zip(unreadable, again):
                 self.account(docs[i], responses[i])
                 responses[i] = response
+        bar.close()
         for doc, response in zip(docs, responses):
             self.account(doc, response)
             meta = doc.metadata
@@ -309,9 +327,31 @@ class Judge(_LLMStep):
                 meta["status"] = "judged"
 
 
-def _progress(ctx: BuildContext, total: int, rank: int):
-    if not ctx.progress or total == 0:
-        return None
-    from tqdm import tqdm
+class Progress:
+    """One bar per task and stage: documents done, tokens and cost so far; tqdm adds rate and ETA."""
 
-    return tqdm(total=total, desc=f"generate (task {rank})", unit="doc", dynamic_ncols=True)
+    def __init__(self, ctx: BuildContext, total: int, rank: int, stage: str):
+        self.tokens, self.cost = 0, 0.0
+        self.bar = None
+        if ctx.progress and total:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=f"{stage} (task {rank})", unit="call", dynamic_ncols=True, leave=True)
+
+    def __call__(self, response) -> None:
+        if self.bar is None:
+            return
+        self.tokens += response.usage.input_tokens + response.usage.output_tokens
+        self.cost += 0.0 if response.cached else response.cost_usd
+        self.bar.set_postfix_str(f"{self.tokens:,} tokens, ${self.cost:.2f}", refresh=False)
+        self.bar.update(1)
+
+    def add(self, calls: int) -> None:
+        """More calls than planned (regrow, re-asked verdicts): the total grows, the ETA follows."""
+        if self.bar is not None:
+            self.bar.total += calls
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

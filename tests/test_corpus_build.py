@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import duckdb
 import pyarrow.parquet as pq
@@ -128,6 +129,22 @@ def test_unreadable_verdicts_are_asked_again_then_dropped_for_good(api, isolated
     assert api.stats.requests["messages"] == asked and again.status_counts == result.status_counts
 
 
+@pytest.mark.parametrize("policy", ["regrow", "trim"])
+def test_truncated_answers_regrow_or_trim(api, isolated_home, policy):
+    api.faults = Faults(rate=1.0, kinds=("truncate",))  # every answer is cut off at half its length
+    result = build_corpus(str(SPEC), opts(api, docs=8, truncation=policy, judge="offline"))
+    assert result.complete and sum(result.status_counts.values()) == 8
+    con = db(isolated_home)
+    trimmed = con.execute("SELECT count(*) FILTER (WHERE trimmed), count(*) FROM documents").fetchone()
+    if policy == "regrow":  # asked twice each, then dropped with the reason
+        assert result.drop_reasons == {"truncated: hit max_tokens with more room too": 8}
+        assert api.stats.requests["messages"] == 16 and trimmed == (0, 0)
+    else:  # asked once each; kept to the last whole sentence
+        assert api.stats.requests["messages"] == 8 and trimmed == (8, 8)
+        texts = [t for (t,) in con.execute("SELECT text FROM documents").fetchall()]
+        assert all(t.rstrip().endswith(".") for t in texts)
+
+
 def test_two_tasks_and_two_workers(api, isolated_home):
     result = build_corpus(str(SPEC), opts(api, docs=16, tasks=2, workers=2))
     assert result.complete and sum(result.status_counts.values()) == 16
@@ -142,6 +159,9 @@ def test_cli_build_list_stats_show_export(api, isolated_home, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "planned" in out.stdout and "kept" in out.stdout and "corpus 'demo'" in out.stdout
     assert "INFO" not in out.stderr
+    # one progress bar per stage: calls done of planned, tokens and cost so far
+    assert "generate (task 0)" in out.stderr and "judge (task 0)" in out.stderr and "16/16" in out.stderr
+    assert re.search(r"[\d,]+ tokens, \$\d+\.\d\d", out.stderr), out.stderr[-500:]
     listing = run_msm("corpus", "list").stdout
     assert listing.startswith("demo ")
     stats = run_msm("corpus", "stats", "demo").stdout

@@ -77,3 +77,17 @@ def test_preview_makes_no_calls_and_projects_cost():
     cost = float(out.stdout.split("$")[1].split()[0])
     batch_cost = float(batch.stdout.split("$")[1].split()[0])
     assert batch_cost == pytest.approx(cost / 2, rel=0.02)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("One. Two three.\n\nA long second paragraph that goes on and on. And then", "One. Two three.\n\nA long second "
+     "paragraph that goes on and on."),
+    ("First paragraph that is long enough to keep.\n\nSecond whole one.\n\nThird is cut off mid",
+     "First paragraph that is long enough to keep.\n\nSecond whole one."),
+    ('He said "yes." Then the', 'He said "yes."'),
+    ("no sentence ever ends here", None),
+])
+def test_trim_to_boundary(text, expected):
+    from corpus.prompting import trim_to_boundary
+
+    assert trim_to_boundary(text) == expected

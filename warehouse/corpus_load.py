@@ -67,10 +67,10 @@ def load_build(con, build_id: str, staged: list[dict], counter, cache, corpus_na
                       None if status == "kept" else meta["reason"],
                       r.get("hash") or hashlib.sha256(normalise(r["text"]).encode()).hexdigest(),
                       meta["prompt_hash"], meta["backend"], meta["model"], plan["seed"], json.dumps(meta["call_keys"]),
-                      meta["cost_usd"], meta.get("revision"), meta.get("draft")]
+                      meta["cost_usd"], bool(meta.get("trimmed")), meta.get("revision"), meta.get("draft")]
             con.execute("INSERT OR REPLACE INTO documents (id, build_id, plan_row_id, spec_version, unit_id, genre, "
                         "audience, condition, text, n_tokens, token_counter, status, drop_reason, text_hash, prompt_hash, "
-                        "backend, model, seed, call_keys, cost_usd, revision, draft_text) VALUES (" + ", ".join("?" * len(values)) + ")",
+                        "backend, model, seed, call_keys, cost_usd, trimmed, revision, draft_text) VALUES (" + ", ".join("?" * len(values)) + ")",
                         values)
             for j in meta["judgments"]:
                 con.execute("INSERT OR REPLACE INTO judgments VALUES ('document', ?, ?, ?, ?, ?, ?, ?)",
