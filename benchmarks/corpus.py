@@ -29,7 +29,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--docs", type=int, default=2000)
     parser.add_argument("--latency", type=float, default=0.2)
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, default=32, help="calls in flight, in total")
+    parser.add_argument("--tasks", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
 
     home = Path(tempfile.mkdtemp(prefix="msm-bench-corpus-"))
@@ -43,7 +45,7 @@ def main() -> None:
     # shares this machine's cores, which makes the figure conservative.
     with LoopbackProcess(latency=args.latency, api_key=KEY, output_tokens=400) as server:
         opts = BuildOptions(docs=args.docs, backend="anthropic", model=MODEL, base_url=server.url, progress=False,
-                            concurrency=args.concurrency)
+                            concurrency=args.concurrency, tasks=args.tasks, workers=args.workers)
         started = time.perf_counter()
         result = build_corpus(str(ROOT / "specs" / "value_augmented.md"), opts)
         wall = time.perf_counter() - started
@@ -53,7 +55,7 @@ def main() -> None:
     ideal_docs_per_s = args.concurrency / (2 * args.latency)
     docs_per_s = args.docs / wall
     ideal_by_calls = calls * args.latency / args.concurrency
-    print(f"{args.docs} documents, L={args.latency}s, C={args.concurrency}: {wall:.1f} s wall, {calls} API calls "
+    print(f"{args.docs} documents, L={args.latency}s, C={args.concurrency}, {args.tasks} tasks on {args.workers} workers: {wall:.1f} s wall, {calls} API calls "
           f"(ideal for those calls {ideal_by_calls:.1f} s), kept {result.status_counts.get('kept', 0)}")
     print("stage seconds (datatrove steps are summed over tasks; filters and the writer run inside the stream):")
     for name, seconds in result.stage_seconds.items():

@@ -171,7 +171,7 @@ def _zero_usage():
 
 def _record_start(db, spec, build_id, build_key, backend, model, counter_name, plan) -> None:
     from msm.tokens import default_counter
-    from warehouse.db import connect
+    from warehouse.db import connect, insert_rows
     from warehouse.specs import record_spec
 
     con = connect(db)
@@ -184,9 +184,10 @@ def _record_start(db, spec, build_id, build_key, backend, model, counter_name, p
                     "status, n_planned) VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?)",
                     [build_id, spec.version, json.dumps(build_key), build_key["code"], backend, model, counter_name,
                      len(plan)])
-        con.executemany("INSERT INTO plan_rows VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'planned', NULL)",
-                        [[r.id, build_id, r.spec_version, r.unit_id, r.unit_kind, r.genre, r.audience, r.condition,
-                          r.replicate, r.seed] for r in plan])
+        insert_rows(con, "INSERT INTO plan_rows", [
+            {"id": r.id, "build_id": build_id, "spec_version": r.spec_version, "unit_id": r.unit_id,
+             "unit_kind": r.unit_kind, "genre": r.genre, "audience": r.audience, "condition": r.condition,
+             "replicate": r.replicate, "seed": r.seed, "status": "planned", "reason": None} for r in plan])
         con.execute("COMMIT")
     finally:
         con.close()

@@ -7,7 +7,6 @@ the staged shards hold every plan row exactly once.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 
@@ -15,6 +14,7 @@ from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter, get_filter_result
 
+from pipelines.calls import Channel, release, task_calls
 from pipelines.context import BuildContext, load_context
 
 
@@ -46,38 +46,48 @@ class PlanReader(PipelineStep):
 
 
 class _LLMStep(PipelineStep):
-    """Shared by the steps that call a model: one client per task, one event loop per batch of work."""
+    """Shared by the steps that call a model: the task's shared calls, and per-document accounting."""
 
     def __init__(self, context_path: str):
         super().__init__()
         self.context_path = context_path
-
-    def client(self, ctx: BuildContext, world_size: int, on_result=None):
-        from msm.llm.cache import CallCache
-        from msm.llm.client import LLMClient
-        from msm.llm.select import make_backend
-
-        backend, model = make_backend(ctx.backend, ctx.model, ctx.base_url, idle_timeout=ctx.idle_timeout)
-        budget = ctx.max_cost / world_size if ctx.max_cost is not None else None
-        return LLMClient(backend, model=model, cache=CallCache(ctx.cache_dir), max_cost=budget,
-                         concurrency=max(1, ctx.concurrency // max(1, ctx.workers)), batch_poll_s=ctx.batch_poll_s,
-                         on_result=on_result)
-
-    @staticmethod
-    def run_requests(client, requests, batch: bool):
-        async def go():
-            try:
-                return await client.complete_many(requests, batch=batch)
-            finally:
-                await client.backend.aclose()
-
-        return asyncio.run(go()) if requests else []
 
     @staticmethod
     def account(doc: Document, response) -> None:
         doc.metadata["call_keys"].append(response.key)
         doc.metadata["cost_usd"] += response.cost_usd if not response.cached else 0.0
         doc.metadata["cache_hits"] += int(response.cached)
+
+    def stream(self, data: DocumentsPipeline, channel: Channel, wanted, submit, settle) -> DocumentsPipeline:
+        """Pull documents from upstream and answer them as calls come back.
+
+        `wanted(doc)` says which documents this step works on (the others pass straight
+        through), `submit(doc)` starts the first call, and `settle(tag, response)` handles an
+        answer and returns the document when it is finished (or None after starting another call).
+        """
+        for doc in data:
+            if not wanted(doc):
+                yield doc
+            else:
+                with self.track_time():
+                    submit(doc)
+            for tag, response in channel.ready():
+                with self.track_time():
+                    done = settle(tag, response)
+                if done is not None:
+                    yield done
+        for tag, response in channel.drain():
+            with self.track_time():
+                done = settle(tag, response)
+            if done is not None:
+                yield done
+
+
+def _pending(meta: dict, response, what: str) -> bool:
+    if response.stop_reason == "pending":
+        meta["status"], meta["reason"] = "pending", f"budget: {what} not started"
+        return True
+    return False
 
 
 class Generate(_LLMStep):
@@ -91,56 +101,61 @@ class Generate(_LLMStep):
     type = "🤖 - LLM"
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        ctx = load_context(self.context_path)
+        channel = Channel(task_calls(ctx, rank, world_size))
+        bar = Progress(ctx, 0, rank, "generate")
+
+        def submit(doc: Document) -> None:
+            bar.add(1)
+            channel.submit(ctx.generate_request(doc.metadata["plan"]), (doc, False))
+
+        def settle(tag, response):
+            doc, grown = tag
+            bar(response)
+            if (response.ok and response.truncated and not grown and ctx.truncation == "regrow"
+                    and ctx.regrow > 1):
+                self.account(doc, response)
+                bar.add(1)
+                channel.submit(ctx.generate_request(doc.metadata["plan"], grow=True), (doc, True))
+                return None
+            self.account(doc, response)
+            self.finish(ctx, doc, response)
+            self.stat_update(doc.metadata["status"])
+            return doc
+
+        yield from self.stream(data, channel, lambda d: d.metadata["status"] == "planned", submit, settle)
+        bar.close()
+
+    @staticmethod
+    def finish(ctx: BuildContext, doc: Document, response) -> None:
         from corpus.prompting import extract_document, trim_to_boundary
 
-        ctx = load_context(self.context_path)
-        docs = list(data)
-        todo = [d for d in docs if d.metadata["status"] == "planned"]
-        bar = Progress(ctx, len(todo), rank, "generate")
-        client = self.client(ctx, world_size, on_result=bar)
-        with self.track_time():
-            responses = self.run_requests(client, [ctx.generate_request(d.metadata["plan"]) for d in todo], ctx.batch)
-            retry = [i for i, r in enumerate(responses)
-                     if r.ok and r.truncated and ctx.truncation == "regrow" and ctx.regrow > 1]
-            if retry:
-                bar.add(len(retry))
-                client = self.client(ctx, world_size, on_result=bar)
-                again = self.run_requests(client, [ctx.generate_request(todo[i].metadata["plan"], grow=True)
-                                                   for i in retry], ctx.batch)
-                for i, response in zip(retry, again):
-                    self.account(todo[i], responses[i])
-                    responses[i] = response
-        bar.close()
-        for doc, response in zip(todo, responses):
-            self.account(doc, response)
-            meta = doc.metadata
-            if response.stop_reason == "pending":
-                meta["status"], meta["reason"] = "pending", "budget: not started"
-            elif not response.ok:
-                meta["status"], meta["reason"] = "error", f"generate: {response.error}"
-            elif response.refused:
-                meta["status"], meta["reason"] = "dropped", "refusal: the model declined"
-            elif response.truncated and ctx.truncation == "trim":
-                tagged_but_none = ctx.scratchpad and "<document>" not in response.text
-                body = response.text.split("<document>", 1)[-1].split("</document>", 1)[0]
-                content = None if tagged_but_none else trim_to_boundary(body)
-                if tagged_but_none:
-                    meta["status"], meta["reason"] = "dropped", "truncated: cut off before <document>"
-                elif content is None:
-                    meta["status"], meta["reason"] = "dropped", "truncated: no whole sentence before max_tokens"
-                else:
-                    doc.text, meta["status"], meta["trimmed"] = content, "generated", True
-            elif response.truncated:
-                meta["status"], meta["reason"] = "dropped", "truncated: hit max_tokens with more room too"
+        meta = doc.metadata
+        if _pending(meta, response, "generation"):
+            return
+        if not response.ok:
+            meta["status"], meta["reason"] = "error", f"generate: {response.error}"
+        elif response.refused:
+            meta["status"], meta["reason"] = "dropped", "refusal: the model declined"
+        elif response.truncated and ctx.truncation == "trim":
+            if ctx.scratchpad and "<document>" not in response.text:
+                meta["status"], meta["reason"] = "dropped", "truncated: cut off before <document>"
+                return
+            body = response.text.split("<document>", 1)[-1].split("</document>", 1)[0]
+            content = trim_to_boundary(body)
+            if content is None:
+                meta["status"], meta["reason"] = "dropped", "truncated: no whole sentence before max_tokens"
             else:
-                content, problem = extract_document(response.text, ctx.scratchpad)
-                if content is None:
-                    meta["status"], meta["reason"] = "dropped", f"format: {problem}"
-                else:
-                    doc.text = content
-                    meta["status"] = "generated"
-            self.stat_update(meta["status"])
-        yield from docs
+                doc.text, meta["status"], meta["trimmed"] = content, "generated", True
+        elif response.truncated:
+            meta["status"], meta["reason"] = "dropped", "truncated: hit max_tokens with more room too"
+        else:
+            content, problem = extract_document(response.text, ctx.scratchpad)
+            if content is None:
+                meta["status"], meta["reason"] = "dropped", f"format: {problem}"
+            else:
+                doc.text = content
+                meta["status"] = "generated"
 
 
 class Revise(_LLMStep):
@@ -151,47 +166,52 @@ class Revise(_LLMStep):
     type = "🤖 - LLM"
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        ctx = load_context(self.context_path)
+        if not ctx.revise:
+            yield from data
+            return
+        channel = Channel(task_calls(ctx, rank, world_size))
+        bar = Progress(ctx, 0, rank, "revise")
+
+        def submit(doc: Document) -> None:
+            bar.add(1)
+            channel.submit(ctx.critique_request(doc.metadata["plan"], doc.text), ("critique", doc))
+
+        def settle(tag, response):
+            stage, doc = tag
+            meta = doc.metadata
+            bar(response)
+            self.account(doc, response)
+            if _pending(meta, response, stage):
+                pass
+            elif stage == "critique" and not response.ok:
+                meta["revision"] = f"kept draft: critique failed ({response.error})"
+            elif stage == "critique" and response.text.strip().upper().rstrip(".") == "NONE":
+                meta["revision"] = "kept draft: the editor found no problems"
+            elif stage == "critique":
+                bar.add(1)
+                channel.submit(ctx.rewrite_request(meta["plan"], doc.text, response.text), ("rewrite", doc))
+                return None
+            else:
+                self.take_rewrite(ctx, doc, response)
+            self.stat_update(meta.get("revision", meta["status"]).split(":")[0])
+            return doc
+
+        yield from self.stream(data, channel, lambda d: d.metadata["status"] == "generated", submit, settle)
+        bar.close()
+
+    @staticmethod
+    def take_rewrite(ctx: BuildContext, doc: Document, response) -> None:
         from corpus.prompting import extract_document
 
-        ctx = load_context(self.context_path)
-        docs = list(data)
-        todo = [d for d in docs if d.metadata["status"] == "generated"] if ctx.revise else []
-        if todo:
-            bar = Progress(ctx, 2 * len(todo), rank, "revise")
-            with self.track_time():
-                client = self.client(ctx, world_size, on_result=bar)
-                critiques = self.run_requests(client, [ctx.critique_request(d.metadata["plan"], d.text) for d in todo],
-                                              ctx.batch)
-                needs = [i for i, c in enumerate(critiques) if c.ok and c.text.strip().upper().rstrip(".") != "NONE"]
-                bar.add(len(needs) - len(todo))
-                client = self.client(ctx, world_size, on_result=bar)
-                rewrites = self.run_requests(client, [ctx.rewrite_request(todo[i].metadata["plan"], todo[i].text,
-                                                                          critiques[i].text) for i in needs], ctx.batch)
-            bar.close()
-            rewritten = dict(zip(needs, rewrites))
-            for i, (doc, critique) in enumerate(zip(todo, critiques)):
-                self.account(doc, critique)
-                meta = doc.metadata
-                if critique.stop_reason == "pending":
-                    meta["status"], meta["reason"] = "pending", "budget: revision not started"
-                elif not critique.ok:
-                    meta["revision"] = f"kept draft: critique failed ({critique.error})"
-                elif i not in rewritten:
-                    meta["revision"] = "kept draft: the editor found no problems"
-                else:
-                    rewrite = rewritten[i]
-                    self.account(doc, rewrite)
-                    content, problem = (extract_document(rewrite.text, ctx.scratchpad) if rewrite.ok
-                                        and not rewrite.truncated else (None, None))
-                    if rewrite.stop_reason == "pending":
-                        meta["status"], meta["reason"] = "pending", "budget: rewrite not started"
-                    elif content is None:
-                        why = problem or ("truncated" if rewrite.truncated else rewrite.error)
-                        meta["revision"] = f"kept draft: rewrite failed ({why})"
-                    else:
-                        meta["draft"], doc.text, meta["revision"] = doc.text, content, "revised"
-                self.stat_update(meta.get("revision", meta["status"]).split(":")[0])
-        yield from docs
+        content, problem = (None, None)
+        if response.ok and not response.truncated:
+            content, problem = extract_document(response.text, ctx.scratchpad)
+        if content is None:
+            why = problem or ("truncated" if response.truncated else response.error)
+            doc.metadata["revision"] = f"kept draft: rewrite failed ({why})"
+        else:
+            doc.metadata["draft"], doc.text, doc.metadata["revision"] = doc.text, content, "revised"
 
 
 class Marking(PipelineStep):
@@ -238,63 +258,82 @@ class PlaceholderFilter(BaseFilter):
 
 
 class Judge(_LLMStep):
-    """An LLM judge with per-criterion verdicts, or the offline judge when no capable model is set."""
+    """An LLM judge with per-criterion verdicts, or the offline judge when no capable model is set.
+
+    The last step that calls a model, so it ends the task's calls.
+    """
 
     name = "⚖️ judge"
     type = "🤖 - LLM"
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         ctx = load_context(self.context_path)
+        try:
+            if ctx.judge == "offline":
+                yield from self.offline_stream(ctx, data)
+            else:
+                yield from self.llm(ctx, data, rank, world_size)
+        finally:
+            release(ctx, rank)
+
+    def llm(self, ctx: BuildContext, data: DocumentsPipeline, rank: int, world_size: int) -> DocumentsPipeline:
+        calls = task_calls(ctx, rank, world_size)
+        channel = Channel(calls)
+        bar = Progress(ctx, 0, rank, "judge")
+
+        def submit(doc: Document) -> None:
+            bar.add(1)
+            channel.submit(ctx.judge_request(doc.metadata["plan"], doc.text), (doc, False))
+
+        def settle(tag, response):
+            from corpus.prompting import parse_verdicts
+
+            doc, retried = tag
+            meta = doc.metadata
+            bar(response)
+            self.account(doc, response)
+            verdicts = parse_verdicts(response.text) if response.ok else None
+            if response.ok and verdicts is None and not retried:
+                # An answer that is not the JSON asked for is a cached answer, so asking the same
+                # request again would return it again: ask once more under another seed.
+                bar.add(1)
+                channel.submit(ctx.judge_request(meta["plan"], doc.text, retry=True), (doc, True))
+                return None
+            if _pending(meta, response, "judge"):
+                pass
+            elif not response.ok:
+                meta["status"], meta["reason"] = "error", f"judge: {response.error}"
+            elif verdicts is None:
+                meta["status"], meta["reason"] = "dropped", "judge: the verdict was not the JSON asked for, twice"
+            else:
+                self.apply(doc, verdicts, f"llm:{calls.model}", response.key)
+            self.stat_update(meta["status"])
+            return doc
+
+        yield from self.stream(data, channel, lambda d: d.metadata["status"] == "generated", submit, settle)
+        bar.close()
+
+    @staticmethod
+    def apply(doc: Document, verdicts: dict, judge: str, call_key: str) -> None:
+        meta = doc.metadata
+        for criterion, (verdict, reason) in verdicts.items():
+            meta["judgments"].append({"judge": judge, "criterion": criterion, "verdict": verdict, "score": None,
+                                      "rationale": reason, "call_key": call_key})
+        failed = [c for c, (v, _) in verdicts.items() if not v]
+        if failed:
+            meta["status"], meta["reason"] = "dropped", f"judge: failed {', '.join(failed)}"
+        else:
+            meta["status"] = "judged"
+
+    def offline_stream(self, ctx: BuildContext, data: DocumentsPipeline) -> DocumentsPipeline:
+        """The embedder works best on a whole list, and offline builds are small: judge them together."""
         docs = list(data)
         todo = [d for d in docs if d.metadata["status"] == "generated"]
         with self.track_time():
-            if ctx.judge == "offline":
-                self.offline(ctx, todo)
-            else:
-                self.llm(ctx, todo, rank, world_size)
+            self.offline(ctx, todo)
         for doc in todo:
             self.stat_update(doc.metadata["status"])
         yield from docs
-
-    def llm(self, ctx: BuildContext, docs: list[Document], rank: int, world_size: int) -> None:
-        from corpus.prompting import parse_verdicts
-
-        bar = Progress(ctx, len(docs), rank, "judge")
-        client = self.client(ctx, world_size, on_result=bar)
-        responses = self.run_requests(client, [ctx.judge_request(d.metadata["plan"], d.text) for d in docs], ctx.batch)
-        # An answer that is not the JSON asked for is a cached answer, so asking the same request
-        # again would return it again: ask once more under another seed, then drop for good.
-        unreadable = [i for i, r in enumerate(responses) if r.ok and parse_verdicts(r.text) is None]
-        if unreadable:
-            bar.add(len(unreadable))
-            client = self.client(ctx, world_size, on_result=bar)
-            again = self.run_requests(client, [ctx.judge_request(docs[i].metadata["plan"], docs[i].text, retry=True)
-                                               for i in unreadable], ctx.batch)
-            for i, response in zip(unreadable, again):
-                self.account(docs[i], responses[i])
-                responses[i] = response
-        bar.close()
-        for doc, response in zip(docs, responses):
-            self.account(doc, response)
-            meta = doc.metadata
-            if response.stop_reason == "pending":
-                meta["status"], meta["reason"] = "pending", "budget: judge not started"
-                continue
-            if not response.ok:
-                meta["status"], meta["reason"] = "error", f"judge: {response.error}"
-                continue
-            verdicts = parse_verdicts(response.text)
-            if verdicts is None:
-                meta["status"], meta["reason"] = "dropped", "judge: the verdict was not the JSON asked for, twice"
-                continue
-            for criterion, (verdict, reason) in verdicts.items():
-                meta["judgments"].append({"judge": f"llm:{client.model}", "criterion": criterion, "verdict": verdict,
-                                          "score": None, "rationale": reason, "call_key": response.key})
-            failed = [c for c, (v, _) in verdicts.items() if not v]
-            if failed:
-                meta["status"], meta["reason"] = "dropped", f"judge: failed {', '.join(failed)}"
-            else:
-                meta["status"] = "judged"
 
     def offline(self, ctx: BuildContext, docs: list[Document]) -> None:
         """Cosine similarity to the unit (MiniLM) plus a naming rule; recorded as offline."""
@@ -330,13 +369,16 @@ class Judge(_LLMStep):
 class Progress:
     """One bar per task and stage: documents done, tokens and cost so far; tqdm adds rate and ETA."""
 
+    POSITIONS = {"generate": 0, "revise": 1, "judge": 2}
+
     def __init__(self, ctx: BuildContext, total: int, rank: int, stage: str):
         self.tokens, self.cost = 0, 0.0
         self.bar = None
-        if ctx.progress and total:
+        if ctx.progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=f"{stage} (task {rank})", unit="call", dynamic_ncols=True, leave=True)
+            self.bar = tqdm(total=total, desc=f"{stage} (task {rank})", unit="call", dynamic_ncols=True, leave=True,
+                            position=self.POSITIONS.get(stage, 0))
 
     def __call__(self, response) -> None:
         if self.bar is None:
@@ -347,7 +389,7 @@ class Progress:
         self.bar.update(1)
 
     def add(self, calls: int) -> None:
-        """More calls than planned (regrow, re-asked verdicts): the total grows, the ETA follows."""
+        """Calls are counted as they start (a regrow or a second judge question included)."""
         if self.bar is not None:
             self.bar.total += calls
             self.bar.refresh()

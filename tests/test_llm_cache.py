@@ -47,6 +47,22 @@ def test_shards_are_read_together_and_merged(tmp_path):
     assert row == 3
 
 
+def test_a_shared_prefix_is_stored_once(tmp_path):
+    spec = "The whole spec. " * 2000
+    reqs = [Request.user(f"document {i}", system_prefix=spec) for i in range(5)]
+    shard = CallCache(tmp_path, shard="0")
+    for req in reqs:
+        shard.put(req, answer(req))
+    shard.close()
+    cache = CallCache(tmp_path)
+    assert cache.merge_shards() == 5
+    con = cache._writer
+    assert con.execute("SELECT count(*) FROM prefixes").fetchone()[0] == 1
+    assert con.execute("SELECT max(length(request)) FROM calls").fetchone()[0] < 1000  # not 32 kB a row
+    stored = cache.request(reqs[3].key("anthropic", "m"))
+    assert stored["system_prefix"] == spec and stored["messages"][0]["content"] == "document 3"
+
+
 def test_many_processes_write_at_once(tmp_path):
     script = textwrap.dedent(f"""
         import sys

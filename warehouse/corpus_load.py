@@ -12,7 +12,12 @@ import json
 import re
 from datetime import datetime, timezone
 
+from warehouse.db import arrow_table, insert_rows
+
 FINAL = ("kept", "dropped")
+JUDGMENT_FIELDS = ("judge", "criterion", "verdict", "score", "rationale", "call_key")
+CALL_FIELDS = ("backend", "model", "purpose", "stop_reason", "input_tokens", "output_tokens", "cache_read_tokens",
+               "cache_write_tokens", "cost_usd", "latency_s", "error")
 
 
 def normalise(text: str) -> str:
@@ -53,44 +58,52 @@ def load_build(con, build_id: str, staged: list[dict], counter, cache, corpus_na
     keys = [k for r in staged for k in r["meta"]["call_keys"]]
     calls = cache.rows(keys) if keys else {}
 
+    documents, judgments, statuses, llm_calls, call_uses = [], [], [], {}, {}
+    for r, n_tokens in zip(with_text, tokens):
+        meta, plan = r["meta"], r["meta"]["plan"]
+        doc_id = f"{build_id}-{r['id']}"
+        status = "kept" if meta["status"] == "judged" else "dropped"
+        documents.append({
+            "id": doc_id, "build_id": build_id, "plan_row_id": r["id"], "spec_version": plan["spec_version"],
+            "unit_id": plan["unit_id"], "genre": plan["genre"], "audience": plan["audience"],
+            "condition": plan["condition"], "text": r["text"], "n_tokens": n_tokens, "token_counter": counter.name,
+            "status": status, "drop_reason": None if status == "kept" else meta["reason"],
+            "text_hash": r.get("hash") or hashlib.sha256(normalise(r["text"]).encode()).hexdigest(),
+            "prompt_hash": meta["prompt_hash"], "backend": meta["backend"], "model": meta["model"],
+            "seed": plan["seed"], "call_keys": json.dumps(meta["call_keys"]), "cost_usd": meta["cost_usd"],
+            "trimmed": bool(meta.get("trimmed")), "revision": meta.get("revision"), "draft_text": meta.get("draft")})
+        judgments += [{"subject_kind": "document", "subject_id": doc_id, **{k: j[k] for k in JUDGMENT_FIELDS}}
+                      for j in meta["judgments"]]
+    for r in staged:
+        meta = r["meta"]
+        status = {"judged": "kept"}.get(meta["status"], meta["status"])
+        statuses.append({"id": r["id"], "status": status, "reason": None if status == "kept" else meta["reason"]})
+        for key in meta["call_keys"]:
+            call = calls.get(key)
+            if call is None or key in call_uses:
+                continue
+            llm_calls[key] = {**{c: call[c] for c in CALL_FIELDS}, "key": key, "batch": bool(call["batch"]),
+                              "created_at": datetime.fromtimestamp(call["created_at"], timezone.utc).replace(tzinfo=None)}
+            call_uses[key] = {"call_key": key, "user_kind": "build", "user_id": build_id,
+                              "subject_id": f"{build_id}-{r['id']}", "purpose": call["purpose"],
+                              "cache_hit": call["created_at"] < started}
+
     con.execute("BEGIN TRANSACTION")
     try:
         # A resumed build reloads its shards whole: judgments are replaced, documents upserted.
         con.execute("DELETE FROM judgments WHERE subject_kind = 'document' AND subject_id IN "
                     "(SELECT id FROM documents WHERE build_id = ?)", [build_id])
-        for r, n_tokens in zip(with_text, tokens):
-            meta, plan = r["meta"], r["meta"]["plan"]
-            doc_id = f"{build_id}-{r['id']}"
-            status = "kept" if meta["status"] == "judged" else "dropped"
-            values = [doc_id, build_id, r["id"], plan["spec_version"], plan["unit_id"], plan["genre"], plan["audience"],
-                      plan["condition"], r["text"], n_tokens, counter.name, status,
-                      None if status == "kept" else meta["reason"],
-                      r.get("hash") or hashlib.sha256(normalise(r["text"]).encode()).hexdigest(),
-                      meta["prompt_hash"], meta["backend"], meta["model"], plan["seed"], json.dumps(meta["call_keys"]),
-                      meta["cost_usd"], bool(meta.get("trimmed")), meta.get("revision"), meta.get("draft")]
-            con.execute("INSERT OR REPLACE INTO documents (id, build_id, plan_row_id, spec_version, unit_id, genre, "
-                        "audience, condition, text, n_tokens, token_counter, status, drop_reason, text_hash, prompt_hash, "
-                        "backend, model, seed, call_keys, cost_usd, trimmed, revision, draft_text) VALUES (" + ", ".join("?" * len(values)) + ")",
-                        values)
-            for j in meta["judgments"]:
-                con.execute("INSERT OR REPLACE INTO judgments VALUES ('document', ?, ?, ?, ?, ?, ?, ?)",
-                            [doc_id, j["judge"], j["criterion"], j["verdict"], j["score"], j["rationale"], j["call_key"]])
-        for r in staged:
-            meta = r["meta"]
-            status = {"judged": "kept"}.get(meta["status"], meta["status"])
-            con.execute("UPDATE plan_rows SET status = ?, reason = ? WHERE build_id = ? AND id = ?",
-                        [status, None if status == "kept" else meta["reason"], build_id, r["id"]])
-            for key in meta["call_keys"]:
-                call = calls.get(key)
-                if call is None:
-                    continue
-                con.execute("INSERT OR IGNORE INTO llm_calls VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                            [key, call["backend"], call["model"], call["purpose"], call["stop_reason"],
-                             call["input_tokens"], call["output_tokens"], call["cache_read_tokens"],
-                             call["cache_write_tokens"], call["cost_usd"], call["latency_s"], bool(call["batch"]),
-                             call["error"], datetime.fromtimestamp(call["created_at"], timezone.utc).replace(tzinfo=None)])
-                con.execute("INSERT OR IGNORE INTO call_uses VALUES (?, 'build', ?, ?, ?, ?)",
-                            [key, build_id, f"{build_id}-{r['id']}", call["purpose"], call["created_at"] < started])
+        insert_rows(con, "INSERT OR REPLACE INTO documents", documents)
+        insert_rows(con, "INSERT OR REPLACE INTO judgments", judgments)
+        insert_rows(con, "INSERT OR IGNORE INTO llm_calls", list(llm_calls.values()))
+        insert_rows(con, "INSERT OR IGNORE INTO call_uses", list(call_uses.values()))
+        if statuses:
+            con.register("staged_status", arrow_table(statuses))
+            try:
+                con.execute("UPDATE plan_rows SET status = s.status, reason = s.reason FROM staged_status s "
+                            "WHERE plan_rows.build_id = ? AND plan_rows.id = s.id", [build_id])
+            finally:
+                con.unregister("staged_status")
         counts = dict(con.execute("SELECT status, count(*) FROM plan_rows WHERE build_id = ? GROUP BY 1",
                                   [build_id]).fetchall())
         complete = sum(counts.get(s, 0) for s in FINAL) == sum(counts.values())
@@ -106,7 +119,7 @@ def load_build(con, build_id: str, staged: list[dict], counter, cache, corpus_na
                                     [build_id]).fetchone()[0]
                 con.execute("INSERT INTO corpus_versions (id, build_id, n_docs, n_tokens) VALUES (?, ?, ?, ?)",
                             [corpus_id, build_id, len(kept_ids), n_tok])
-                con.executemany("INSERT INTO corpus_documents VALUES (?, ?)", [[corpus_id, d] for d in kept_ids])
+                insert_rows(con, "INSERT INTO corpus_documents", [{"corpus_id": corpus_id, "document_id": d} for d in kept_ids])
             con.execute("INSERT INTO corpora (name, corpus_id) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET "
                         "corpus_id = excluded.corpus_id, updated_at = now()", [corpus_name, corpus_id])
         con.execute("COMMIT")

@@ -8,6 +8,7 @@ and `merge_shards` folds them into the main file. Errors are stored as errors an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
@@ -39,6 +40,11 @@ CREATE TABLE IF NOT EXISTS calls (
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS calls_created ON calls (created_at);
+-- A system prefix (a whole spec) is shared by thousands of requests: stored once, by hash.
+CREATE TABLE IF NOT EXISTS prefixes (
+    hash TEXT PRIMARY KEY,
+    text TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS batches (
     batch_id TEXT PRIMARY KEY,
     backend TEXT NOT NULL,
@@ -100,6 +106,7 @@ class CallCache:
         self.main_path = self.root / "calls.sqlite"
         self.write_path = self.root / "shards" / f"calls-{self.shard}.sqlite" if self.shard else self.main_path
         self._writer = _open(self.write_path)
+        self._prefixes_written: set[str] = set()
         self._readers: dict[Path, sqlite3.Connection] = {self.write_path: self._writer}
 
     # ---- reading -----------------------------------------------------------------------
@@ -147,7 +154,7 @@ class CallCache:
         """Store an answer, or an error; an error never overwrites an answer."""
         row = {
             "key": response.key, "backend": response.backend, "model": response.model, "purpose": request.purpose,
-            "request": json.dumps(asdict(request), ensure_ascii=False), "text": response.text,
+            "request": self._request_json(request), "text": response.text,
             "stop_reason": response.stop_reason, "input_tokens": response.usage.input_tokens,
             "output_tokens": response.usage.output_tokens, "cache_read_tokens": response.usage.cache_read_tokens,
             "cache_write_tokens": response.usage.cache_write_tokens, "cost_usd": response.cost_usd,
@@ -166,6 +173,39 @@ class CallCache:
         except sqlite3.OperationalError as exc:
             raise CacheError(f"cannot write the call cache at {self.write_path}: {exc}",
                              "use a writable local directory for MSM_HOME") from None
+
+    def _request_json(self, request: Request) -> str:
+        """The request as JSON, its system prefix replaced by {"sha256": ...} (see `request`)."""
+        fields = asdict(request)
+        prefix = fields.get("system_prefix")
+        if prefix:
+            digest = hashlib.sha256(prefix.encode()).hexdigest()
+            if digest not in self._prefixes_written:
+                self._writer.execute("INSERT OR IGNORE INTO prefixes VALUES (?, ?)", [digest, prefix])
+                self._prefixes_written.add(digest)
+            fields["system_prefix"] = {"sha256": digest}
+        return json.dumps(fields, ensure_ascii=False)
+
+    def request(self, key: str) -> dict | None:
+        """The stored request for a key, with its system prefix filled back in."""
+        for path in self._paths():
+            con = self._reader(path)
+            row = con.execute("SELECT request FROM calls WHERE key = ?", [key]).fetchone() if con else None
+            if row:
+                fields = json.loads(row[0])
+                ref = fields.get("system_prefix")
+                if isinstance(ref, dict):
+                    fields["system_prefix"] = self._prefix_text(ref["sha256"])
+                return fields
+        return None
+
+    def _prefix_text(self, digest: str) -> str | None:
+        for path in self._paths():
+            con = self._reader(path)
+            row = con.execute("SELECT text FROM prefixes WHERE hash = ?", [digest]).fetchone() if con else None
+            if row:
+                return row[0]
+        return None
 
     # ---- batches -----------------------------------------------------------------------
     def save_batch(self, batch_id: str, backend: str, model: str, items: dict[str, str]) -> None:
@@ -233,6 +273,7 @@ class CallCache:
         self._readers[self.main_path] = main
         merged = 0
         for path in self._paths()[1:]:
+            self._reader(path)  # brings an older shard's schema up to date
             main.execute("ATTACH DATABASE ? AS shard", [str(path)])
             try:
                 updates = ", ".join(f"{c} = excluded.{c}" for c in COLUMNS if c != "key")
@@ -240,6 +281,7 @@ class CallCache:
                     f"INSERT INTO calls SELECT * FROM shard.calls WHERE true ON CONFLICT(key) DO UPDATE SET {updates}"
                     " WHERE calls.error IS NOT NULL AND excluded.error IS NULL").rowcount
                 main.execute("INSERT OR IGNORE INTO batches SELECT * FROM shard.batches")
+                main.execute("INSERT OR IGNORE INTO prefixes SELECT * FROM shard.prefixes")
             finally:
                 main.execute("DETACH DATABASE shard")
         return merged

@@ -108,6 +108,7 @@ class LLMClient:
         self.on_result = on_result
         self.stats = RunStats()
         self._warm: dict[str, asyncio.Event] = {}
+        self._gate: PriorityGate | None = None  # complete_one's; made inside the running loop
 
     # ---- public ------------------------------------------------------------------------
     def key(self, request: Request) -> str:
@@ -141,6 +142,19 @@ class LLMClient:
             else:
                 done.update(await self._run_concurrent(todo))
         return [done[k] for k in keys]
+
+    async def complete_one(self, request: Request) -> Response:
+        """One request under the client's shared gate, so callers that stream requests in one by
+        one (the corpus pipeline's steps) still keep at most `concurrency` calls in flight."""
+        key = self.key(request)
+        hit = self.cache.get(key) if self.cache else None
+        if hit is not None:
+            self.stats.cache_hits += 1
+            self._notify(hit)
+            return hit
+        if self._gate is None:
+            self._gate = PriorityGate(self.concurrency)
+        return await self._one(key, request, self._gate)
 
     def complete(self, requests: list[Request], batch: bool = False) -> list[Response]:
         """Synchronous convenience wrapper around complete_many."""

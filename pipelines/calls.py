@@ -1,0 +1,130 @@
+"""Model calls for the pipeline steps of one datatrove task: one client, one event loop.
+
+Steps are generators that datatrove chains, so a document can be judged while others are still
+being written, and filters run while calls are in flight. All steps of a task share one client
+on one background event loop: `--concurrency` bounds their calls together, and `--max-cost`
+is one budget for the task, not one per step.
+
+API backends stream: a request starts when it is submitted. The Batch API and local models
+want whole lists, so there requests wait until a step asks for everything outstanding, then go
+as one `complete_many` (one batch submission, or batched generation on the local model).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from typing import Any, Iterator
+
+from msm.llm.types import Request, Response
+
+_TASKS: dict[tuple[str, int], "TaskCalls"] = {}
+
+
+class TaskCalls:
+    def __init__(self, ctx, world_size: int):
+        from msm.llm.cache import CallCache
+        from msm.llm.client import LLMClient
+        from msm.llm.select import make_backend
+
+        backend, model = make_backend(ctx.backend, ctx.model, ctx.base_url, idle_timeout=ctx.idle_timeout)
+        budget = ctx.max_cost / world_size if ctx.max_cost is not None else None
+        self.cache = CallCache(ctx.cache_dir)
+        self.client = LLMClient(backend, model=model, cache=self.cache, max_cost=budget,
+                                concurrency=max(1, ctx.concurrency // max(1, ctx.workers)),
+                                batch_poll_s=ctx.batch_poll_s)
+        self.batch = ctx.batch
+        self.streaming = not ctx.batch and not getattr(backend, "batched", False)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="msm-calls", daemon=True)
+        self.thread.start()
+
+    @property
+    def model(self) -> str:
+        return self.client.model
+
+    def run(self, coroutine) -> Any:
+        """Run a coroutine on the task's loop and wait for it (errors are raised here)."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def close(self) -> None:
+        try:
+            self.run(self.client.backend.aclose())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=30)
+            self.loop.close()
+            self.cache.close()
+
+
+def task_calls(ctx, rank: int, world_size: int) -> TaskCalls:
+    """The task's shared calls, made on first use; `release` ends them."""
+    key = (ctx.build_id, rank)
+    if key not in _TASKS:
+        _TASKS[key] = TaskCalls(ctx, world_size)
+    return _TASKS[key]
+
+
+def release(ctx, rank: int) -> None:
+    calls = _TASKS.pop((ctx.build_id, rank), None)
+    if calls is not None:
+        calls.close()
+
+
+class Channel:
+    """One step's requests and their answers, in the order the answers arrive.
+
+    `submit(request, tag)` starts a call; `ready()` yields the (tag, response) pairs that have
+    arrived, without waiting; `drain()` waits for every outstanding one, including those
+    submitted while draining (a regrow, a second judge question).
+    """
+
+    def __init__(self, calls: TaskCalls):
+        self.calls = calls
+        self.inbox: queue.Queue = queue.Queue()
+        self.outstanding = 0
+        self.queued: list[tuple[Any, Request]] = []
+
+    def submit(self, request: Request, tag: Any) -> None:
+        self.outstanding += 1
+        if not self.calls.streaming:
+            self.queued.append((tag, request))
+            return
+        future = asyncio.run_coroutine_threadsafe(self.calls.client.complete_one(request), self.calls.loop)
+        future.add_done_callback(lambda done: self.inbox.put((tag, done)))
+
+    def ready(self) -> Iterator[tuple[Any, Response]]:
+        while True:
+            try:
+                tag, done = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            yield self._take(tag, done)
+
+    def drain(self) -> Iterator[tuple[Any, Response]]:
+        while self.outstanding:
+            if self.queued and self.inbox.empty():
+                self._flush()
+            tag, done = self.inbox.get()
+            yield self._take(tag, done)
+
+    def _take(self, tag, done) -> tuple[Any, Response]:
+        self.outstanding -= 1
+        return tag, done.result()  # a fatal error (bad key, unknown model) is raised in the step
+
+    def _flush(self) -> None:
+        items, self.queued = self.queued, []
+        responses = self.calls.run(self.calls.client.complete_many([r for _, r in items], batch=self.calls.batch))
+        for (tag, _), response in zip(items, responses):
+            self.inbox.put((tag, _Done(response)))
+
+
+class _Done:
+    """A finished result in the shape of a concurrent.futures.Future."""
+
+    def __init__(self, value: Response):
+        self.value = value
+
+    def result(self) -> Response:
+        return self.value
