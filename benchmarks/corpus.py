@@ -12,6 +12,7 @@ The figures come last, one a line, as `name = value`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -23,6 +24,25 @@ sys.path.insert(0, str(ROOT))
 
 KEY = "sk-bench"
 MODEL = "claude-sonnet-4-6"
+
+
+def client_only(home: Path, build_id: str, url: str, concurrency: int) -> float:
+    """The floor: the build's own generate and judge requests through the client and SDK alone."""
+    import json
+
+    from msm.llm.anthropic_backend import AnthropicBackend
+    from msm.llm.client import LLMClient
+    from pipelines.context import load_context
+
+    ctx = load_context(str(home / "builds" / build_id / "context.json"))
+    rows = [json.loads(line) for line in open(ctx.plan_path, encoding="utf-8")]
+    document = "A plain sentence of about the length of a generated document's. " * 25
+    requests = [ctx.generate_request(r) for r in rows] + [ctx.judge_request(r, document) for r in rows]
+    requests = [dataclasses.replace(r, seed=r.seed + 10**9) for r in requests]  # nothing the server saw before
+    client = LLMClient(AnthropicBackend(api_key=KEY, base_url=url), model=MODEL, cache=None, concurrency=concurrency)
+    started = time.perf_counter()
+    client.complete(requests)
+    return time.perf_counter() - started
 
 
 def main() -> None:
@@ -50,6 +70,7 @@ def main() -> None:
         result = build_corpus(str(ROOT / "specs" / "value_augmented.md"), opts)
         wall = time.perf_counter() - started
         calls = server.stats()["requests"].get("messages", 0)
+        client_s = client_only(home, result.build_id, server.url, args.concurrency)
 
     assert result.complete and sum(result.status_counts.values()) == args.docs, result.status_counts
     ideal_docs_per_s = args.concurrency / (2 * args.latency)
@@ -62,6 +83,9 @@ def main() -> None:
         print(f"  {name:<32} {seconds:8.2f}")
     print(f"status counts: {result.status_counts}")
     print(f"warehouse: {home / 'msm.duckdb'} (query it with MSM_HOME={home} msm warehouse sql ...)")
+    print(f"the same {2 * args.docs} requests through LLMClient alone (no datatrove, filters, cache or warehouse): "
+          f"{client_s:.1f} s")
+    print(f"client_only_vs_ideal = {2 * args.docs * args.latency / args.concurrency / client_s:.3f}")
     print(f"calls_vs_ideal = {ideal_by_calls / wall:.3f}")
     print(f"pipeline_vs_ideal = {docs_per_s / ideal_docs_per_s:.3f}")
     print(f"pipeline_docs_per_s = {docs_per_s:.1f}")

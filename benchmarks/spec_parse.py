@@ -7,7 +7,6 @@ The figures come last, as `name = value` lines.
 from __future__ import annotations
 
 import re
-import statistics
 import sys
 import time
 from pathlib import Path

@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,45 +234,12 @@ def _reopen(logs: Path, staged: Path, ranks: set[int]) -> None:
             shard.unlink()
 
 
-def _quiet_task_logs() -> None:
-    """datatrove sends every task's INFO log to stderr; keep it in the task's log file only."""
-    import datatrove.executor.base as executor_base
-    from datatrove.utils import logging as dt_logging
-    from loguru import logger
-
-    logger.remove()
-    logger.add(sys.stderr, level="WARNING", format="{level}: {message}")
-    original = dt_logging.add_task_logger
-    if getattr(executor_base.add_task_logger, "msm_quiet", False):
-        return
-
-    def add_task_logger(logging_dir, rank, local_rank=0, node_rank=-1):
-        real_stderr, sys.stderr = sys.stderr, open(os.devnull, "w")  # the handler it adds writes nowhere
-        try:
-            logfile = original(logging_dir, rank, local_rank, node_rank=node_rank)
-        finally:
-            sys.stderr.close()
-            sys.stderr = real_stderr
-        logger.remove()
-        logger.add(logfile, level="DEBUG")
-        logger.add(sys.stderr, level="WARNING", format="{level}: {message}")
-        return logfile
-
-    def close_task_logger(logfile):
-        closing(logfile)  # datatrove re-adds its INFO logger to stderr here; take it back off
-        logger.remove()
-        logger.add(sys.stderr, level="WARNING", format="{level}: {message}")
-
-    closing = dt_logging.close_task_logger
-    add_task_logger.msm_quiet = True
-    executor_base.add_task_logger = add_task_logger
-    executor_base.close_task_logger = close_task_logger
-
-
 def _run_pipeline(ctx_path: str, staged: Path, logs: Path, tasks: int, workers: int, plan) -> None:
     from datatrove.executor import LocalPipelineExecutor
 
-    _quiet_task_logs()
+    from pipelines.quiet import quiet_task_logs
+
+    quiet_task_logs()
     rank_of = {r.id: i % tasks for i, r in enumerate(plan)}
     for attempt in range(2):
         have = _staged_status(staged)

@@ -8,6 +8,7 @@ the staged shards hold every plan row exactly once.
 from __future__ import annotations
 
 import json
+import os
 import re
 
 from datatrove.data import Document, DocumentsPipeline
@@ -15,7 +16,11 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter, get_filter_result
 
 from pipelines.calls import Channel, release, task_calls
+from pipelines.quiet import quiet_task_logs
 from pipelines.context import BuildContext, load_context
+
+if os.environ.get("MSM_QUIET_DATATROVE"):  # a datatrove worker process of a build
+    quiet_task_logs()
 
 
 def document_row(self, document: Document) -> dict:

@@ -37,7 +37,6 @@ def read_staged(files) -> list[dict]:
 
 def load_build(con, build_id: str, staged: list[dict], counter, cache, corpus_name: str | None) -> dict:
     """Returns a summary: counts by status and reason, tokens, cost, corpus id."""
-    by_row = {r["id"]: r for r in staged}
     started = con.execute("SELECT started_at FROM builds WHERE id = ?", [build_id]).fetchone()[0]
     started = started.replace(tzinfo=timezone.utc).timestamp() if started else 0.0
 

@@ -13,7 +13,6 @@ import contextlib
 import heapq
 import itertools
 import random
-import time
 from dataclasses import dataclass
 from typing import Callable
 

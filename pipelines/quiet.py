@@ -1,0 +1,46 @@
+"""Keeping datatrove's per-task INFO logs out of the terminal (they stay in the task log files)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def quiet_task_logs() -> None:
+    """datatrove sends every task's INFO log to stderr; keep it in the task's log file only.
+
+    Worker processes inherit MSM_QUIET_DATATROVE and call this when they import the steps.
+    """
+    os.environ["MSM_QUIET_DATATROVE"] = "1"
+    os.environ["LOGURU_LEVEL"] = "WARNING"  # the level of the handler datatrove re-adds after a task
+    import datatrove.executor.base as executor_base
+    from datatrove.utils import logging as dt_logging
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING", format="{level}: {message}")
+    original = dt_logging.add_task_logger
+    if getattr(executor_base.add_task_logger, "msm_quiet", False):
+        return
+
+    def add_task_logger(logging_dir, rank, local_rank=0, node_rank=-1):
+        real_stderr, sys.stderr = sys.stderr, open(os.devnull, "w")  # the handler it adds writes nowhere
+        try:
+            logfile = original(logging_dir, rank, local_rank, node_rank=node_rank)
+        finally:
+            sys.stderr.close()
+            sys.stderr = real_stderr
+        logger.remove()
+        logger.add(logfile, level="DEBUG")
+        logger.add(sys.stderr, level="WARNING", format="{level}: {message}")
+        return logfile
+
+    def close_task_logger(logfile):
+        closing(logfile)  # datatrove re-adds its INFO logger to stderr here; take it back off
+        logger.remove()
+        logger.add(sys.stderr, level="WARNING", format="{level}: {message}")
+
+    closing = dt_logging.close_task_logger
+    add_task_logger.msm_quiet = True
+    executor_base.add_task_logger = add_task_logger
+    executor_base.close_task_logger = close_task_logger
