@@ -126,7 +126,7 @@ def build_corpus(spec_path: str, opts: BuildOptions) -> BuildResult:
         ctx, build_id=build_id, plan_path=str(plan_path), staged_dir=str(staged),
         cache_dir=str(settings.home / "cache"), max_cost=opts.max_cost, concurrency=opts.concurrency,
         workers=opts.workers, batch=opts.batch, batch_poll_s=opts.batch_poll_s, idle_timeout=opts.idle_timeout,
-        progress=opts.progress)
+        progress=opts.progress, n_planned=len(plan))
     ctx_path = root / "context.json"
     ctx.save(str(ctx_path))
     counter = default_counter()

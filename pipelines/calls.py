@@ -80,8 +80,9 @@ class Channel:
     submitted while draining (a regrow, a second judge question).
     """
 
-    def __init__(self, calls: TaskCalls):
+    def __init__(self, calls: TaskCalls, progress=None):
         self.calls = calls
+        self.progress = progress or (lambda response: None)  # called once for each answer
         self.inbox: queue.Queue = queue.Queue()
         self.outstanding = 0
         self.queued: list[tuple[Any, Request]] = []
@@ -111,11 +112,20 @@ class Channel:
 
     def _take(self, tag, done) -> tuple[Any, Response]:
         self.outstanding -= 1
-        return tag, done.result()  # a fatal error (bad key, unknown model) is raised in the step
+        response = done.result()  # a fatal error (bad key, unknown model) is raised in the step
+        if not isinstance(done, _Done):
+            self.progress(response)
+        return tag, response
 
     def _flush(self) -> None:
+        """A whole list at once; the client reports each answer as its model batch finishes."""
         items, self.queued = self.queued, []
-        responses = self.calls.run(self.calls.client.complete_many([r for _, r in items], batch=self.calls.batch))
+        client = self.calls.client
+        client.on_result = self.progress
+        try:
+            responses = self.calls.run(client.complete_many([r for _, r in items], batch=self.calls.batch))
+        finally:
+            client.on_result = None
         for (tag, _), response in zip(items, responses):
             self.inbox.put((tag, _Done(response)))
 

@@ -42,6 +42,7 @@ class BuildContext:
     batch_poll_s: float = 30.0
     idle_timeout: float = 120.0
     progress: bool = True
+    n_planned: int = 0  # plan rows in the whole build (a task has every world_size-th one)
 
     def save(self, path: str) -> None:
         with open(path, "w", encoding="utf-8") as fh:

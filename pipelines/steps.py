@@ -81,9 +81,13 @@ class _LLMStep(PipelineStep):
                     done = settle(tag, response)
                 if done is not None:
                     yield done
-        for tag, response in channel.drain():
-            with self.track_time():
-                done = settle(tag, response)
+        answers = channel.drain()
+        while True:
+            with self.track_time():  # waiting for this step's own calls counts as its time
+                item = next(answers, None)
+                done = settle(*item) if item is not None else None
+            if item is None:
+                break
             if done is not None:
                 yield done
 
@@ -107,16 +111,14 @@ class Generate(_LLMStep):
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         ctx = load_context(self.context_path)
-        channel = Channel(task_calls(ctx, rank, world_size))
-        bar = Progress(ctx, 0, rank, "generate")
+        bar = Progress(ctx, len(range(rank, ctx.n_planned, world_size)), rank, "generate")
+        channel = Channel(task_calls(ctx, rank, world_size), bar)
 
         def submit(doc: Document) -> None:
-            bar.add(1)
             channel.submit(ctx.generate_request(doc.metadata["plan"]), (doc, False))
 
         def settle(tag, response):
             doc, grown = tag
-            bar(response)
             if (response.ok and response.truncated and not grown and ctx.truncation == "regrow"
                     and ctx.regrow > 1):
                 self.account(doc, response)
@@ -175,8 +177,8 @@ class Revise(_LLMStep):
         if not ctx.revise:
             yield from data
             return
-        channel = Channel(task_calls(ctx, rank, world_size))
         bar = Progress(ctx, 0, rank, "revise")
+        channel = Channel(task_calls(ctx, rank, world_size), bar)
 
         def submit(doc: Document) -> None:
             bar.add(1)
@@ -185,7 +187,6 @@ class Revise(_LLMStep):
         def settle(tag, response):
             stage, doc = tag
             meta = doc.metadata
-            bar(response)
             self.account(doc, response)
             if _pending(meta, response, stage):
                 pass
@@ -283,8 +284,8 @@ class Judge(_LLMStep):
 
     def llm(self, ctx: BuildContext, data: DocumentsPipeline, rank: int, world_size: int) -> DocumentsPipeline:
         calls = task_calls(ctx, rank, world_size)
-        channel = Channel(calls)
         bar = Progress(ctx, 0, rank, "judge")
+        channel = Channel(calls, bar)
 
         def submit(doc: Document) -> None:
             bar.add(1)
@@ -295,7 +296,6 @@ class Judge(_LLMStep):
 
             doc, retried = tag
             meta = doc.metadata
-            bar(response)
             self.account(doc, response)
             verdicts = parse_verdicts(response.text) if response.ok else None
             if response.ok and verdicts is None and not retried:
@@ -394,10 +394,10 @@ class Progress:
         self.bar.update(1)
 
     def add(self, calls: int) -> None:
-        """Calls are counted as they start (a regrow or a second judge question included)."""
+        """Calls the step learns about as it goes (each document the filters let through, a regrow,
+        a second judge question); the bar shows them at its next update."""
         if self.bar is not None:
             self.bar.total += calls
-            self.bar.refresh()
 
     def close(self) -> None:
         if self.bar is not None:
