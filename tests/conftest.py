@@ -31,13 +31,14 @@ def isolated_home(tmp_path, monkeypatch):
     return home
 
 
-def run_msm(*args: str, input: str | None = None, env: dict | None = None, cwd: Path | None = None):
+def run_msm(*args: str, input: str | None = None, env: dict | None = None, cwd: Path | None = None,
+            timeout: float = 120):
     """Run the installed CLI in a real subprocess (stdout, stderr and exit code as a user sees them)."""
     full_env = dict(os.environ)
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "msm.cli", *args],
-        capture_output=True, text=True, input=input, env=full_env, cwd=cwd, timeout=120,
+        capture_output=True, text=True, input=input, env=full_env, cwd=cwd, timeout=timeout,
     )
 
 

@@ -239,3 +239,21 @@ def test_kill_9_during_generation_then_resume(api, isolated_home):
     rows = con.execute("SELECT count(*), count(DISTINCT id) FROM plan_rows").fetchone()
     statuses = {s for (s,) in con.execute("SELECT DISTINCT status FROM plan_rows").fetchall()}
     assert rows == (30, 30) and statuses <= {"kept", "dropped"}
+
+
+@pytest.mark.slow
+@pytest.mark.smoke
+def test_offline_default_build_with_the_real_model(isolated_home):
+    """The user's first command, small: SmolLM2 writes, the offline judge scores, all of it recorded."""
+    out = run_msm("corpus", "build", str(SPEC), "--docs", "4", "--name", "offline", timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "complete" in out.stdout and "planned           4" in out.stdout
+    con = db(isolated_home)
+    build = con.execute("SELECT backend, model, count_tokenizer, status FROM builds").fetchone()
+    assert build == ("local", "smollm2-135m-instruct", "smollm2-135m-instruct", "complete")
+    statuses = dict(con.execute("SELECT status, count(*) FROM plan_rows GROUP BY 1").fetchall())
+    assert set(statuses) <= {"kept", "dropped"} and sum(statuses.values()) == 4
+    judges = {j for (j,) in con.execute("SELECT DISTINCT judge FROM judgments").fetchall()}
+    assert judges <= {"offline:minilm-cosine", "offline:rules"}
+    calls = con.execute("SELECT count(*), sum(output_tokens) FROM llm_calls WHERE backend = 'local'").fetchone()
+    assert calls[0] == 4 and calls[1] > 0
