@@ -110,22 +110,33 @@ def _preview(spec, rows, genres, audiences, batch, backend, model, base_url):
 @click.option("--truncated", "truncation", type=click.Choice(["regrow", "trim"]), default=None,
               help="A cut-off answer: ask again with 1.5x room then drop it, or keep it to its last whole "
                    "paragraph. Default: trim for the local backend, regrow otherwise.")
+@click.option("--dedup", default="minhash,embedding", show_default=True,
+              help="Near-duplicate methods after the judge, in order (minhash, embedding), or 'none'.")
+@click.option("--dedup-threshold", type=click.FloatRange(0.0, 1.0), default=0.91, show_default=True,
+              help="Cosine at or above which two documents are near-duplicates (embedding dedup).")
 @click.option("--revise", is_flag=True, help="Add an editor's critique and a rewrite before the filters (3x calls).")
 @click.option("--name", default=None, help="Corpus name (default: the spec's id).")
 @db_option
 def build(spec, variables, docs, genres, audiences, seed, backend, model, base_url, max_cost, batch, tasks,
-          workers, concurrency, judge, truncation, revise, name, db):
+          workers, concurrency, judge, truncation, dedup, dedup_threshold, revise, name, db):
     """Plan, generate, filter, judge, dedup and load a corpus; resumable."""
+    from msm.errors import MsmError
     from pipelines.build import BuildOptions, build_corpus
 
     if tasks < 1 or workers < 1 or concurrency < 1:
-        raise click.BadParameter("--tasks, --workers and --concurrency must be at least 1")
+        raise MsmError("--tasks, --workers and --concurrency must be at least 1", "pass a positive number")
     if max_cost is not None and max_cost <= 0:
-        raise click.BadParameter("--max-cost must be positive", param_hint="--max-cost")
+        raise MsmError("--max-cost must be positive", "pass a budget in USD above 0")
+    from pipelines.dedup import METHODS
+
+    methods = tuple(m.strip() for m in dedup.split(",") if m.strip() and m.strip() != "none")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise MsmError(f"--dedup: unknown method {unknown[0]!r}", f"use {', '.join(METHODS)} or none")
     result = build_corpus(spec, BuildOptions(
         docs=docs, seed=seed, genres=genres, audiences=audiences, backend=backend, model=model, base_url=base_url,
         max_cost=max_cost, batch=batch, tasks=tasks, workers=workers, concurrency=concurrency, name=name,
-        judge=judge, truncation=truncation, revise=revise, variables=parse_vars(variables), db=db))
+        judge=judge, truncation=truncation, dedup=methods, dedup_threshold=dedup_threshold, revise=revise, variables=parse_vars(variables), db=db))
     _print_summary(result)
 
 

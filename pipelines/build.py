@@ -35,6 +35,8 @@ class BuildOptions:
     judge: str | None = None  # llm or offline; default offline for local, llm otherwise
     revise: bool = False
     truncation: str | None = None  # regrow or trim; default trim for local, regrow otherwise
+    dedup: tuple[str, ...] = ("minhash", "embedding")  # near-duplicate methods, in order; () for none
+    dedup_threshold: float = 0.91  # cosine, for embedding dedup
     max_tokens: int | None = None
     variables: dict = field(default_factory=dict)
     db: str | None = None
@@ -137,8 +139,14 @@ def build_corpus(spec_path: str, opts: BuildOptions) -> BuildResult:
     _run_pipeline(str(ctx_path), staged, logs, opts.tasks, opts.workers, plan)
     stages["pipeline"] = time.monotonic() - mark
     stages.update(_step_seconds(logs))
+    from warehouse.corpus_load import read_staged
+
+    rows = read_staged(sorted(staged.glob("*.parquet")))
     mark = time.monotonic()
-    result = _load(settings.db, build_id, staged, counter, ctx, opts.name or spec.spec_id)
+    _mark_near_duplicates(settings.db, rows, opts, root / "dedup")
+    stages["near-dup"] = time.monotonic() - mark
+    mark = time.monotonic()
+    result = _load(settings.db, build_id, rows, counter, ctx, opts.name or spec.spec_id)
     stages["load"] = time.monotonic() - mark
     counts = result["counts"]
     summary = _summarise(settings.db, build_id, opts.name or spec.spec_id, result, len(plan), counter.name,
@@ -259,15 +267,31 @@ def _run_pipeline(ctx_path: str, staged: Path, logs: Path, tasks: int, workers: 
                            f"see the task logs under {logs}")
 
 
-def _load(db, build_id: str, staged: Path, counter, ctx, corpus_name: str) -> dict:
+def _mark_near_duplicates(db, rows: list[dict], opts: BuildOptions, workdir: Path) -> None:
+    """Drop near-duplicates among the judged rows, with the cluster and the member it keeps."""
+    from pipelines.dedup import near_duplicates
+    from warehouse.vectors import stored_embedder
+
+    if not opts.dedup:
+        return
+    embed = stored_embedder(db) if "embedding" in opts.dedup else None
+    by_id = {r["id"]: r for r in rows}
+    for dup in near_duplicates(rows, tuple(opts.dedup), workdir, opts.dedup_threshold, embed):
+        meta = by_id[dup.document]["meta"]
+        meta["status"] = "dropped"
+        meta["reason"] = f"near_duplicate: {dup.method}"
+        meta["dedup"] = {"method": dup.method, "cluster": dup.cluster, "kept": dup.kept,
+                         "similarity": dup.similarity}
+
+
+def _load(db, build_id: str, rows: list[dict], counter, ctx, corpus_name: str) -> dict:
     from msm.llm.cache import CallCache
-    from warehouse.corpus_load import load_build, read_staged
+    from warehouse.corpus_load import load_build
     from warehouse.db import connect
 
-    rows = read_staged(sorted(staged.glob("*.parquet")))
     ids = [r["id"] for r in rows]
     if len(ids) != len(set(ids)):
-        raise MsmError(f"build {build_id}: a plan row was staged twice", f"remove {staged} and rerun")
+        raise MsmError(f"build {build_id}: a plan row was staged twice", f"remove {ctx.staged_dir} and rerun")
     cache = CallCache(ctx.cache_dir)
     con = connect(db)
     try:

@@ -25,7 +25,9 @@ def api(monkeypatch, loopback):
 
 
 def opts(server, **kw) -> BuildOptions:
-    base = dict(docs=30, backend="anthropic", model=MODEL, base_url=server.url, progress=False, concurrency=8)
+    # The loopback's filler prose all embeds alike (cosine ~0.92), so embedding dedup is opted into.
+    base = dict(docs=30, backend="anthropic", model=MODEL, base_url=server.url, progress=False, concurrency=8,
+                dedup=("minhash",))
     base.update(kw)
     return BuildOptions(**base)
 
@@ -145,6 +147,25 @@ def test_truncated_answers_regrow_or_trim(api, isolated_home, policy):
         assert all(t.rstrip().endswith(".") for t in texts)
 
 
+def test_near_duplicates_are_dropped_with_their_cluster_and_redecided_on_rerun(api, isolated_home):
+    # filler prose embeds alike, so at 0.9 embedding dedup finds clusters among these documents
+    result = build_corpus(str(SPEC), opts(api, docs=16, dedup=("minhash", "embedding"), dedup_threshold=0.9))
+    assert result.complete and sum(result.status_counts.values()) == 16
+    con = db(isolated_home)
+    rows = con.execute("SELECT c.method, d.status, d.drop_reason, k.status FROM dedup_clusters c "
+                       "JOIN documents d ON d.id = c.document_id JOIN documents k ON k.id = c.kept_id").fetchall()
+    assert rows, "expected embedding clusters among filler documents"
+    for method, status, reason, kept_status in rows:
+        assert status == "dropped" and reason == f"near_duplicate: {method}" and kept_status == "kept"
+    assert con.execute("SELECT count(*) FROM embeddings").fetchone()[0] >= len(rows)
+    con.close()
+    again = build_corpus(str(SPEC), opts(api, docs=16, dedup=()))  # same build, dedup decided again
+    assert again.build_id == result.build_id and again.corpus_id != result.corpus_id
+    assert again.status_counts["kept"] == result.status_counts["kept"] + len(rows)
+    con = db(isolated_home)
+    assert con.execute("SELECT count(*) FROM dedup_clusters").fetchone()[0] == 0
+
+
 def test_two_tasks_and_two_workers(api, isolated_home):
     result = build_corpus(str(SPEC), opts(api, docs=16, tasks=2, workers=2))
     assert result.complete and sum(result.status_counts.values()) == 16
@@ -155,7 +176,7 @@ def test_two_tasks_and_two_workers(api, isolated_home):
 def test_cli_build_list_stats_show_export(api, isolated_home, tmp_path):
     env = {"ANTHROPIC_API_KEY": LOOPBACK_KEY}
     out = run_msm("corpus", "build", str(SPEC), "--docs", "16", "--backend", "anthropic", "--model", MODEL,
-                  "--base-url", api.url, "--name", "demo", env=env)
+                  "--base-url", api.url, "--name", "demo", "--dedup", "minhash", env=env)
     assert out.returncode == 0, out.stderr
     assert "planned" in out.stdout and "kept" in out.stdout and "corpus 'demo'" in out.stdout
     assert "INFO" not in out.stderr
@@ -199,6 +220,12 @@ def test_build_bad_input(tmp_path, api):
                                   env={**env, "MSM_HOME": str(blocker / "home")}), "cannot write to MSM_HOME")
     assert_one_line_error(run_msm("corpus", "build", str(SPEC), "--backend", "anthropic", "--model", MODEL,
                                   "--base-url", api.url, env=env), "--docs N")
+    assert_one_line_error(run_msm("corpus", "build", str(SPEC), "--docs", "4", "--dedup", "minhash,simhash", *common,
+                                  env=env), "unknown method 'simhash'")
+    assert_one_line_error(run_msm("corpus", "build", str(SPEC), "--docs", "4", "--workers", "0", *common, env=env),
+                          "must be at least 1")
+    assert_one_line_error(run_msm("corpus", "build", str(SPEC), "--docs", "4", "--max-cost", "0", *common, env=env),
+                          "--max-cost must be positive")
 
 
 def test_kill_9_during_generation_then_resume(api, isolated_home):

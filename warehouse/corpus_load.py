@@ -57,7 +57,7 @@ def load_build(con, build_id: str, staged: list[dict], counter, cache, corpus_na
     keys = [k for r in staged for k in r["meta"]["call_keys"]]
     calls = cache.rows(keys) if keys else {}
 
-    documents, judgments, statuses, llm_calls, call_uses = [], [], [], {}, {}
+    documents, judgments, statuses, llm_calls, call_uses, clusters = [], [], [], {}, {}, []
     for r, n_tokens in zip(with_text, tokens):
         meta, plan = r["meta"], r["meta"]["plan"]
         doc_id = f"{build_id}-{r['id']}"
@@ -71,6 +71,11 @@ def load_build(con, build_id: str, staged: list[dict], counter, cache, corpus_na
             "prompt_hash": meta["prompt_hash"], "backend": meta["backend"], "model": meta["model"],
             "seed": plan["seed"], "call_keys": json.dumps(meta["call_keys"]), "cost_usd": meta["cost_usd"],
             "trimmed": bool(meta.get("trimmed")), "revision": meta.get("revision"), "draft_text": meta.get("draft")})
+        if meta.get("dedup"):
+            dup = meta["dedup"]
+            clusters.append({"build_id": build_id, "method": dup["method"], "cluster_id": dup["cluster"],
+                             "document_id": doc_id, "kept_id": f"{build_id}-{dup['kept']}",
+                             "similarity": dup["similarity"]})
         judgments += [{"subject_kind": "document", "subject_id": doc_id, **{k: j[k] for k in JUDGMENT_FIELDS}}
                       for j in meta["judgments"]]
     for r in staged:
@@ -92,7 +97,9 @@ def load_build(con, build_id: str, staged: list[dict], counter, cache, corpus_na
         # A resumed build reloads its shards whole: judgments are replaced, documents upserted.
         con.execute("DELETE FROM judgments WHERE subject_kind = 'document' AND subject_id IN "
                     "(SELECT id FROM documents WHERE build_id = ?)", [build_id])
+        con.execute("DELETE FROM dedup_clusters WHERE build_id = ?", [build_id])
         insert_rows(con, "INSERT OR REPLACE INTO documents", documents)
+        insert_rows(con, "INSERT INTO dedup_clusters", clusters)
         insert_rows(con, "INSERT OR REPLACE INTO judgments", judgments)
         insert_rows(con, "INSERT OR IGNORE INTO llm_calls", list(llm_calls.values()))
         insert_rows(con, "INSERT OR IGNORE INTO call_uses", list(call_uses.values()))
