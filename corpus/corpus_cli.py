@@ -96,6 +96,8 @@ def _preview(spec, rows, genres, audiences, batch, backend, model, base_url):
 @click.argument("spec")
 @var_option
 @click.option("--docs", type=int, default=None, help="Documents to plan (default 24 with the local backend).")
+@click.option("--tokens", default=None, help="Kept tokens to reach instead of --docs, e.g. 40M: backfill rounds "
+                                              "plan more until the corpus reaches it, the budget or 5 rounds.")
 @click.option("--genres", default=None, help="Genre catalogue (YAML).")
 @click.option("--audiences", default=None, help="Audience catalogue (YAML).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -117,7 +119,7 @@ def _preview(spec, rows, genres, audiences, batch, backend, model, base_url):
 @click.option("--revise", is_flag=True, help="Add an editor's critique and a rewrite before the filters (3x calls).")
 @click.option("--name", default=None, help="Corpus name (default: the spec's id).")
 @db_option
-def build(spec, variables, docs, genres, audiences, seed, backend, model, base_url, max_cost, batch, tasks,
+def build(spec, variables, docs, tokens, genres, audiences, seed, backend, model, base_url, max_cost, batch, tasks,
           workers, concurrency, judge, truncation, dedup, dedup_threshold, revise, name, db):
     """Plan, generate, filter, judge, dedup and load a corpus; resumable."""
     from msm.errors import MsmError
@@ -133,11 +135,23 @@ def build(spec, variables, docs, genres, audiences, seed, backend, model, base_u
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise MsmError(f"--dedup: unknown method {unknown[0]!r}", f"use {', '.join(METHODS)} or none")
-    result = build_corpus(spec, BuildOptions(
+    options = BuildOptions(
         docs=docs, seed=seed, genres=genres, audiences=audiences, backend=backend, model=model, base_url=base_url,
         max_cost=max_cost, batch=batch, tasks=tasks, workers=workers, concurrency=concurrency, name=name,
-        judge=judge, truncation=truncation, dedup=methods, dedup_threshold=dedup_threshold, revise=revise, variables=parse_vars(variables), db=db))
-    _print_summary(result)
+        judge=judge, truncation=truncation, dedup=methods, dedup_threshold=dedup_threshold, revise=revise, variables=parse_vars(variables), db=db)
+    if tokens is not None:
+        from pipelines.target import build_to_target, parse_tokens
+
+        if docs is not None:
+            raise MsmError("--docs and --tokens were both given", "pass one of them")
+        outcome = build_to_target(spec, options, parse_tokens(tokens))
+        for result in outcome.rounds:
+            _print_summary(result)
+        click.echo(f"\ntoken target {outcome.target:,}: {outcome.stop} after {len(outcome.rounds)} round(s); "
+                   f"corpus '{outcome.corpus_name}' -> {outcome.corpus_id}: {outcome.corpus_docs} documents, "
+                   f"{outcome.kept_tokens:,} tokens")
+        return
+    _print_summary(build_corpus(spec, options))
 
 
 def _print_summary(r) -> None:

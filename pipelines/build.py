@@ -37,6 +37,7 @@ class BuildOptions:
     truncation: str | None = None  # regrow or trim; default trim for local, regrow otherwise
     dedup: tuple[str, ...] = ("minhash", "embedding")  # near-duplicate methods, in order; () for none
     dedup_threshold: float = 0.91  # cosine, for embedding dedup
+    register: bool = True  # name a corpus after loading (a token-target round leaves that to the target)
     max_tokens: int | None = None
     variables: dict = field(default_factory=dict)
     db: str | None = None
@@ -146,7 +147,7 @@ def build_corpus(spec_path: str, opts: BuildOptions) -> BuildResult:
     _mark_near_duplicates(settings.db, rows, opts, root / "dedup")
     stages["near-dup"] = time.monotonic() - mark
     mark = time.monotonic()
-    result = _load(settings.db, build_id, rows, counter, ctx, opts.name or spec.spec_id)
+    result = _load(settings.db, build_id, rows, counter, ctx, (opts.name or spec.spec_id) if opts.register else None)
     stages["load"] = time.monotonic() - mark
     counts = result["counts"]
     summary = _summarise(settings.db, build_id, opts.name or spec.spec_id, result, len(plan), counter.name,

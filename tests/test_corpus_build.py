@@ -284,3 +284,33 @@ def test_offline_default_build_with_the_real_model(isolated_home):
     assert judges <= {"offline:minilm-cosine", "offline:rules"}
     calls = con.execute("SELECT count(*), sum(output_tokens) FROM llm_calls WHERE backend = 'local'").fetchone()
     assert calls[0] == 4 and calls[1] > 0
+
+
+def test_token_target_is_reached_within_one_document(api, isolated_home):
+    from pipelines.target import build_to_target
+
+    target = 20_000
+    outcome = build_to_target(str(SPEC), opts(api, docs=None), target)
+    assert outcome.stop == "target reached" and len(outcome.rounds) >= 2  # the first guess was too small
+    con = db(isolated_home)
+    sizes = [n for (n,) in con.execute(
+        "SELECT d.n_tokens FROM corpora c JOIN corpus_documents cd ON cd.corpus_id = c.corpus_id "
+        "JOIN documents d ON d.id = cd.document_id WHERE c.name = 'value_augmented'").fetchall()]
+    longest = con.execute("SELECT max(n_tokens) FROM documents WHERE status = 'kept'").fetchone()[0]
+    assert sum(sizes) == outcome.kept_tokens and target <= sum(sizes) < target + longest
+    assert len({b for (b,) in con.execute("SELECT build_id FROM documents").fetchall()}) == len(outcome.rounds)
+    con.close()
+    calls = api.stats.requests["messages"]
+    again = build_to_target(str(SPEC), opts(api, docs=None), target)  # the same rounds, all from the cache
+    assert api.stats.requests["messages"] == calls and again.corpus_id == outcome.corpus_id
+
+
+def test_token_target_bad_input(api):
+    env = {"ANTHROPIC_API_KEY": LOOPBACK_KEY}
+    common = ["--backend", "anthropic", "--model", MODEL, "--base-url", api.url]
+    assert_one_line_error(run_msm("corpus", "build", str(SPEC), "--tokens", "100", *common, env=env),
+                          "below one document")
+    assert_one_line_error(run_msm("corpus", "build", str(SPEC), "--tokens", "1M", "--docs", "5", *common, env=env),
+                          "--docs and --tokens")
+    assert_one_line_error(run_msm("corpus", "build", str(SPEC), "--tokens", "lots", *common, env=env),
+                          "is not a number of tokens")

@@ -64,14 +64,14 @@ def test_exact_search_and_clusters():
     assert sorted(map(sorted, clusters_from_pairs(52, [(0, 1), (1, 2), (7, 8)]))) == [[0, 1, 2], [7, 8]]
 
 
-def test_ann_agrees_with_exact_search():
+def test_lsh_agrees_with_exact_search():
     rng = np.random.default_rng(1)
     centres = rng.normal(size=(400, 48)).astype(np.float32)
     copies = centres[rng.integers(0, 400, 300)] + 0.05 * rng.normal(size=(300, 48)).astype(np.float32)
     vectors = np.vstack([centres, copies])
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     exact = {(i, j) for i, j, _ in similar_pairs(vectors, 0.9, method="exact")}
-    ann = {(i, j) for i, j, _ in similar_pairs(vectors, 0.9, method="ann")}
+    ann = {(i, j) for i, j, _ in similar_pairs(vectors, 0.9, method="lsh")}
     assert len(exact) >= 300 and ann <= exact
     assert len(ann & exact) / len(exact) >= 0.99
 

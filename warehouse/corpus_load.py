@@ -35,6 +35,21 @@ def read_staged(files) -> list[dict]:
     return rows
 
 
+def register_corpus(con, name: str, build_id: str, document_ids: list[str]) -> str:
+    """Point `name` at the immutable corpus version made of exactly these documents (inside the
+    caller's transaction); the version id is a hash of the sorted document ids."""
+    ids = sorted(document_ids)
+    corpus_id = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+    if not con.execute("SELECT 1 FROM corpus_versions WHERE id = ?", [corpus_id]).fetchone():
+        con.execute("INSERT INTO corpus_versions (id, build_id, n_docs, n_tokens) SELECT ?, ?, count(*), "
+                    "coalesce(sum(n_tokens), 0) FROM documents WHERE id IN (SELECT unnest(?::VARCHAR[]))",
+                    [corpus_id, build_id, ids])
+        insert_rows(con, "INSERT INTO corpus_documents", [{"corpus_id": corpus_id, "document_id": d} for d in ids])
+    con.execute("INSERT INTO corpora (name, corpus_id) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET "
+                "corpus_id = excluded.corpus_id, updated_at = now()", [name, corpus_id])
+    return corpus_id
+
+
 def load_build(con, build_id: str, staged: list[dict], counter, cache, corpus_name: str | None) -> dict:
     """Returns a summary: counts by status and reason, tokens, cost, corpus id."""
     started = con.execute("SELECT started_at FROM builds WHERE id = ?", [build_id]).fetchone()[0]
@@ -119,15 +134,7 @@ def load_build(con, build_id: str, staged: list[dict], counter, cache, corpus_na
         kept_ids = [d for (d,) in con.execute(
             "SELECT id FROM documents WHERE build_id = ? AND status = 'kept' ORDER BY id", [build_id]).fetchall()]
         if kept_ids and corpus_name:
-            corpus_id = hashlib.sha256("\n".join(kept_ids).encode()).hexdigest()[:16]
-            if not con.execute("SELECT 1 FROM corpus_versions WHERE id = ?", [corpus_id]).fetchone():
-                n_tok = con.execute("SELECT sum(n_tokens) FROM documents WHERE build_id = ? AND status = 'kept'",
-                                    [build_id]).fetchone()[0]
-                con.execute("INSERT INTO corpus_versions (id, build_id, n_docs, n_tokens) VALUES (?, ?, ?, ?)",
-                            [corpus_id, build_id, len(kept_ids), n_tok])
-                insert_rows(con, "INSERT INTO corpus_documents", [{"corpus_id": corpus_id, "document_id": d} for d in kept_ids])
-            con.execute("INSERT INTO corpora (name, corpus_id) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET "
-                        "corpus_id = excluded.corpus_id, updated_at = now()", [corpus_name, corpus_id])
+            corpus_id = register_corpus(con, corpus_name, build_id, kept_ids)
         con.execute("COMMIT")
     except Exception:
         con.execute("ROLLBACK")

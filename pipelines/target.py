@@ -1,0 +1,125 @@
+"""Building to a token target: rounds of ordinary builds until the kept corpus reaches it.
+
+`msm corpus build SPEC --tokens 40M` plans a first round from the genres' lengths, then backfill
+rounds sized by what the earlier rounds actually kept (tokens kept per planned document), until
+the kept tokens reach the target, the budget runs out, or the round limit is hit. Each round is
+an ordinary build (its own plan seed, so its own plan rows and build id), so every round resumes
+on its own, and a rerun of the same command replays the same rounds from the cache. The named
+corpus takes whole documents, round by round in a fixed shuffled order, until the target is
+reached: it lands within one document's length above it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+
+from msm.errors import MsmError
+
+ROUND_SEED_STEP = 1_000_003  # round r plans with seed + r * step: disjoint plan rows
+HEADROOM = 1.1  # plan 10% more than the estimate, so most targets take one round
+
+
+@dataclass
+class TargetResult:
+    target: int
+    kept_tokens: int  # in the named corpus
+    corpus_docs: int
+    corpus_id: str | None
+    corpus_name: str
+    stop: str  # target reached, budget reached, round limit, no progress
+    rounds: list  # one BuildResult per round
+
+
+def parse_tokens(text: str) -> int:
+    """'40M', '2.5k', '1200000' -> an integer number of tokens."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kKmMbB]?)\s*", str(text))
+    if not match:
+        raise MsmError(f"--tokens {text!r} is not a number of tokens", "write it like 40M, 250k or 1200000")
+    value = float(match.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9}[match.group(2).lower()]
+    return int(value)
+
+
+def first_guess_tokens_per_doc(genres, local: bool) -> float:
+    """Kept tokens a planned document yields, before any round has been measured."""
+    if local:
+        return 250.0  # SmolLM2 documents are capped near 384 tokens and many are dropped
+    words = sum((g.words[0] + g.words[1]) / 2 for g in genres) / len(genres)
+    return words * 1.35 * 0.8  # ~1.35 tokens a word; ~80% of documents survive filters and judge
+
+
+def build_to_target(spec_path: str, opts, target: int, max_rounds: int = 5) -> TargetResult:
+    from corpus.catalog import load_genres
+    from corpus.spec import load_spec
+    from msm.config import load_settings
+    from msm.llm.select import choose
+    from pipelines.build import build_corpus
+
+    spec = load_spec(spec_path, opts.variables)
+    genres = load_genres(opts.genres)
+    local = choose(opts.backend, opts.model, opts.base_url)[0] == "local"
+    per_doc = first_guess_tokens_per_doc(genres, local)
+    longest = max(g.words[1] for g in genres) * 1.35
+    if target < longest:
+        raise MsmError(f"--tokens {target:,} is below one document (up to ~{int(longest):,} tokens)",
+                       f"ask for at least {int(longest):,} tokens, or use --docs")
+    name = opts.name or spec.spec_id
+    rounds, kept, planned, spent = [], 0, 0, 0.0
+    stop = "round limit"
+    for r in range(max_rounds):
+        docs = max(1, math.ceil((target - kept) / per_doc * HEADROOM))
+        budget = None if opts.max_cost is None else opts.max_cost - spent
+        if budget is not None and budget <= 0:
+            stop = "budget reached"
+            break
+        result = build_corpus(spec_path, dataclasses.replace(
+            opts, docs=docs, seed=opts.seed + r * ROUND_SEED_STEP, max_cost=budget, register=False))
+        rounds.append(result)
+        kept += result.kept_tokens
+        planned += result.planned
+        spent += result.cost_usd
+        if kept >= target:
+            stop = "target reached"
+            break
+        if not result.complete:
+            stop = "budget reached" if opts.max_cost is not None else "incomplete round (rerun to resume)"
+            break
+        if result.kept_tokens == 0:
+            stop = "no progress (a round kept nothing)"
+            break
+        per_doc = kept / planned
+    corpus_id, corpus_tokens, corpus_docs = _register(load_settings(opts.db).db, name, rounds, target)
+    return TargetResult(target, corpus_tokens, corpus_docs, corpus_id, name, stop, rounds)
+
+
+def _register(db, name: str, rounds: list, target: int) -> tuple[str | None, int, int]:
+    """Whole kept documents, round by round in a fixed shuffled order, until the target."""
+    from warehouse.corpus_load import register_corpus
+    from warehouse.db import connect
+
+    if not rounds:
+        return None, 0, 0
+    con = connect(db)
+    try:
+        chosen, total = [], 0
+        for result in rounds:
+            for doc_id, n in con.execute("SELECT id, n_tokens FROM documents WHERE build_id = ? AND status = 'kept' "
+                                         "ORDER BY sha256(id)", [result.build_id]).fetchall():
+                if total >= target:
+                    break
+                chosen.append(doc_id)
+                total += n
+        if not chosen:
+            return None, 0, 0
+        con.execute("BEGIN TRANSACTION")
+        try:
+            corpus_id = register_corpus(con, name, rounds[-1].build_id, chosen)
+            con.execute("COMMIT")
+        except Exception:
+            con.execute("ROLLBACK")
+            raise
+        return corpus_id, total, len(chosen)
+    finally:
+        con.close()
