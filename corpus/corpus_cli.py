@@ -117,13 +117,23 @@ def _preview(spec, rows, genres, audiences, batch, backend, model, base_url):
 @click.option("--dedup-threshold", type=click.FloatRange(0.0, 1.0), default=0.91, show_default=True,
               help="Cosine at or above which two documents are near-duplicates (embedding dedup).")
 @click.option("--revise", is_flag=True, help="Add an editor's critique and a rewrite before the filters (3x calls).")
+@click.option("--executor", type=click.Choice(["local", "slurm"]), default="local", show_default=True,
+              help="Where the datatrove tasks run. slurm submits an sbatch array and returns; rerun to load.")
+@click.option("--slurm-partition", default="cpu", show_default=True)
+@click.option("--slurm-time", default="24:00:00", show_default=True)
+@click.option("--slurm-cpus", type=int, default=2, show_default=True, help="CPUs per task.")
+@click.option("--slurm-mem-gb", type=int, default=4, show_default=True, help="Memory per CPU, GB.")
+@click.option("--venv", default=None, help="Activate script for the workers (default: this environment's).")
+@click.option("--dry-run", is_flag=True, help="slurm: write the sbatch script and the pickled pipeline only.")
 @click.option("--name", default=None, help="Corpus name (default: the spec's id).")
 @db_option
 def build(spec, variables, docs, tokens, genres, audiences, seed, backend, model, base_url, max_cost, batch, tasks,
-          workers, concurrency, judge, truncation, dedup, dedup_threshold, revise, name, db):
+          workers, concurrency, judge, truncation, dedup, dedup_threshold, revise, executor, slurm_partition,
+          slurm_time, slurm_cpus, slurm_mem_gb, venv, dry_run, name, db):
     """Plan, generate, filter, judge, dedup and load a corpus; resumable."""
     from msm.errors import MsmError
     from pipelines.build import BuildOptions, build_corpus
+    from pipelines.cluster import SlurmSettings
 
     if tasks < 1 or workers < 1 or concurrency < 1:
         raise MsmError("--tasks, --workers and --concurrency must be at least 1", "pass a positive number")
@@ -138,7 +148,12 @@ def build(spec, variables, docs, tokens, genres, audiences, seed, backend, model
     options = BuildOptions(
         docs=docs, seed=seed, genres=genres, audiences=audiences, backend=backend, model=model, base_url=base_url,
         max_cost=max_cost, batch=batch, tasks=tasks, workers=workers, concurrency=concurrency, name=name,
-        judge=judge, truncation=truncation, dedup=methods, dedup_threshold=dedup_threshold, revise=revise, variables=parse_vars(variables), db=db)
+        judge=judge, truncation=truncation, dedup=methods, dedup_threshold=dedup_threshold, revise=revise, variables=parse_vars(variables), db=db,
+        executor=executor, dry_run=dry_run,
+        slurm=SlurmSettings(partition=slurm_partition, time=slurm_time, cpus_per_task=slurm_cpus,
+                            mem_per_cpu_gb=slurm_mem_gb, venv=venv))
+    if dry_run and executor != "slurm":
+        raise MsmError("--dry-run only applies to --executor slurm", "add --executor slurm, or drop --dry-run")
     if tokens is not None:
         from pipelines.target import build_to_target, parse_tokens
 
@@ -155,6 +170,9 @@ def build(spec, variables, docs, tokens, genres, audiences, seed, backend, model
 
 
 def _print_summary(r) -> None:
+    if "submitted" in r.status_counts:
+        click.echo(f"build {r.build_id}: {r.note}")
+        return
     counts = r.status_counts
     kept = counts.get("kept", 0)
     click.echo("")

@@ -38,6 +38,9 @@ class BuildOptions:
     dedup: tuple[str, ...] = ("minhash", "embedding")  # near-duplicate methods, in order; () for none
     dedup_threshold: float = 0.91  # cosine, for embedding dedup
     register: bool = True  # name a corpus after loading (a token-target round leaves that to the target)
+    executor: str = "local"  # or slurm
+    slurm: object = None  # pipelines.cluster.SlurmSettings
+    dry_run: bool = False  # slurm: write the script, submit nothing
     max_tokens: int | None = None
     variables: dict = field(default_factory=dict)
     db: str | None = None
@@ -61,6 +64,7 @@ class BuildResult:
     per_genre: dict
     complete: bool
     stage_seconds: dict = field(default_factory=dict)  # plan, pipeline steps (summed over tasks), load
+    note: str | None = None  # e.g. a Slurm submission: what to do next
 
 
 def code_version() -> str:
@@ -129,7 +133,7 @@ def build_corpus(spec_path: str, opts: BuildOptions) -> BuildResult:
         ctx, build_id=build_id, plan_path=str(plan_path), staged_dir=str(staged),
         cache_dir=str(settings.home / "cache"), max_cost=opts.max_cost, concurrency=opts.concurrency,
         workers=opts.workers, batch=opts.batch, batch_poll_s=opts.batch_poll_s, idle_timeout=opts.idle_timeout,
-        progress=opts.progress, n_planned=len(plan))
+        progress=opts.progress and opts.executor == "local", n_planned=len(plan), executor=opts.executor)
     ctx_path = root / "context.json"
     ctx.save(str(ctx_path))
     counter = default_counter()
@@ -137,7 +141,13 @@ def build_corpus(spec_path: str, opts: BuildOptions) -> BuildResult:
 
     stages = {"plan": time.monotonic() - started}
     mark = time.monotonic()
-    _run_pipeline(str(ctx_path), staged, logs, opts.tasks, opts.workers, plan)
+    if opts.executor == "slurm":
+        submitted = _submit_to_slurm(str(ctx_path), staged, logs, opts, plan, build_id)
+        if submitted is not None:
+            return BuildResult(build_id, None, None, len(plan), {"submitted": len(plan)}, {}, 0, counter.name, 0.0,
+                               time.monotonic() - started, {}, False, note=submitted)
+    else:
+        _run_pipeline(str(ctx_path), staged, logs, opts.tasks, opts.workers, plan)
     stages["pipeline"] = time.monotonic() - mark
     stages.update(_step_seconds(logs))
     from warehouse.corpus_load import read_staged
@@ -266,6 +276,24 @@ def _run_pipeline(ctx_path: str, staged: Path, logs: Path, tasks: int, workers: 
         if attempt == 1:
             raise MsmError(f"{len(missing)} plan rows never reached a staged shard (e.g. {missing[0]})",
                            f"see the task logs under {logs}")
+
+
+def _submit_to_slurm(ctx_path: str, staged: Path, logs: Path, opts: BuildOptions, plan, build_id: str) -> str | None:
+    """Submit the tasks that still have work; None when every row is staged (time to load)."""
+    from pipelines.cluster import SlurmSettings, submit_slurm
+
+    rank_of = {r.id: i % opts.tasks for i, r in enumerate(plan)}
+    have = _staged_status(staged)
+    reopen = {rank_of[rid] for rid in rank_of if rid not in have or have[rid][1] in ("pending", "error")}
+    if not reopen:
+        return None
+    _reopen(logs, staged, reopen)
+    job, script = submit_slurm(_pipeline(ctx_path, staged), opts.tasks, opts.workers, logs, f"msm-{build_id}",
+                               opts.slurm or SlurmSettings(), opts.dry_run)
+    if job is None:
+        return f"dry run: wrote {script} for {len(reopen)} task(s); submit it with `sbatch {script}`, then rerun"
+    return (f"submitted Slurm job {job} for {len(reopen)} task(s) (script {script}); when it ends, run the "
+            "same command again to load the corpus")
 
 
 def _mark_near_duplicates(db, rows: list[dict], opts: BuildOptions, workdir: Path) -> None:

@@ -23,14 +23,15 @@ _TASKS: dict[tuple[str, int], "TaskCalls"] = {}
 
 
 class TaskCalls:
-    def __init__(self, ctx, world_size: int):
+    def __init__(self, ctx, rank: int, world_size: int):
         from msm.llm.cache import CallCache
         from msm.llm.client import LLMClient
         from msm.llm.select import make_backend
 
         backend, model = make_backend(ctx.backend, ctx.model, ctx.base_url, idle_timeout=ctx.idle_timeout)
         budget = ctx.max_cost / world_size if ctx.max_cost is not None else None
-        self.cache = CallCache(ctx.cache_dir)
+        shard = None if ctx.executor == "local" else f"rank{rank:05d}"  # SQLite locks are unsafe on NFS
+        self.cache = CallCache(ctx.cache_dir, shard=shard)
         self.client = LLMClient(backend, model=model, cache=self.cache, max_cost=budget,
                                 concurrency=max(1, ctx.concurrency // max(1, ctx.workers)),
                                 batch_poll_s=ctx.batch_poll_s)
@@ -62,7 +63,7 @@ def task_calls(ctx, rank: int, world_size: int) -> TaskCalls:
     """The task's shared calls, made on first use; `release` ends them."""
     key = (ctx.build_id, rank)
     if key not in _TASKS:
-        _TASKS[key] = TaskCalls(ctx, world_size)
+        _TASKS[key] = TaskCalls(ctx, rank, world_size)
     return _TASKS[key]
 
 

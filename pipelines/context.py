@@ -43,6 +43,7 @@ class BuildContext:
     idle_timeout: float = 120.0
     progress: bool = True
     n_planned: int = 0  # plan rows in the whole build (a task has every world_size-th one)
+    executor: str = "local"  # cluster workers write their own call-cache shard
 
     def save(self, path: str) -> None:
         with open(path, "w", encoding="utf-8") as fh:

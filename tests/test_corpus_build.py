@@ -222,6 +222,8 @@ def test_build_bad_input(tmp_path, api):
                                   "--base-url", api.url, env=env), "--docs N")
     assert_one_line_error(run_msm("corpus", "build", str(SPEC), "--docs", "4", "--dedup", "minhash,simhash", *common,
                                   env=env), "unknown method 'simhash'")
+    assert_one_line_error(run_msm("corpus", "build", str(SPEC), "--docs", "4", "--dry-run", *common, env=env),
+                          "--dry-run only applies to --executor slurm")
     assert_one_line_error(run_msm("corpus", "build", str(SPEC), "--docs", "4", "--workers", "0", *common, env=env),
                           "must be at least 1")
     assert_one_line_error(run_msm("corpus", "build", str(SPEC), "--docs", "4", "--max-cost", "0", *common, env=env),
@@ -314,3 +316,46 @@ def test_token_target_bad_input(api):
                           "--docs and --tokens")
     assert_one_line_error(run_msm("corpus", "build", str(SPEC), "--tokens", "lots", *common, env=env),
                           "is not a number of tokens")
+
+
+def test_slurm_dry_run_script_runs_as_array_tasks_then_loads(api, isolated_home, tmp_path):
+    """The sbatch script is checked line by line; its array tasks are then run here the way a
+    Slurm node would (SLURM_ARRAY_TASK_ID set), and the same command loads the result."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {"ANTHROPIC_API_KEY": LOOPBACK_KEY}
+    command = ["corpus", "build", str(SPEC), "--docs", "8", "--tasks", "2", "--backend", "anthropic", "--model", MODEL,
+               "--base-url", api.url, "--dedup", "minhash", "--executor", "slurm", "--slurm-partition", "gpu",
+               "--slurm-time", "02:00:00"]
+    dry = run_msm(*command, "--dry-run", env=env)
+    assert dry.returncode == 0, dry.stderr
+    script = Path(re.search(r"wrote (\S+launch_script\.slurm)", dry.stdout).group(1))
+    text = script.read_text()
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --array=0-1", "#SBATCH --time=02:00:00",
+                 "#SBATCH --cpus-per-task=2", "#SBATCH --mem-per-cpu=4G",
+                 f"source {Path(sys.executable).parent / 'activate'}"):
+        assert line in text, text
+    pickled = script.parent / "executor.pik"
+    assert f"launch_pickled_pipeline {pickled}" in text and pickled.exists()
+    assert api.stats.requests["messages"] == 0  # nothing ran yet
+    # What a Slurm node provides: the array index, the node list, and `scontrol` to expand it.
+    tools = tmp_path / "slurm-bin"
+    tools.mkdir()
+    (tools / "scontrol").write_text("#!/bin/sh\necho \"$3\"\n")
+    (tools / "scontrol").chmod(0o755)
+    node = {"SLURM_NODELIST": "node1", "PATH": f"{tools}:{os.environ['PATH']}"}
+    for task in ("0", "1"):
+        subprocess.run([str(Path(sys.executable).parent / "launch_pickled_pipeline"), str(pickled)], check=True,
+                       env={**os.environ, **env, **node, "SLURM_ARRAY_TASK_ID": task}, capture_output=True, timeout=120)
+    shards = sorted(p.name for p in (isolated_home / "cache" / "shards").glob("*.sqlite"))
+    assert shards == ["calls-rank00000.sqlite", "calls-rank00001.sqlite"]
+    calls = api.stats.requests["messages"]
+    load = run_msm(*command, env=env)  # every task is complete: nothing is submitted, the shards are loaded
+    assert load.returncode == 0, load.stderr
+    assert "complete" in load.stdout and api.stats.requests["messages"] == calls
+    con = db(isolated_home)
+    assert con.execute("SELECT count(*) FROM plan_rows WHERE status IN ('kept', 'dropped')").fetchone()[0] == 8
+    assert con.execute("SELECT count(*) FROM llm_calls").fetchone()[0] >= 8  # read from the rank shards
