@@ -13,6 +13,7 @@ first member, and a verdict on it applies to its twins too.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
@@ -139,8 +140,9 @@ def minhash_duplicates(rows: list[dict], workdir: Path) -> list[Duplicate]:
                                      exclusion_writer=JsonlWriter(str(workdir / "removed"), compression=None)),
           JsonlWriter(str(workdir / "kept"), compression=None)], 1),
     ]
-    for i, (pipeline, tasks) in enumerate(stages):
-        LocalPipelineExecutor(pipeline, tasks=tasks, workers=1, logging_dir=str(workdir / f"logs{i}")).run()
+    with _quiet_stages():
+        for i, (pipeline, tasks) in enumerate(stages):
+            LocalPipelineExecutor(pipeline, tasks=tasks, workers=1, logging_dir=str(workdir / f"logs{i}")).run()
     members: dict[int, list[tuple[str, bool]]] = {}
     for folder, removed in (("kept", False), ("removed", True)):
         for path in sorted((workdir / folder).glob("*.jsonl")):
@@ -155,6 +157,19 @@ def minhash_duplicates(rows: list[dict], workdir: Path) -> list[Duplicate]:
         name = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:12]
         out += [Duplicate(d, ids[0], "minhash", name) for d in ids[1:]]
     return out
+
+
+@contextlib.contextmanager
+def _quiet_stages():
+    """MinHash stage 3 draws its own tqdm bar, which means nothing to the person running a build."""
+    import datatrove.pipeline.dedup.minhash as minhash
+
+    bar = minhash.tqdm
+    minhash.tqdm = lambda iterable, **kwargs: iterable
+    try:
+        yield
+    finally:
+        minhash.tqdm = bar
 
 
 def _JsonlRows(path: str):  # noqa: N802 - a datatrove reader for the rows written above

@@ -6,6 +6,14 @@ import os
 import sys
 
 
+# datatrove warnings that are expected in a build: MinHash finding no duplicates at all
+EXPECTED = ("No .remove file",)
+
+
+def _to_terminal(record) -> bool:
+    return not record["message"].startswith(EXPECTED)
+
+
 def quiet_task_logs() -> None:
     """datatrove sends every task's INFO log to stderr; keep it in the task's log file only.
 
@@ -18,7 +26,7 @@ def quiet_task_logs() -> None:
     from loguru import logger
 
     logger.remove()
-    logger.add(sys.stderr, level="WARNING", format="{level}: {message}")
+    logger.add(sys.stderr, level="WARNING", format="{level}: {message}", filter=_to_terminal)
     original = dt_logging.add_task_logger
     if getattr(executor_base.add_task_logger, "msm_quiet", False):
         return
@@ -32,13 +40,13 @@ def quiet_task_logs() -> None:
             sys.stderr = real_stderr
         logger.remove()
         logger.add(logfile, level="DEBUG")
-        logger.add(sys.stderr, level="WARNING", format="{level}: {message}")
+        logger.add(sys.stderr, level="WARNING", format="{level}: {message}", filter=_to_terminal)
         return logfile
 
     def close_task_logger(logfile):
         closing(logfile)  # datatrove re-adds its INFO logger to stderr here; take it back off
         logger.remove()
-        logger.add(sys.stderr, level="WARNING", format="{level}: {message}")
+        logger.add(sys.stderr, level="WARNING", format="{level}: {message}", filter=_to_terminal)
 
     closing = dt_logging.close_task_logger
     add_task_logger.msm_quiet = True
