@@ -203,8 +203,9 @@ def _connect(db):
 def _corpus_id(con, name: str) -> str:
     from msm.errors import MsmError
 
-    row = con.execute("SELECT corpus_id FROM corpora WHERE name = ? UNION ALL SELECT id FROM corpus_versions WHERE id = ?",
-                      [name, name]).fetchone()
+    rows = con.execute("SELECT corpus_id FROM corpora WHERE name = ? UNION ALL SELECT id FROM corpus_versions "
+                       "WHERE id = ?", [name, name]).fetchall()  # fetchall: duckdb 2 keeps a part-read result open
+    row = rows[0] if rows else None
     if not row:
         raise MsmError(f"no corpus named '{name}'", "see `msm corpus list`")
     return row[0]
@@ -284,9 +285,32 @@ def show(doc_id, db):
     con.close()
 
 
+@corpus_group.command("import")
+@click.argument("path")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--name", default=None, help="Corpus name (default: the file's name).")
+@click.option("--dedup", default="minhash", show_default=True, help="Near-duplicate methods (minhash, embedding) or none.")
+@db_option
+def import_(path, text_column, name, dedup, db):
+    """Bring parquet, JSONL or an HF datasets folder in as a corpus with `imported` provenance."""
+    from corpus.importer import import_corpus
+    from msm.config import load_settings
+    from msm.errors import MsmError
+    from pipelines.dedup import METHODS
+
+    methods = tuple(m.strip() for m in dedup.split(",") if m.strip() and m.strip() != "none")
+    if any(m not in METHODS for m in methods):
+        raise MsmError(f"--dedup: unknown method in {dedup!r}", f"use {', '.join(METHODS)} or none")
+    settings = load_settings(db)
+    out = import_corpus(path, text_column, name, settings.db, methods, home=settings.home)
+    click.echo(f"imported {out['rows']} rows from {path}: {out['kept']} kept, {out['dropped']} dropped "
+               f"(empty or duplicate); corpus '{out['name']}' -> {out['corpus_id']}")
+
+
 @corpus_group.command("export")
 @click.argument("name")
-@click.option("--format", "fmt", type=click.Choice(["parquet", "jsonl"]), default="parquet", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["parquet", "jsonl", "hf"]), default="parquet", show_default=True,
+              help="hf: a datasets save_to_disk folder with the paper's {text, source, domain} columns too.")
 @click.option("--out", required=True, help="Output directory (created).")
 @db_option
 def export(name, fmt, out, db):
@@ -301,15 +325,25 @@ def export(name, fmt, out, db):
     if target.exists() and not target.is_dir():
         raise MsmError(f"--out {target} is a file", "pass a directory")
     target.mkdir(parents=True, exist_ok=True)
-    path = target / f"{name}.{fmt}"
-    query = ("SELECT d.text, d.id AS document_id, d.build_id, d.plan_row_id, d.spec_version, d.unit_id, p.unit_kind, "
+    path = target / (name if fmt == "hf" else f"{name}.{fmt}")
+    query = ("SELECT d.text, CASE WHEN d.backend = 'import' THEN d.model ELSE 'msm:' || d.build_id END AS source, "
+             "split_part(d.unit_id, '/', 1) AS domain, d.id AS document_id, d.build_id, d.plan_row_id, d.spec_version, d.unit_id, p.unit_kind, "
              "d.genre, d.audience, d.condition, d.n_tokens, d.token_counter, d.model, d.seed, d.prompt_hash "
              "FROM corpus_documents cd JOIN documents d ON d.id = cd.document_id "
              "JOIN plan_rows p ON p.build_id = d.build_id AND p.id = d.plan_row_id "
              f"WHERE cd.corpus_id = '{cid}' ORDER BY sha256(d.id || '{cid}')")
-    option = "(FORMAT parquet)" if fmt == "parquet" else "(FORMAT json)"
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    con.execute(f"COPY ({query}) TO '{tmp}' {option}")
+    tmp = path.with_name(path.name + ".tmp")
+    if fmt == "hf":
+        import shutil
+
+        import datasets
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        datasets.Dataset(con.sql(query).to_arrow_table()).save_to_disk(str(tmp))
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        option = "(FORMAT parquet)" if fmt == "parquet" else "(FORMAT json)"
+        con.execute(f"COPY ({query}) TO '{tmp}' {option}")
     tmp.replace(path)
     n = con.execute(f"SELECT count(*) FROM ({query})").fetchone()[0]
     con.close()

@@ -359,3 +359,45 @@ def test_slurm_dry_run_script_runs_as_array_tasks_then_loads(api, isolated_home,
     con = db(isolated_home)
     assert con.execute("SELECT count(*) FROM plan_rows WHERE status IN ('kept', 'dropped')").fetchone()[0] == 8
     assert con.execute("SELECT count(*) FROM llm_calls").fetchone()[0] >= 8  # read from the rank shards
+
+
+def test_export_and_import_round_trip(api, isolated_home, tmp_path):
+    env = {"ANTHROPIC_API_KEY": LOOPBACK_KEY}
+    built = run_msm("corpus", "build", str(SPEC), "--docs", "12", "--backend", "anthropic", "--model", MODEL,
+                    "--base-url", api.url, "--name", "made", "--dedup", "minhash", env=env)
+    assert built.returncode == 0, built.stderr
+    for fmt in ("hf", "jsonl", "parquet"):
+        out = run_msm("corpus", "export", "made", "--format", fmt, "--out", str(tmp_path / "out"))
+        assert out.returncode == 0, out.stderr
+    import datasets
+
+    exported = datasets.load_from_disk(str(tmp_path / "out" / "made"))
+    assert {"text", "source", "domain", "document_id", "unit_id", "genre"} <= set(exported.column_names)
+    assert all(s.startswith("msm:b") for s in exported["source"])
+    for source, name in ((tmp_path / "out" / "made", "back_hf"), (tmp_path / "out" / "made.jsonl", "back_jsonl"),
+                         (tmp_path / "out" / "made.parquet", "back_parquet")):
+        back = run_msm("corpus", "import", str(source), "--name", name)
+        assert back.returncode == 0, back.stderr
+        assert f"corpus '{name}'" in back.stdout
+    con = db(isolated_home)
+    texts = {}
+    for name in ("made", "back_hf", "back_jsonl", "back_parquet"):
+        texts[name] = sorted(t for (t,) in con.execute(
+            "SELECT d.text FROM corpora c JOIN corpus_documents cd ON cd.corpus_id = c.corpus_id "
+            "JOIN documents d ON d.id = cd.document_id WHERE c.name = ?", [name]).fetchall())
+    assert texts["made"] and texts["back_hf"] == texts["made"] == texts["back_jsonl"] == texts["back_parquet"]
+    provenance = con.execute("SELECT DISTINCT b.backend, d.unit_id LIKE '%/%' FROM corpora c "
+                             "JOIN corpus_documents cd ON cd.corpus_id = c.corpus_id JOIN documents d "
+                             "ON d.id = cd.document_id JOIN builds b ON b.id = d.build_id "
+                             "WHERE c.name = 'back_hf'").fetchall()
+    assert provenance == [("import", False)]  # imported, with the paper-style domain as its unit
+
+
+def test_import_bad_input(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"body": "a document"}\n')
+    assert_one_line_error(run_msm("corpus", "import", str(rows)), "no column 'text'", "body")
+    assert_one_line_error(run_msm("corpus", "import", str(tmp_path / "missing.parquet")), "import source not found")
+    odd = tmp_path / "rows.csv"
+    odd.write_text("text\nx\n")
+    assert_one_line_error(run_msm("corpus", "import", str(odd)), "cannot tell the format")
