@@ -117,8 +117,9 @@ def _preview(spec, rows, genres, audiences, batch, backend, model, base_url):
 @click.option("--dedup-threshold", type=click.FloatRange(0.0, 1.0), default=0.91, show_default=True,
               help="Cosine at or above which two documents are near-duplicates (embedding dedup).")
 @click.option("--revise", is_flag=True, help="Add an editor's critique and a rewrite before the filters (3x calls).")
-@click.option("--executor", type=click.Choice(["local", "slurm"]), default="local", show_default=True,
-              help="Where the datatrove tasks run. slurm submits an sbatch array and returns; rerun to load.")
+@click.option("--executor", type=click.Choice(["local", "slurm", "ray"]), default="local", show_default=True,
+              help="Where the datatrove tasks run. slurm submits an sbatch array and returns (rerun to load); "
+                   "ray runs on the cluster in RAY_ADDRESS, or a local Ray instance.")
 @click.option("--slurm-partition", default="cpu", show_default=True)
 @click.option("--slurm-time", default="24:00:00", show_default=True)
 @click.option("--slurm-cpus", type=int, default=2, show_default=True, help="CPUs per task.")

@@ -38,7 +38,7 @@ class BuildOptions:
     dedup: tuple[str, ...] = ("minhash", "embedding")  # near-duplicate methods, in order; () for none
     dedup_threshold: float = 0.91  # cosine, for embedding dedup
     register: bool = True  # name a corpus after loading (a token-target round leaves that to the target)
-    executor: str = "local"  # or slurm
+    executor: str = "local"  # or slurm, or ray
     slurm: object = None  # pipelines.cluster.SlurmSettings
     dry_run: bool = False  # slurm: write the script, submit nothing
     max_tokens: int | None = None
@@ -147,7 +147,7 @@ def build_corpus(spec_path: str, opts: BuildOptions) -> BuildResult:
             return BuildResult(build_id, None, None, len(plan), {"submitted": len(plan)}, {}, 0, counter.name, 0.0,
                                time.monotonic() - started, {}, False, note=submitted)
     else:
-        _run_pipeline(str(ctx_path), staged, logs, opts.tasks, opts.workers, plan)
+        _run_pipeline(str(ctx_path), staged, logs, opts.tasks, opts.workers, plan, opts.executor)
     stages["pipeline"] = time.monotonic() - mark
     stages.update(_step_seconds(logs))
     from warehouse.corpus_load import read_staged
@@ -253,7 +253,8 @@ def _reopen(logs: Path, staged: Path, ranks: set[int]) -> None:
             shard.unlink()
 
 
-def _run_pipeline(ctx_path: str, staged: Path, logs: Path, tasks: int, workers: int, plan) -> None:
+def _run_pipeline(ctx_path: str, staged: Path, logs: Path, tasks: int, workers: int, plan,
+                  executor: str = "local") -> None:
     from datatrove.executor import LocalPipelineExecutor
 
     from pipelines.quiet import quiet_task_logs
@@ -265,8 +266,13 @@ def _run_pipeline(ctx_path: str, staged: Path, logs: Path, tasks: int, workers: 
         # rows that are missing, pending or in error reopen their task; finished calls are cached
         reopen = {rank_of[rid] for rid in rank_of if rid not in have or have[rid][1] in ("pending", "error")}
         _reopen(logs, staged, reopen)
-        LocalPipelineExecutor(_pipeline(ctx_path, staged), tasks=tasks, workers=workers,
-                              logging_dir=str(logs)).run()
+        if executor == "ray":
+            from pipelines.cluster import ray_executor
+
+            ray_executor(_pipeline(ctx_path, staged), tasks, workers, logs).run()
+        else:
+            LocalPipelineExecutor(_pipeline(ctx_path, staged), tasks=tasks, workers=workers,
+                                  logging_dir=str(logs)).run()
         have = _staged_status(staged)
         missing = [rid for rid in rank_of if rid not in have]
         if not missing:

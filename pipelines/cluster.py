@@ -1,4 +1,4 @@
-"""Running a build's datatrove tasks on Slurm: submit, then load on a later run.
+"""Running a build's datatrove tasks on a cluster: Slurm (submit, then load on a later run) or Ray.
 
 The pipeline is the same one the local executor runs; datatrove's SlurmPipelineExecutor pickles
 it and writes an sbatch array script (one array task per datatrove task). Submission returns at
@@ -53,3 +53,26 @@ def submit_slurm(pipeline: list, tasks: int, workers: int, logs: Path, job_name:
     finally:
         slurm.launch_slurm_job = real_launch
     return None, script
+
+
+def ray_executor(pipeline: list, tasks: int, workers: int, logs: Path, cpus_per_task: int = 1,
+                 mem_per_cpu_gb: float = 2):
+    """datatrove's RayPipelineExecutor on the cluster in RAY_ADDRESS, or a local Ray instance.
+
+    It blocks until the tasks end, like the local executor, so the build loads right after.
+    """
+    import os
+
+    try:
+        import ray
+    except ImportError:
+        from msm.errors import MsmError
+
+        raise MsmError("--executor ray needs the ray package", "pip install 'msm[ray]' (or pip install ray)") from None
+    from datatrove.executor.ray import RayPipelineExecutor
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, log_to_driver=False,
+                 logging_level="ERROR", configure_logging=True)
+    return RayPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=workers if workers > 1 else -1,
+                               logging_dir=str(logs), cpus_per_task=cpus_per_task, mem_per_cpu_gb=mem_per_cpu_gb)

@@ -401,3 +401,26 @@ def test_import_bad_input(tmp_path):
     odd = tmp_path / "rows.csv"
     odd.write_text("text\nx\n")
     assert_one_line_error(run_msm("corpus", "import", str(odd)), "cannot tell the format")
+
+
+def test_ray_executor_runs_a_small_build_on_a_local_instance(api, isolated_home):
+    pytest.importorskip("ray")
+    env = {"ANTHROPIC_API_KEY": LOOPBACK_KEY, "RAY_ADDRESS": ""}
+    out = run_msm("corpus", "build", str(SPEC), "--docs", "8", "--tasks", "2", "--backend", "anthropic", "--model",
+                  MODEL, "--base-url", api.url, "--dedup", "minhash", "--executor", "ray", env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "complete" in out.stdout
+    con = db(isolated_home)
+    assert con.execute("SELECT count(*) FROM plan_rows WHERE status IN ('kept', 'dropped')").fetchone()[0] == 8
+    shards = sorted(p.name for p in (isolated_home / "cache" / "shards").glob("*.sqlite"))
+    assert shards == ["calls-rank00000.sqlite", "calls-rank00001.sqlite"]
+
+
+def test_ray_executor_without_ray_is_one_clear_error(api, tmp_path):
+    blocker = tmp_path / "block"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['ray'] = None  # as if ray were not installed\n")
+    env = {"ANTHROPIC_API_KEY": LOOPBACK_KEY, "PYTHONPATH": str(blocker)}
+    out = run_msm("corpus", "build", str(SPEC), "--docs", "4", "--backend", "anthropic", "--model", MODEL,
+                  "--base-url", api.url, "--executor", "ray", env=env)
+    assert_one_line_error(out, "--executor ray needs the ray package", "pip install")
