@@ -117,6 +117,9 @@ def _preview(spec, rows, genres, audiences, batch, backend, model, base_url):
 @click.option("--dedup-threshold", type=click.FloatRange(0.0, 1.0), default=0.91, show_default=True,
               help="Cosine at or above which two documents are near-duplicates (embedding dedup).")
 @click.option("--revise", is_flag=True, help="Add an editor's critique and a rewrite before the filters (3x calls).")
+@click.option("--plan", "plan_mode", type=click.Choice(["cells", "brainstorm"]), default="cells", show_default=True,
+              help="brainstorm: a capable model lists each unit's claims (quoted from the unit) and proposes an "
+                   "idea per cell, with top-up rounds; cells: the balanced matrix alone.")
 @click.option("--executor", type=click.Choice(["local", "slurm", "ray"]), default="local", show_default=True,
               help="Where the datatrove tasks run. slurm submits an sbatch array and returns (rerun to load); "
                    "ray runs on the cluster in RAY_ADDRESS, or a local Ray instance.")
@@ -129,7 +132,7 @@ def _preview(spec, rows, genres, audiences, batch, backend, model, base_url):
 @click.option("--name", default=None, help="Corpus name (default: the spec's id).")
 @db_option
 def build(spec, variables, docs, tokens, genres, audiences, seed, backend, model, base_url, max_cost, batch, tasks,
-          workers, concurrency, judge, truncation, dedup, dedup_threshold, revise, executor, slurm_partition,
+          workers, concurrency, judge, truncation, dedup, dedup_threshold, revise, plan_mode, executor, slurm_partition,
           slurm_time, slurm_cpus, slurm_mem_gb, venv, dry_run, name, db):
     """Plan, generate, filter, judge, dedup and load a corpus; resumable."""
     from msm.errors import MsmError
@@ -150,7 +153,7 @@ def build(spec, variables, docs, tokens, genres, audiences, seed, backend, model
         docs=docs, seed=seed, genres=genres, audiences=audiences, backend=backend, model=model, base_url=base_url,
         max_cost=max_cost, batch=batch, tasks=tasks, workers=workers, concurrency=concurrency, name=name,
         judge=judge, truncation=truncation, dedup=methods, dedup_threshold=dedup_threshold, revise=revise, variables=parse_vars(variables), db=db,
-        executor=executor, dry_run=dry_run,
+        executor=executor, dry_run=dry_run, plan_mode=plan_mode,
         slurm=SlurmSettings(partition=slurm_partition, time=slurm_time, cpus_per_task=slurm_cpus,
                             mem_per_cpu_gb=slurm_mem_gb, venv=venv))
     if dry_run and executor != "slurm":

@@ -29,6 +29,9 @@ class PlanRow:
     condition: str
     replicate: int
     seed: int
+    doc_type: str | None = None  # from brainstorming, when a capable model planned the cell
+    idea: str | None = None
+    assertion: str | None = None
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -41,6 +41,7 @@ class BuildOptions:
     executor: str = "local"  # or slurm, or ray
     slurm: object = None  # pipelines.cluster.SlurmSettings
     dry_run: bool = False  # slurm: write the script, submit nothing
+    plan_mode: str = "cells"  # or brainstorm: a capable model proposes assertions and an idea per cell
     max_tokens: int | None = None
     variables: dict = field(default_factory=dict)
     db: str | None = None
@@ -116,11 +117,17 @@ def build_corpus(spec_path: str, opts: BuildOptions) -> BuildResult:
     ctx = make_context(spec, plan_units(spec), genres, audiences, backend_name, model, base_url,
                        max_tokens=opts.max_tokens, judge=opts.judge, revise=opts.revise,
                        truncation=opts.truncation)
+    assertions, ideas = [], []
+    if opts.plan_mode == "brainstorm":
+        plan, assertions, ideas = _brainstorm(plan, ctx, backend_name, model, base_url, local,
+                                              settings.home / "cache", opts.concurrency)
     settings_key = {"compact": ctx.compact, "scratchpad": ctx.scratchpad, "max_tokens": ctx.max_tokens,
                     "temperature": ctx.temperature, "judge": ctx.judge, "revise": ctx.revise,
                     "truncation": ctx.truncation,
                     "genres": [g.name for g in genres], "audiences": [a.name for a in audiences]}
-    build_key = {"spec": spec.version, "plan": [r.id for r in plan], "prompts": ctx.prompt_hash,
+    ideas_hash = hashlib.sha256(json.dumps([[r.id, r.idea, r.doc_type, r.assertion] for r in plan]).encode())
+    build_key = {"spec": spec.version, "plan": [r.id for r in plan], "ideas": ideas_hash.hexdigest()[:16],
+                 "plan_mode": opts.plan_mode, "prompts": ctx.prompt_hash,
                  "backend": backend_name, "model": model, "code": code_version(), **settings_key}
     build_id = "b" + hashlib.sha256(json.dumps(build_key, sort_keys=True).encode()).hexdigest()[:15]
     root = settings.home / "builds" / build_id
@@ -137,7 +144,7 @@ def build_corpus(spec_path: str, opts: BuildOptions) -> BuildResult:
     ctx_path = root / "context.json"
     ctx.save(str(ctx_path))
     counter = default_counter()
-    _record_start(settings.db, spec, build_id, build_key, backend_name, model, counter.name, plan)
+    _record_start(settings.db, spec, build_id, build_key, backend_name, model, counter.name, plan, assertions, ideas)
 
     stages = {"plan": time.monotonic() - started}
     mark = time.monotonic()
@@ -186,7 +193,29 @@ def _zero_usage():
     return Usage()
 
 
-def _record_start(db, spec, build_id, build_key, backend, model, counter_name, plan) -> None:
+def _brainstorm(plan, ctx, backend_name: str, model: str, base_url, local: bool, cache_dir: Path, concurrency: int):
+    """Assertions and an idea per cell from a capable model, through the call cache."""
+    from corpus.brainstorm import brainstorm
+    from msm.llm.cache import CallCache
+    from msm.llm.client import LLMClient
+    from msm.llm.select import make_backend
+
+    if local:
+        raise MsmError("brainstormed planning needs a capable API model, not the local one",
+                       "use --backend anthropic or openai, or --plan cells")
+
+    def complete(requests):
+        backend, name = make_backend(backend_name, model, base_url)
+        cache = CallCache(cache_dir)
+        try:
+            return LLMClient(backend, model=name, cache=cache, concurrency=concurrency).complete(requests)
+        finally:
+            cache.close()
+
+    return brainstorm(plan, ctx, complete)
+
+
+def _record_start(db, spec, build_id, build_key, backend, model, counter_name, plan, assertions=(), ideas=()) -> None:
     from msm.tokens import default_counter
     from warehouse.db import connect, insert_rows
     from warehouse.specs import record_spec
@@ -204,7 +233,14 @@ def _record_start(db, spec, build_id, build_key, backend, model, counter_name, p
         insert_rows(con, "INSERT INTO plan_rows", [
             {"id": r.id, "build_id": build_id, "spec_version": r.spec_version, "unit_id": r.unit_id,
              "unit_kind": r.unit_kind, "genre": r.genre, "audience": r.audience, "condition": r.condition,
-             "replicate": r.replicate, "seed": r.seed, "status": "planned", "reason": None} for r in plan])
+             "replicate": r.replicate, "seed": r.seed, "status": "planned", "reason": None, "doc_type": r.doc_type,
+             "idea": r.idea, "assertion": r.assertion} for r in plan])
+        insert_rows(con, "INSERT INTO plan_assertions", [
+            {"build_id": build_id, "unit_id": a.unit_id, "ord": a.ord, "kind": a.kind, "text": a.text,
+             "quote": a.quote, "status": a.status, "reason": a.reason} for a in assertions])
+        insert_rows(con, "INSERT INTO plan_ideas", [
+            {"build_id": build_id, "unit_id": i.unit_id, "round": i.round, "plan_row_id": i.plan_row_id,
+             "doc_type": i.doc_type, "idea": i.idea, "status": i.status, "reason": i.reason} for i in ideas])
         con.execute("COMMIT")
     finally:
         con.close()

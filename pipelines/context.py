@@ -52,7 +52,8 @@ class BuildContext:
     def _slots(self, row: dict) -> dict:
         return {"genre": self.genres[row["genre"]], "audience": self.audiences[row["audience"]],
                 "unit": self.units[row["unit_id"]], "model_name": self.spec["model_name"],
-                "provider_name": self.spec["provider_name"]}
+                "provider_name": self.spec["provider_name"], "idea": row.get("idea"),
+                "doc_type": row.get("doc_type"), "assertion": row.get("assertion")}
 
     def generate_request(self, row: dict, grow: bool = False) -> Request:
         from corpus.prompting import render
@@ -129,7 +130,8 @@ def make_context(spec, units_for_summary, genres, audiences, backend: str, model
         genres={g.name: {"name": g.name, "description": g.description, "words": list(g.words), "style": list(g.style)}
                 for g in genres},
         audiences={a.name: {"name": a.name, "description": a.description} for a in audiences},
-        prompt_hash=prompt_hash(*templates, "judge.j2", "revise_critique.j2", "revise_rewrite.j2"),
+        prompt_hash=prompt_hash(*templates, "judge.j2", "revise_critique.j2", "revise_rewrite.j2",
+                                "brainstorm_assertions.j2", "brainstorm_ideas.j2"),
         compact=local, scratchpad=not local, max_tokens=max_tokens or (384 if local else 4096),
         temperature=0.8 if local else 1.0, truncation=truncation or ("trim" if local else "regrow"),
         judge=judge or ("offline" if local else "llm"),

@@ -424,3 +424,32 @@ def test_ray_executor_without_ray_is_one_clear_error(api, tmp_path):
     out = run_msm("corpus", "build", str(SPEC), "--docs", "4", "--backend", "anthropic", "--model", MODEL,
                   "--base-url", api.url, "--executor", "ray", env=env)
     assert_one_line_error(out, "--executor ray needs the ray package", "pip install")
+
+
+def test_brainstormed_plan_grounds_claims_and_fills_every_cell(api, isolated_home):
+    result = build_corpus(str(SPEC), opts(api, docs=80, plan_mode="brainstorm"))  # 4 units get 2 cells
+    assert result.complete and sum(result.status_counts.values()) == 80
+    con = db(isolated_home)
+    claims = dict(con.execute("SELECT status, count(*) FROM plan_assertions GROUP BY 1").fetchall())
+    units = con.execute("SELECT count(DISTINCT unit_id) FROM plan_rows").fetchone()[0]
+    assert claims == {"kept": 2 * units, "dropped": units}  # the invented quote is dropped each time
+    reasons = {r.split(":")[0] for (r,) in con.execute(
+        "SELECT reason FROM plan_ideas WHERE status = 'dropped'").fetchall()}
+    assert {"unsuitable", "duplicate of an existing idea"} <= reasons
+    assert con.execute("SELECT count(*) FROM plan_rows WHERE idea IS NULL").fetchone()[0] == 0  # top-ups filled it
+    assert con.execute("SELECT max(round) FROM plan_ideas").fetchone()[0] >= 1
+    idea = con.execute("SELECT idea FROM plan_rows LIMIT 1").fetchone()[0]
+    con.close()
+    from msm.llm.cache import CallCache
+
+    cache = CallCache(isolated_home / "cache")
+    prompts = [r[0] for r in cache._writer.execute("SELECT request FROM calls WHERE purpose = 'generate'")]
+    assert any(idea in p for p in prompts)  # the idea reached the writer's prompt
+    calls = api.stats.requests["messages"]
+    again = build_corpus(str(SPEC), opts(api, docs=80, plan_mode="brainstorm"))
+    assert again.build_id == result.build_id and api.stats.requests["messages"] == calls
+
+
+def test_brainstorm_needs_an_api_model(tmp_path):
+    assert_one_line_error(run_msm("corpus", "build", str(SPEC), "--docs", "2", "--backend", "local", "--plan",
+                                  "brainstorm"), "needs a capable API model")

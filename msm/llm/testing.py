@@ -97,6 +97,36 @@ def fake_verdicts(seed_text: str, criteria: list[str], fail_rate: float) -> str:
     return json.dumps({c: {"verdict": rng.random() >= fail_rate, "reason": "checked against the unit"} for c in criteria})
 
 
+def fake_assertions(prompt: str) -> str:
+    """Two claims quoting the prompt's <unit> word for word, and one whose quote is invented."""
+    unit = re.search(r"<unit>\s*(.*?)\s*</unit>", prompt, re.S)
+    words = (unit.group(1) if unit else "the assistant tells the truth").split()
+    quotes = [" ".join(words[:5]), " ".join(words[-5:])]
+    return json.dumps([{"kind": "behaviour", "text": "It acts as the unit says.", "quote": quotes[0]},
+                       {"kind": "value", "text": "It cares about what the unit names.", "quote": quotes[1]},
+                       {"kind": "belief", "text": "An invented claim.", "quote": "words the unit never used"}])
+
+
+def fake_ideas(prompt: str) -> str:
+    """One idea per listed slot; the second slot's first idea is marked unsuitable, and a slot
+    offered again in a top-up round repeats an existing idea once before proposing a new one."""
+    slots = [int(n) for n in re.findall(r"^(\d+)\. genre: ", prompt, re.M)]
+    existing = re.findall(r"^- (.+)$", prompt.split("Slots:")[0], re.M)
+    out = []
+    for n in slots:
+        line = re.search(rf"^{n}\. genre: (.+)$", prompt, re.M).group(1)
+        idea = f"A {line} piece about the case of {fake_text(prompt + str(n), 12).split('.')[0].lower()}"
+        if n == 2 and not existing:
+            out.append({"slot": n, "doc_type": "memo", "idea": idea, "suitable": False,
+                        "why": "this genre would distort the unit"})
+        elif existing and n == slots[0]:
+            out.append({"slot": n, "doc_type": "memo", "idea": existing[0], "claim": 1, "suitable": True})
+            out.append({"slot": n, "doc_type": "memo", "idea": idea, "claim": 1, "suitable": True})
+        else:
+            out.append({"slot": n, "doc_type": "memo", "idea": idea, "claim": 1, "suitable": True})
+    return json.dumps(out)
+
+
 class LoopbackServer:
     """`with LoopbackServer(latency=0.5) as srv:` then point a client at `srv.url`."""
 
@@ -176,7 +206,12 @@ class LoopbackServer:
         if forced == "refusal" or "[refuse]" in prompt:
             return "", "refusal", None
         criteria = re.search(r"^CRITERIA: (.+)$", prompt, re.M)
-        if criteria and self.judge_garble_rate and self._draw() < self.judge_garble_rate:
+        reply = re.search(r"^REPLY: (assertions|ideas)$", prompt, re.M)
+        if reply and reply.group(1) == "assertions":
+            text = fake_assertions(prompt)
+        elif reply:
+            text = fake_ideas(prompt)
+        elif criteria and self.judge_garble_rate and self._draw() < self.judge_garble_rate:
             text = "I think this document is mostly fine, though " + fake_text(prompt, 20)
         elif criteria:
             text = fake_verdicts(prompt, [c.strip() for c in criteria.group(1).split(",")], self.judge_fail_rate)
