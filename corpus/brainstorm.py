@@ -15,7 +15,6 @@ without an idea keeps the plain cell prompt, and the record says so.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from dataclasses import dataclass
 
@@ -52,13 +51,9 @@ def _words(text: str) -> list[str]:
 
 
 def _json_list(text: str) -> list | None:
-    match = re.search(r"\[.*\]", text or "", re.S)
-    if not match:
-        return None
-    try:
-        data = json.loads(match.group(0))
-    except json.JSONDecodeError:
-        return None
+    from corpus.prompting import find_json
+
+    data = find_json(text, "list")
     return [d for d in data if isinstance(d, dict)] if isinstance(data, list) else None
 
 

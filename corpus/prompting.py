@@ -61,14 +61,22 @@ def trim_to_boundary(text: str) -> str | None:
     return text[:ends[-1]].rstrip() if ends else None
 
 
-def parse_verdicts(text: str) -> dict[str, tuple[bool, str]] | None:
-    """The judge's JSON verdicts, or None when the answer is not the JSON asked for."""
-    match = re.search(r"\{.*\}", text, re.S)
+def find_json(text: str | None, shape: str = "object"):
+    """The outermost JSON object (or list) in a model's answer, or None: models wrap JSON in prose."""
+    pattern = r"\{.*\}" if shape == "object" else r"\[.*\]"
+    match = re.search(pattern, text or "", re.S)
     if not match:
         return None
     try:
-        data = json.loads(match.group(0))
+        return json.loads(match.group(0))
     except json.JSONDecodeError:
+        return None
+
+
+def parse_verdicts(text: str) -> dict[str, tuple[bool, str]] | None:
+    """The judge's JSON verdicts, or None when the answer is not the JSON asked for."""
+    data = find_json(text)
+    if data is None:
         return None
     verdicts = {}
     for criterion in JUDGE_CRITERIA:
