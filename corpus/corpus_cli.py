@@ -143,12 +143,9 @@ def build(spec, variables, docs, tokens, genres, audiences, seed, backend, model
         raise MsmError("--tasks, --workers and --concurrency must be at least 1", "pass a positive number")
     if max_cost is not None and max_cost <= 0:
         raise MsmError("--max-cost must be positive", "pass a budget in USD above 0")
-    from pipelines.dedup import METHODS
+    from pipelines.dedup import parse_methods
 
-    methods = tuple(m.strip() for m in dedup.split(",") if m.strip() and m.strip() != "none")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise MsmError(f"--dedup: unknown method {unknown[0]!r}", f"use {', '.join(METHODS)} or none")
+    methods = parse_methods(dedup)
     options = BuildOptions(
         docs=docs, seed=seed, genres=genres, audiences=audiences, backend=backend, model=model, base_url=base_url,
         max_cost=max_cost, batch=batch, tasks=tasks, workers=workers, concurrency=concurrency, name=name,
@@ -299,12 +296,9 @@ def import_(path, text_column, name, dedup, db):
     """Bring parquet, JSONL or an HF datasets folder in as a corpus with `imported` provenance."""
     from corpus.importer import import_corpus
     from msm.config import load_settings
-    from msm.errors import MsmError
-    from pipelines.dedup import METHODS
+    from pipelines.dedup import parse_methods
 
-    methods = tuple(m.strip() for m in dedup.split(",") if m.strip() and m.strip() != "none")
-    if any(m not in METHODS for m in methods):
-        raise MsmError(f"--dedup: unknown method in {dedup!r}", f"use {', '.join(METHODS)} or none")
+    methods = parse_methods(dedup)
     settings = load_settings(db)
     out = import_corpus(path, text_column, name, settings.db, methods, home=settings.home)
     click.echo(f"imported {out['rows']} rows from {path}: {out['kept']} kept, {out['dropped']} dropped "

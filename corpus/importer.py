@@ -66,7 +66,7 @@ def _hf_table(folder: Path):
 def import_corpus(path: str, text_column: str, name: str | None, db, dedup: tuple[str, ...] = ("minhash",),
                   home: Path | None = None) -> dict:
     from msm.tokens import default_counter
-    from pipelines.dedup import near_duplicates
+    from pipelines.dedup import mark_near_duplicates
     from warehouse.corpus_load import load_build
     from warehouse.db import connect, insert_rows
 
@@ -94,14 +94,7 @@ def import_corpus(path: str, text_column: str, name: str | None, db, dedup: tupl
         plan_rows.append({"id": row_id, "build_id": build_id, **plan, "status": "planned", "reason": None})
     if not rows:
         raise MsmError(f"{path} has no rows", "import a file with at least one document")
-    by_id = {r["id"]: r for r in rows}
-    from warehouse.vectors import stored_embedder
-
-    embed = stored_embedder(db) if "embedding" in dedup else None
-    for dup in near_duplicates(rows, dedup, (home or Path(".")) / "imports" / build_id / "dedup", embeddings=embed):
-        meta = by_id[dup.document]["meta"]
-        meta["status"], meta["reason"] = "dropped", f"near_duplicate: {dup.method}"
-        meta["dedup"] = {"method": dup.method, "cluster": dup.cluster, "kept": dup.kept, "similarity": dup.similarity}
+    mark_near_duplicates(db, rows, dedup, (home or Path(".")) / "imports" / build_id / "dedup")
     counter = default_counter()
     con = connect(db)
     try:

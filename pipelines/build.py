@@ -157,11 +157,12 @@ def build_corpus(spec_path: str, opts: BuildOptions) -> BuildResult:
         _run_pipeline(str(ctx_path), staged, logs, opts.tasks, opts.workers, plan, opts.executor)
     stages["pipeline"] = time.monotonic() - mark
     stages.update(_step_seconds(logs))
+    from pipelines.dedup import mark_near_duplicates
     from warehouse.corpus_load import read_staged
 
     rows = read_staged(sorted(staged.glob("*.parquet")))
     mark = time.monotonic()
-    _mark_near_duplicates(settings.db, rows, opts, root / "dedup")
+    mark_near_duplicates(settings.db, rows, tuple(opts.dedup), root / "dedup", opts.dedup_threshold)
     stages["near-dup"] = time.monotonic() - mark
     mark = time.monotonic()
     result = _load(settings.db, build_id, rows, counter, ctx, (opts.name or spec.spec_id) if opts.register else None)
@@ -282,6 +283,13 @@ def _staged_status(staged: Path) -> dict[str, tuple[int, str]]:
     return out
 
 
+def _unfinished_tasks(staged: Path, rank_of: dict[str, int]) -> set[int]:
+    """Tasks with a row that is missing, pending or in error: they run again (finished calls
+    come from the cache)."""
+    have = _staged_status(staged)
+    return {rank_of[rid] for rid in rank_of if rid not in have or have[rid][1] in ("pending", "error")}
+
+
 def _reopen(logs: Path, staged: Path, ranks: set[int]) -> None:
     for rank in ranks:
         (logs / "completions" / f"{rank:05d}").unlink(missing_ok=True)
@@ -298,10 +306,7 @@ def _run_pipeline(ctx_path: str, staged: Path, logs: Path, tasks: int, workers: 
     quiet_task_logs()
     rank_of = {r.id: i % tasks for i, r in enumerate(plan)}
     for attempt in range(2):
-        have = _staged_status(staged)
-        # rows that are missing, pending or in error reopen their task; finished calls are cached
-        reopen = {rank_of[rid] for rid in rank_of if rid not in have or have[rid][1] in ("pending", "error")}
-        _reopen(logs, staged, reopen)
+        _reopen(logs, staged, _unfinished_tasks(staged, rank_of))
         if executor == "ray":
             from pipelines.cluster import ray_executor
 
@@ -324,9 +329,7 @@ def _submit_to_slurm(ctx_path: str, staged: Path, logs: Path, opts: BuildOptions
     """Submit the tasks that still have work; None when every row is staged (time to load)."""
     from pipelines.cluster import SlurmSettings, submit_slurm
 
-    rank_of = {r.id: i % opts.tasks for i, r in enumerate(plan)}
-    have = _staged_status(staged)
-    reopen = {rank_of[rid] for rid in rank_of if rid not in have or have[rid][1] in ("pending", "error")}
+    reopen = _unfinished_tasks(staged, {r.id: i % opts.tasks for i, r in enumerate(plan)})
     if not reopen:
         return None
     _reopen(logs, staged, reopen)
@@ -336,23 +339,6 @@ def _submit_to_slurm(ctx_path: str, staged: Path, logs: Path, opts: BuildOptions
         return f"dry run: wrote {script} for {len(reopen)} task(s); submit it with `sbatch {script}`, then rerun"
     return (f"submitted Slurm job {job} for {len(reopen)} task(s) (script {script}); when it ends, run the "
             "same command again to load the corpus")
-
-
-def _mark_near_duplicates(db, rows: list[dict], opts: BuildOptions, workdir: Path) -> None:
-    """Drop near-duplicates among the judged rows, with the cluster and the member it keeps."""
-    from pipelines.dedup import near_duplicates
-    from warehouse.vectors import stored_embedder
-
-    if not opts.dedup:
-        return
-    embed = stored_embedder(db) if "embedding" in opts.dedup else None
-    by_id = {r["id"]: r for r in rows}
-    for dup in near_duplicates(rows, tuple(opts.dedup), workdir, opts.dedup_threshold, embed):
-        meta = by_id[dup.document]["meta"]
-        meta["status"] = "dropped"
-        meta["reason"] = f"near_duplicate: {dup.method}"
-        meta["dedup"] = {"method": dup.method, "cluster": dup.cluster, "kept": dup.kept,
-                         "similarity": dup.similarity}
 
 
 def _load(db, build_id: str, rows: list[dict], counter, ctx, corpus_name: str) -> dict:

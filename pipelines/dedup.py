@@ -79,6 +79,34 @@ def near_duplicates(rows: list[dict], methods: tuple[str, ...], workdir: Path, t
     return sorted(found.values(), key=lambda d: d.document)
 
 
+def parse_methods(text: str) -> tuple[str, ...]:
+    """`--dedup minhash,embedding` (or `none`) as a tuple of methods; an unknown one is an error."""
+    from msm.errors import MsmError
+
+    methods = tuple(m.strip() for m in text.split(",") if m.strip() and m.strip() != "none")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise MsmError(f"--dedup: unknown method {unknown[0]!r}", f"use {', '.join(METHODS)} or none")
+    return methods
+
+
+def mark_near_duplicates(db, rows: list[dict], methods: tuple[str, ...], workdir: Path,
+                         threshold: float = 0.91) -> None:
+    """Drop the near-duplicates among judged rows in place, recording the cluster and the member it
+    keeps; embedding vectors are read from and kept in the warehouse at `db`."""
+    if not methods:
+        return
+    from warehouse.vectors import stored_embedder
+
+    embed = stored_embedder(db) if "embedding" in methods else None
+    by_id = {r["id"]: r for r in rows}
+    for dup in near_duplicates(rows, tuple(methods), workdir, threshold, embed):
+        meta = by_id[dup.document]["meta"]
+        meta["status"], meta["reason"] = "dropped", f"near_duplicate: {dup.method}"
+        meta["dedup"] = {"method": dup.method, "cluster": dup.cluster, "kept": dup.kept,
+                         "similarity": dup.similarity}
+
+
 def embedding_duplicates(ids: list[str], vectors, threshold: float) -> list[Duplicate]:
     pairs = similar_pairs(vectors, threshold)
     best: dict[int, float] = {}
