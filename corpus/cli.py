@@ -92,3 +92,28 @@ def load(path, variables, db):
         con.close()
     verb = "recorded" if added else "already recorded"
     click.echo(f"{spec.name}: version {spec.version} {verb} ({len(spec.units)} units) in {settings.db}")
+
+
+@spec_group.command("family")
+@click.argument("paths", nargs=-1, required=True)
+@var_option
+def family(paths, variables):
+    """Check that specs share their anchored core rules byte for byte; show what each adds."""
+    from corpus.spec_family import compare_family
+
+    report = compare_family([_load(p, variables) for p in paths])
+    click.echo(f"core rules shared by all {len(paths)}: {', '.join(report.shared)}")
+    click.echo(f"{'SPEC':<22} {'WORDS':>6} {'CORE':>5}  ADDS (units outside the core rules)")
+    for m in report.members:
+        adds = ", ".join(f"{n} {kind}" for kind, n in sorted(m.adds.items())) or "nothing"
+        click.echo(f"{m.spec.name:<22} {m.words:>6} {m.core_words:>5}  {adds}")
+    for anchor, missing in report.partial.items():
+        click.echo(f"{anchor}: anchored in some specs but missing from {', '.join(missing)}")
+    for mm in report.mismatches:
+        click.echo(f"{mm.anchor}: {mm.other} differs from {mm.reference} at line {mm.line}, column {mm.column}: "
+                   f"expected '{mm.expected}', found '{mm.found}'")
+    if not report.ok:
+        problems = len(report.mismatches) + len(report.partial)
+        click.echo(f"family check failed: {problems} core rule(s) differ; make them byte-identical", err=True)
+        sys.exit(1)
+    click.echo("core rules identical")

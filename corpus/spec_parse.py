@@ -45,7 +45,8 @@ def _short_hash(text: str) -> str:
 
 
 def _short_title(text: str, limit: int = 60) -> str:
-    text = " ".join(re.sub(r"[*_`#>|]", "", text).split())
+    # Emphasis underscores go; underscores inside words ({model_name}, snake_case) stay.
+    text = " ".join(re.sub(r"[*`#>|]|(?<!\w)_+|_+(?!\w)", "", text).split())
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 

@@ -25,7 +25,7 @@ def test_quotas_are_balanced_and_ids_stable():
     genres, audiences = load_genres(), load_audiences()
     rows = make_plan(spec, genres, audiences, 200, seed=3)
     units = plan_units(spec)
-    assert {u.kind for u in units} == {"rule", "value", "behaviour"}
+    assert {u.kind for u in units} == {"rule", "value"}
     for counts, k in ((Counter(r.unit_id for r in rows), len(units)), (Counter(r.genre for r in rows), len(genres)),
                       (Counter(r.audience for r in rows), len(audiences))):
         assert len(counts) == k and max(counts.values()) - min(counts.values()) <= 1
