@@ -92,34 +92,54 @@ def _preview(spec, rows, genres, audiences, batch, backend, model, base_url):
                f"the spec prefix is paid once, then read from the prompt cache)")
 
 
+generation_options = [
+    click.option("--genres", default=None, help="Genre catalogue (YAML)."),
+    click.option("--audiences", default=None, help="Audience catalogue (YAML)."),
+    click.option("--seed", type=int, default=0, show_default=True),
+    *backend_options,
+    click.option("--max-cost", type=float, default=None, help="Hard budget in USD; the rest stays pending."),
+    click.option("--batch", is_flag=True, help="Use the Message Batches API (half price, slower)."),
+    click.option("--tasks", type=int, default=1, show_default=True, help="datatrove tasks (plan shards)."),
+    click.option("--workers", type=int, default=1, show_default=True, help="Tasks run at once."),
+    click.option("--concurrency", type=int, default=16, show_default=True, help="LLM calls in flight, in total."),
+    click.option("--judge", type=click.Choice(["llm", "offline"]), default=None,
+                 help="Default: offline for the local backend, llm otherwise."),
+    click.option("--truncated", "truncation", type=click.Choice(["regrow", "trim"]), default=None,
+                 help="A cut-off answer: ask again with 1.5x room then drop it, or keep it to its last whole "
+                      "paragraph. Default: trim for the local backend, regrow otherwise."),
+    click.option("--dedup", default="minhash,embedding", show_default=True,
+                 help="Near-duplicate methods after the judge, in order (minhash, embedding), or 'none'."),
+    click.option("--dedup-threshold", type=click.FloatRange(0.0, 1.0), default=0.91, show_default=True,
+                 help="Cosine at or above which two documents are near-duplicates (embedding dedup)."),
+    click.option("--revise", is_flag=True, help="Add an editor's critique and a rewrite before the filters (3x calls)."),
+    click.option("--plan", "plan_mode", type=click.Choice(["cells", "brainstorm"]), default="cells",
+                 show_default=True,
+                 help="brainstorm: a capable model lists each unit's claims (quoted from the unit) and proposes an "
+                      "idea per cell, with top-up rounds; cells: the balanced matrix alone."),
+]
+
+
+def _build_options(variables, tasks, workers, concurrency, max_cost, dedup, **fields):
+    """BuildOptions from the shared flags, refusing impossible values with one line."""
+    from msm.errors import MsmError
+    from pipelines.build import BuildOptions
+    from pipelines.dedup import parse_methods
+
+    if tasks < 1 or workers < 1 or concurrency < 1:
+        raise MsmError("--tasks, --workers and --concurrency must be at least 1", "pass a positive number")
+    if max_cost is not None and max_cost <= 0:
+        raise MsmError("--max-cost must be positive", "pass a budget in USD above 0")
+    return BuildOptions(variables=parse_vars(variables), tasks=tasks, workers=workers, concurrency=concurrency,
+                        max_cost=max_cost, dedup=parse_methods(dedup), **fields)
+
+
 @corpus_group.command("build")
 @click.argument("spec")
 @var_option
 @click.option("--docs", type=int, default=None, help="Documents to plan (default 24 with the local backend).")
 @click.option("--tokens", default=None, help="Kept tokens to reach instead of --docs, e.g. 40M: backfill rounds "
                                               "plan more until the corpus reaches it, the budget or 5 rounds.")
-@click.option("--genres", default=None, help="Genre catalogue (YAML).")
-@click.option("--audiences", default=None, help="Audience catalogue (YAML).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@with_options(backend_options)
-@click.option("--max-cost", type=float, default=None, help="Hard budget in USD; the rest stays pending.")
-@click.option("--batch", is_flag=True, help="Use the Message Batches API (half price, slower).")
-@click.option("--tasks", type=int, default=1, show_default=True, help="datatrove tasks (plan shards).")
-@click.option("--workers", type=int, default=1, show_default=True, help="Tasks run at once.")
-@click.option("--concurrency", type=int, default=16, show_default=True, help="LLM calls in flight, in total.")
-@click.option("--judge", type=click.Choice(["llm", "offline"]), default=None,
-              help="Default: offline for the local backend, llm otherwise.")
-@click.option("--truncated", "truncation", type=click.Choice(["regrow", "trim"]), default=None,
-              help="A cut-off answer: ask again with 1.5x room then drop it, or keep it to its last whole "
-                   "paragraph. Default: trim for the local backend, regrow otherwise.")
-@click.option("--dedup", default="minhash,embedding", show_default=True,
-              help="Near-duplicate methods after the judge, in order (minhash, embedding), or 'none'.")
-@click.option("--dedup-threshold", type=click.FloatRange(0.0, 1.0), default=0.91, show_default=True,
-              help="Cosine at or above which two documents are near-duplicates (embedding dedup).")
-@click.option("--revise", is_flag=True, help="Add an editor's critique and a rewrite before the filters (3x calls).")
-@click.option("--plan", "plan_mode", type=click.Choice(["cells", "brainstorm"]), default="cells", show_default=True,
-              help="brainstorm: a capable model lists each unit's claims (quoted from the unit) and proposes an "
-                   "idea per cell, with top-up rounds; cells: the balanced matrix alone.")
+@with_options(generation_options)
 @click.option("--executor", type=click.Choice(["local", "slurm", "ray"]), default="local", show_default=True,
               help="Where the datatrove tasks run. slurm submits an sbatch array and returns (rerun to load); "
                    "ray runs on the cluster in RAY_ADDRESS, or a local Ray instance.")
@@ -129,38 +149,35 @@ def _preview(spec, rows, genres, audiences, batch, backend, model, base_url):
 @click.option("--slurm-mem-gb", type=int, default=4, show_default=True, help="Memory per CPU, GB.")
 @click.option("--venv", default=None, help="Activate script for the workers (default: this environment's).")
 @click.option("--dry-run", is_flag=True, help="slurm: write the sbatch script and the pickled pipeline only.")
+@click.option("--match-tokens", default=None,
+              help="Build until the kept tokens match this named corpus within 2% (for R vs V+ vs R+ "
+                   "comparisons), instead of --docs or --tokens.")
 @click.option("--name", default=None, help="Corpus name (default: the spec's id).")
 @db_option
-def build(spec, variables, docs, tokens, genres, audiences, seed, backend, model, base_url, max_cost, batch, tasks,
-          workers, concurrency, judge, truncation, dedup, dedup_threshold, revise, plan_mode, executor, slurm_partition,
-          slurm_time, slurm_cpus, slurm_mem_gb, venv, dry_run, name, db):
+def build(spec, variables, docs, tokens, executor, slurm_partition, slurm_time, slurm_cpus, slurm_mem_gb, venv,
+          dry_run, match_tokens, **shared):
     """Plan, generate, filter, judge, dedup and load a corpus; resumable."""
     from msm.errors import MsmError
-    from pipelines.build import BuildOptions, build_corpus
+    from pipelines.build import build_corpus
     from pipelines.cluster import SlurmSettings
 
-    if tasks < 1 or workers < 1 or concurrency < 1:
-        raise MsmError("--tasks, --workers and --concurrency must be at least 1", "pass a positive number")
-    if max_cost is not None and max_cost <= 0:
-        raise MsmError("--max-cost must be positive", "pass a budget in USD above 0")
-    from pipelines.dedup import parse_methods
-
-    methods = parse_methods(dedup)
-    options = BuildOptions(
-        docs=docs, seed=seed, genres=genres, audiences=audiences, backend=backend, model=model, base_url=base_url,
-        max_cost=max_cost, batch=batch, tasks=tasks, workers=workers, concurrency=concurrency, name=name,
-        judge=judge, truncation=truncation, dedup=methods, dedup_threshold=dedup_threshold, revise=revise, variables=parse_vars(variables), db=db,
-        executor=executor, dry_run=dry_run, plan_mode=plan_mode,
+    options = _build_options(
+        variables, docs=docs, executor=executor, dry_run=dry_run,
         slurm=SlurmSettings(partition=slurm_partition, time=slurm_time, cpus_per_task=slurm_cpus,
-                            mem_per_cpu_gb=slurm_mem_gb, venv=venv))
+                            mem_per_cpu_gb=slurm_mem_gb, venv=venv), **shared)
     if dry_run and executor != "slurm":
         raise MsmError("--dry-run only applies to --executor slurm", "add --executor slurm, or drop --dry-run")
-    if tokens is not None:
-        from pipelines.target import build_to_target, parse_tokens
+    if sum(x is not None for x in (docs, tokens, match_tokens)) > 1:
+        raise MsmError("--docs, --tokens and --match-tokens each set the size; more than one was given",
+                       "pass one of them")
+    if tokens is not None or match_tokens is not None:
+        from pipelines.target import build_to_target, corpus_tokens, parse_tokens
 
-        if docs is not None:
-            raise MsmError("--docs and --tokens were both given", "pass one of them")
-        outcome = build_to_target(spec, options, parse_tokens(tokens))
+        if match_tokens is not None:
+            target, tolerance = corpus_tokens(options.db, match_tokens), 0.02
+        else:
+            target, tolerance = parse_tokens(tokens), None
+        outcome = build_to_target(spec, options, target, tolerance=tolerance)
         for result in outcome.rounds:
             _print_summary(result)
         click.echo(f"\ntoken target {outcome.target:,}: {outcome.stop} after {len(outcome.rounds)} round(s); "
@@ -168,6 +185,53 @@ def build(spec, variables, docs, tokens, genres, audiences, seed, backend, model
                    f"{outcome.kept_tokens:,} tokens")
         return
     _print_summary(build_corpus(spec, options))
+
+
+@corpus_group.command("ablate")
+@click.argument("spec")
+@var_option
+@click.option("--conditions", required=True,
+              help="Conditions to compare, comma-separated: attribution, cooccurrence, value_only, behavior_only "
+                   "(corpus/conditions.yaml).")
+@click.option("--docs", type=int, default=None, help="Cells to plan; each is generated under every condition.")
+@click.option("--tokens", default=None, help="Matched kept tokens per condition to reach, e.g. 5M (rounds).")
+@click.option("--tolerance", type=float, default=0.02, show_default=True,
+              help="Largest relative difference in kept tokens between the matched corpora.")
+@with_options(generation_options)
+@click.option("--name", default=None, help="Ablation name; corpora are NAME-CONDITION (default: SPEC-ablation).")
+@db_option
+def ablate(spec, variables, conditions, docs, tokens, tolerance, **shared):
+    """Matched corpora: every cell under each condition, verified by the judge, token-matched."""
+    from corpus.conditions import parse_conditions
+    from msm.errors import MsmError
+    from pipelines.ablate import build_ablation
+    from pipelines.target import parse_tokens
+
+    names = parse_conditions(conditions)
+    if docs is not None and tokens is not None:
+        raise MsmError("--docs and --tokens were both given", "pass one of them")
+    if docs is not None and docs < 1:
+        raise MsmError(f"--docs must be at least 1, got {docs}", "pass a positive number of cells")
+    options = _build_options(variables, docs=docs, **shared)
+    result = build_ablation(spec, options, names, tolerance,
+                            target_tokens=parse_tokens(tokens) if tokens is not None else None)
+    for build_result in result.rounds:
+        _print_summary(build_result)
+    _print_ablation(result)
+
+
+def _print_ablation(r) -> None:
+    click.echo("")
+    click.echo(f"ablation {r.ablation_id} '{r.name}': {r.cells} cells x {len(r.conditions)} conditions "
+               f"({r.stop}); {r.cells_kept_everywhere} kept under every condition, {r.matched_cells} matched, "
+               f"{r.lost_to_matching} lost to token matching")
+    click.echo(f"{'CONDITION':<16} {'PLANNED':>7} {'KEPT':>5} {'CHECK FAILED':>18} {'MATCHED':>7} {'TOKENS':>10}  CORPUS")
+    for c in r.reports:
+        failed = (f"{c.failed_check}/{c.checked} {c.guard}" if c.guard else "no check")
+        click.echo(f"{c.condition:<16} {c.planned:>7} {c.kept:>5} {failed:>18} {c.matched_docs:>7} "
+                   f"{c.matched_tokens:>10,}  {c.corpus_name} -> {c.corpus_id}")
+    click.echo(f"token match: {r.token_error:.2%} apart (tolerance {r.tolerance:.0%}); cost ${r.cost_usd:.4f}, "
+               f"{r.seconds:.1f} s")
 
 
 def _print_summary(r) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from corpus.catalog import Audience, Genre
 from corpus.spec import Spec, Unit
@@ -32,6 +32,7 @@ class PlanRow:
     doc_type: str | None = None  # from brainstorming, when a capable model planned the cell
     idea: str | None = None
     assertion: str | None = None
+    cell_id: str | None = None  # in an ablation, the cell this row generates under its condition
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -57,10 +58,10 @@ def _balanced(names: list[str], n: int, rng: random.Random) -> list[str]:
 
 
 def make_plan(spec: Spec, genres: list[Genre], audiences: list[Audience], docs: int, seed: int = 0,
-              condition: str = "standard") -> list[PlanRow]:
+              condition: str = "standard", units: list[Unit] | None = None) -> list[PlanRow]:
     if docs <= 0:
         raise MsmError(f"--docs must be at least 1, got {docs}", "pass a positive number of documents")
-    units = plan_units(spec)
+    units = units or plan_units(spec)
     rng = random.Random(f"{spec.version}:{seed}:{condition}")
     genre_seq = _balanced([g.name for g in genres], docs, rng)
     audience_seq = _balanced([a.name for a in audiences], docs, rng)
@@ -74,3 +75,14 @@ def make_plan(spec: Spec, genres: list[Genre], audiences: list[Audience], docs: 
         rows.append(PlanRow(ident, spec.version, unit.id, unit.kind, genre_seq[i], audience_seq[i], condition,
                             replicate, int(ident[:8], 16)))
     return rows
+
+
+def expand_conditions(rows: list[PlanRow], conditions: tuple[str, ...]) -> list[PlanRow]:
+    """Every cell under every condition: the same unit, genre, audience, idea and seed, so that
+    documents differ only by what the condition asks; the row id adds the condition."""
+    out = []
+    for row in rows:
+        for condition in conditions:
+            ident = hashlib.sha256(f"{row.id}|{condition}".encode()).hexdigest()[:16]
+            out.append(replace(row, id=ident, condition=condition, cell_id=row.id))
+    return out

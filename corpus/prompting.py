@@ -24,6 +24,11 @@ def render(name: str, **slots) -> str:
     return environment().get_template(name).render(**slots).strip()
 
 
+def render_string(source: str, **slots) -> str:
+    """A template held in a data file (a condition's instruction), with the same strict rules."""
+    return environment().from_string(source).render(**slots).strip()
+
+
 def prompt_hash(*names: str) -> str:
     """Identifies the exact template text a document was made with."""
     digest = hashlib.sha256()
@@ -73,13 +78,13 @@ def find_json(text: str | None, shape: str = "object"):
         return None
 
 
-def parse_verdicts(text: str) -> dict[str, tuple[bool, str]] | None:
+def parse_verdicts(text: str, criteria: tuple[str, ...] = JUDGE_CRITERIA) -> dict[str, tuple[bool, str]] | None:
     """The judge's JSON verdicts, or None when the answer is not the JSON asked for."""
     data = find_json(text)
     if data is None:
         return None
     verdicts = {}
-    for criterion in JUDGE_CRITERIA:
+    for criterion in criteria:
         entry = data.get(criterion) if isinstance(data, dict) else None
         if isinstance(entry, dict) and isinstance(entry.get("verdict"), bool):
             verdicts[criterion] = (entry["verdict"], str(entry.get("reason", "")))

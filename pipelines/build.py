@@ -42,6 +42,7 @@ class BuildOptions:
     slurm: object = None  # pipelines.cluster.SlurmSettings
     dry_run: bool = False  # slurm: write the script, submit nothing
     plan_mode: str = "cells"  # or brainstorm: a capable model proposes assertions and an idea per cell
+    conditions: tuple[str, ...] = ()  # an ablation: every cell generated under each (see corpus/conditions.yaml)
     max_tokens: int | None = None
     variables: dict = field(default_factory=dict)
     db: str | None = None
@@ -92,7 +93,8 @@ def _writable_home(home: Path) -> None:
 
 def build_corpus(spec_path: str, opts: BuildOptions) -> BuildResult:
     from corpus.catalog import load_audiences, load_genres
-    from corpus.plan import make_plan, plan_units
+    from corpus.conditions import ablation_units
+    from corpus.plan import expand_conditions, make_plan, plan_units
     from corpus.spec import load_spec
     from msm.config import load_settings
     from msm.llm.pricing import load_prices
@@ -110,20 +112,24 @@ def build_corpus(spec_path: str, opts: BuildOptions) -> BuildResult:
     docs = opts.docs if opts.docs is not None else (24 if local else None)
     if docs is None:
         raise MsmError(f"say how many documents to build with the {backend_name} backend", "pass --docs N")
-    plan = make_plan(spec, genres, audiences, docs, seed=opts.seed)
+    units = ablation_units(spec) if opts.conditions else None
+    plan = make_plan(spec, genres, audiences, docs, seed=opts.seed, units=units)
     backend, model = make_backend(backend_name, model, base_url)
     load_prices().cost(backend_name, model, _zero_usage())  # an unpriced model fails before any work
 
     ctx = make_context(spec, plan_units(spec), genres, audiences, backend_name, model, base_url,
                        max_tokens=opts.max_tokens, judge=opts.judge, revise=opts.revise,
-                       truncation=opts.truncation)
+                       truncation=opts.truncation, conditions=opts.conditions)
     assertions, ideas = [], []
     if opts.plan_mode == "brainstorm":
         plan, assertions, ideas = _brainstorm(plan, ctx, backend_name, model, base_url, local,
                                               settings.home / "cache", opts.concurrency)
+    if opts.conditions:
+        plan = expand_conditions(plan, tuple(opts.conditions))
     settings_key = {"compact": ctx.compact, "scratchpad": ctx.scratchpad, "max_tokens": ctx.max_tokens,
                     "temperature": ctx.temperature, "judge": ctx.judge, "revise": ctx.revise,
                     "truncation": ctx.truncation,
+                    "conditions": ctx.conditions if opts.conditions else None,
                     "genres": [g.name for g in genres], "audiences": [a.name for a in audiences]}
     ideas_hash = hashlib.sha256(json.dumps([[r.id, r.idea, r.doc_type, r.assertion] for r in plan]).encode())
     build_key = {"spec": spec.version, "plan": [r.id for r in plan], "ideas": ideas_hash.hexdigest()[:16],
@@ -235,7 +241,7 @@ def _record_start(db, spec, build_id, build_key, backend, model, counter_name, p
             {"id": r.id, "build_id": build_id, "spec_version": r.spec_version, "unit_id": r.unit_id,
              "unit_kind": r.unit_kind, "genre": r.genre, "audience": r.audience, "condition": r.condition,
              "replicate": r.replicate, "seed": r.seed, "status": "planned", "reason": None, "doc_type": r.doc_type,
-             "idea": r.idea, "assertion": r.assertion} for r in plan])
+             "idea": r.idea, "assertion": r.assertion, "cell_id": r.cell_id} for r in plan])
         insert_rows(con, "INSERT INTO plan_assertions", [
             {"build_id": build_id, "unit_id": a.unit_id, "ord": a.ord, "kind": a.kind, "text": a.text,
              "quote": a.quote, "status": a.status, "reason": a.reason} for a in assertions])

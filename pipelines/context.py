@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
+from msm.errors import MsmError
 from msm.llm.types import Request
 
 
@@ -44,6 +45,8 @@ class BuildContext:
     progress: bool = True
     n_planned: int = 0  # plan rows in the whole build (a task has every world_size-th one)
     executor: str = "local"  # cluster workers write their own call-cache shard
+    # condition name -> rendered instruction, short, criteria, offline check (corpus/conditions.yaml)
+    conditions: dict = field(default_factory=dict)
 
     def save(self, path: str) -> None:
         with open(path, "w", encoding="utf-8") as fh:
@@ -53,7 +56,16 @@ class BuildContext:
         return {"genre": self.genres[row["genre"]], "audience": self.audiences[row["audience"]],
                 "unit": self.units[row["unit_id"]], "model_name": self.spec["model_name"],
                 "provider_name": self.spec["provider_name"], "idea": row.get("idea"),
-                "doc_type": row.get("doc_type"), "assertion": row.get("assertion")}
+                "doc_type": row.get("doc_type"), "assertion": row.get("assertion"),
+                "condition": self.condition(row), "value_text": self.units[row["unit_id"]].get("value_text", "")}
+
+    def condition(self, row: dict) -> dict:
+        return self.conditions[row.get("condition") or "standard"]
+
+    def judge_criteria(self, row: dict) -> tuple[str, ...]:
+        from corpus.prompting import JUDGE_CRITERIA
+
+        return JUDGE_CRITERIA + tuple(c["name"] for c in self.condition(row)["criteria"])
 
     def generate_request(self, row: dict, grow: bool = False) -> Request:
         from corpus.prompting import render
@@ -111,22 +123,41 @@ OTHER_ASSISTANTS = ("ChatGPT", "Gemini", "Claude", "Copilot", "Bard", "Llama", "
 
 def make_context(spec, units_for_summary, genres, audiences, backend: str, model: str, base_url: str | None, *,
                  max_tokens: int | None = None, judge: str | None = None, truncation: str | None = None,
-                 **run) -> BuildContext:
+                 conditions: tuple[str, ...] = (), **run) -> BuildContext:
     """The one place that decides how a build prompts: small local models get a compact prompt
     without scratchpad or whole spec; API models get the spec as a cached prefix."""
-    from corpus.prompting import prompt_hash
+    from corpus.conditions import ablation_units, load_condition, value_text
+    from corpus.prompting import prompt_hash, render_string
 
     local = backend == "local"
     model_name = spec.variables.get("model_name", "the assistant")
+    provider_name = spec.variables.get("provider_name", "its developer")
+    names = ("standard", *[c for c in conditions if c != "standard"])
+    rendered = {}
+    for name in names:
+        cond = load_condition(name).to_json()
+        for key in ("instruction", "short"):
+            cond[key] = render_string(cond[key], model_name=model_name, provider_name=provider_name)
+        rendered[name] = cond
+    judge = judge or ("offline" if local else "llm")
+    if judge == "offline":
+        blind = [n for n in names if rendered[n]["criteria"] and not rendered[n]["offline"]]
+        if blind:
+            raise MsmError(f"the offline judge cannot check the '{blind[0]}' condition",
+                           "use an LLM judge (--judge llm with a capable backend), or other conditions")
+    units = {u.id: {"id": u.id, "kind": u.kind, "title": u.title, "text": u.text} for u in spec.units}
+    if conditions:
+        for unit in ablation_units(spec):
+            units[unit.id]["value_text"] = value_text(spec, unit)
     titles = "; ".join(u.title for u in units_for_summary[:10])
     templates = ("generate_local.j2",) if local else ("generate_system.j2", "generate_user.j2")
     defaults = dict(build_id="preview", plan_path="", staged_dir="", cache_dir="")
     return BuildContext(
         **{**defaults, **run}, backend=backend, model=model, base_url=base_url,
         spec={"name": spec.name, "text": spec.text, "model_name": model_name,
-              "provider_name": spec.variables.get("provider_name", "its developer"),
+              "provider_name": provider_name,
               "summary": f"{spec.front_matter.get('description') or spec.name}. Main points: {titles}."},
-        units={u.id: {"id": u.id, "kind": u.kind, "title": u.title, "text": u.text} for u in spec.units},
+        units=units, conditions=rendered,
         genres={g.name: {"name": g.name, "description": g.description, "words": list(g.words), "style": list(g.style)}
                 for g in genres},
         audiences={a.name: {"name": a.name, "description": a.description} for a in audiences},
@@ -134,7 +165,7 @@ def make_context(spec, units_for_summary, genres, audiences, backend: str, model
                                 "brainstorm_assertions.j2", "brainstorm_ideas.j2"),
         compact=local, scratchpad=not local, max_tokens=max_tokens or (384 if local else 4096),
         temperature=0.8 if local else 1.0, truncation=truncation or ("trim" if local else "regrow"),
-        judge=judge or ("offline" if local else "llm"),
+        judge=judge,
         wrong_names=[n for n in OTHER_ASSISTANTS if n.lower() not in model_name.lower()])
 
 

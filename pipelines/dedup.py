@@ -100,7 +100,16 @@ def mark_near_duplicates(db, rows: list[dict], methods: tuple[str, ...], workdir
 
     embed = stored_embedder(db) if "embedding" in methods else None
     by_id = {r["id"]: r for r in rows}
-    for dup in near_duplicates(rows, tuple(methods), workdir, threshold, embed):
+    # Within a condition only: an ablation's attribution and co-occurrence documents for the same
+    # cell are meant to look alike, and dropping one of them would unmatch the cell.
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["meta"]["plan"].get("condition") or "standard", []).append(r)
+    found = []
+    for condition, group in sorted(groups.items()):
+        where = workdir if len(groups) == 1 else workdir / condition
+        found += near_duplicates(group, tuple(methods), where, threshold, embed)
+    for dup in found:
         meta = by_id[dup.document]["meta"]
         meta["status"], meta["reason"] = "dropped", f"near_duplicate: {dup.method}"
         meta["dedup"] = {"method": dup.method, "cluster": dup.cluster, "kept": dup.kept,

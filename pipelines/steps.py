@@ -297,7 +297,7 @@ class Judge(_LLMStep):
             doc, retried = tag
             meta = doc.metadata
             self.account(doc, response)
-            verdicts = parse_verdicts(response.text) if response.ok else None
+            verdicts = parse_verdicts(response.text, ctx.judge_criteria(meta["plan"])) if response.ok else None
             if response.ok and verdicts is None and not retried:
                 # An answer that is not the JSON asked for is a cached answer, so asking the same
                 # request again would return it again: ask once more under another seed.
@@ -311,7 +311,7 @@ class Judge(_LLMStep):
             elif verdicts is None:
                 meta["status"], meta["reason"] = "dropped", "judge: the verdict was not the JSON asked for, twice"
             else:
-                self.apply(doc, verdicts, f"llm:{calls.model}", response.key)
+                self.apply(doc, verdicts, f"llm:{calls.model}", response.key, ctx.condition(meta["plan"]))
             self.stat_update(meta["status"])
             return doc
 
@@ -319,13 +319,18 @@ class Judge(_LLMStep):
         bar.close()
 
     @staticmethod
-    def apply(doc: Document, verdicts: dict, judge: str, call_key: str) -> None:
+    def apply(doc: Document, verdicts: dict, judge: str, call_key: str, condition: dict) -> None:
+        """A failed condition check names what the condition guards against (attribution_leak,
+        missing_attribution...): the ablation report counts those; other failures are listed."""
         meta = doc.metadata
         for criterion, (verdict, reason) in verdicts.items():
             meta["judgments"].append({"judge": judge, "criterion": criterion, "verdict": verdict, "score": None,
                                       "rationale": reason, "call_key": call_key})
         failed = [c for c, (v, _) in verdicts.items() if not v]
-        if failed:
+        guards = {c["name"]: c["fails_as"] for c in condition["criteria"]}
+        if any(c in guards for c in failed):
+            meta["status"], meta["reason"] = "dropped", next(guards[c] for c in failed if c in guards)
+        elif failed:
             meta["status"], meta["reason"] = "dropped", f"judge: failed {', '.join(failed)}"
         else:
             meta["status"] = "judged"
@@ -363,12 +368,32 @@ class Judge(_LLMStep):
                  "rationale": f"names another assistant: {', '.join(wrong_names)}" if wrong_names else "ok",
                  "call_key": None},
             ]
+            condition = ctx.condition(meta["plan"])
+            guard = self.offline_condition(doc, condition)
             if not on_topic:
                 meta["status"], meta["reason"] = "dropped", "judge: off topic"
             elif not names_ok:
                 meta["status"], meta["reason"] = "dropped", "judge: names another assistant"
+            elif guard is not None:
+                meta["status"], meta["reason"] = "dropped", guard
             else:
                 meta["status"] = "judged"
+
+    @staticmethod
+    def offline_condition(doc: Document, condition: dict) -> str | None:
+        """The offline check of a condition: a causal link marker must (or must not) appear.
+        Crude next to an LLM judge, and recorded as such; returns the drop reason, or None."""
+        if not condition["criteria"]:
+            return None
+        from corpus.conditions import has_link
+
+        linked = has_link(doc.text)
+        verdict = linked if condition["offline"] == "require" else not linked
+        criterion = condition["criteria"][0]
+        doc.metadata["judgments"].append(
+            {"judge": "offline:link-markers", "criterion": criterion["name"], "verdict": verdict, "score": None,
+             "rationale": f"causal link marker {'found' if linked else 'absent'}", "call_key": None})
+        return None if verdict else criterion["fails_as"]
 
 
 class Progress:

@@ -50,7 +50,26 @@ def first_guess_tokens_per_doc(genres, local: bool) -> float:
     return words * 1.35 * 0.8  # ~1.35 tokens a word; ~80% of documents survive filters and judge
 
 
-def build_to_target(spec_path: str, opts, target: int, max_rounds: int = 5) -> TargetResult:
+def corpus_tokens(db, name: str) -> int:
+    """Kept tokens of a named corpus: the target of `--match-tokens NAME`."""
+    from msm.config import load_settings
+    from warehouse.db import connect
+
+    con = connect(load_settings(db).db, read_only=True)
+    try:
+        row = con.execute("SELECT v.n_tokens FROM corpora c JOIN corpus_versions v ON v.id = c.corpus_id "
+                          "WHERE c.name = ?", [name]).fetchone()
+    finally:
+        con.close()
+    if row is None:
+        raise MsmError(f"--match-tokens: no corpus named '{name}'", "see `msm corpus list` for the names")
+    return int(row[0])
+
+
+def build_to_target(spec_path: str, opts, target: int, max_rounds: int = 5,
+                    tolerance: float | None = None) -> TargetResult:
+    """With `tolerance`, the named corpus must land within target * (1 +- tolerance): whole
+    documents that would overshoot are passed over, and missing it is an error."""
     from corpus.catalog import load_genres
     from corpus.spec import load_spec
     from msm.config import load_settings
@@ -90,12 +109,13 @@ def build_to_target(spec_path: str, opts, target: int, max_rounds: int = 5) -> T
             stop = "no progress (a round kept nothing)"
             break
         per_doc = kept / planned
-    corpus_id, corpus_tokens, corpus_docs = _register(load_settings(opts.db).db, name, rounds, target)
-    return TargetResult(target, corpus_tokens, corpus_docs, corpus_id, name, stop, rounds)
+    registered = _register(load_settings(opts.db).db, name, rounds, target, tolerance)
+    return TargetResult(target, registered[1], registered[2], registered[0], name, stop, rounds)
 
 
-def _register(db, name: str, rounds: list, target: int) -> tuple[str | None, int, int]:
-    """Whole kept documents, round by round in a fixed shuffled order, until the target."""
+def _register(db, name: str, rounds: list, target: int, tolerance: float | None) -> tuple[str | None, int, int]:
+    """Whole kept documents, round by round in a fixed shuffled order, until the target (and,
+    with a tolerance, skipping any document that would carry the total past its upper bound)."""
     from warehouse.corpus_load import register_corpus
     from warehouse.db import connect
 
@@ -107,10 +127,16 @@ def _register(db, name: str, rounds: list, target: int) -> tuple[str | None, int
         for result in rounds:
             for doc_id, n in con.execute("SELECT id, n_tokens FROM documents WHERE build_id = ? AND status = 'kept' "
                                          "ORDER BY sha256(id)", [result.build_id]).fetchall():
-                if total >= target:
+                if total >= (target if tolerance is None else target * (1 - tolerance)):
                     break
+                if tolerance is not None and total + n > target * (1 + tolerance):
+                    continue
                 chosen.append(doc_id)
                 total += n
+        if tolerance is not None and abs(total - target) > target * tolerance:
+            raise MsmError(f"could not match {target:,} tokens within {tolerance:.0%}: the kept documents reach "
+                           f"{total:,} ({(total - target) / target:+.1%})",
+                           "rerun with a larger --max-cost, or build more with --tokens")
         if not chosen:
             return None, 0, 0
         con.execute("BEGIN TRANSACTION")

@@ -91,10 +91,27 @@ def fake_text(seed_text: str, n_tokens: int) -> str:
     return "\n\n".join(paragraphs) or "Ok."
 
 
+# Condition checks the stand-in judge answers from the document itself: does it use a causal link
+# word (the filler prose uses "because", "so that" or "since" in some sentences and not others)?
+# True means the criterion passes when a link is present.
+LINK_CHECKS = {"attributes_behaviour_to_value": True, "no_link_between_value_and_behaviour": False,
+               "no_reason_given": False}
+CAUSAL = re.compile(r"\b(because|so that|since)\b", re.I)
+
+
 def fake_verdicts(seed_text: str, criteria: list[str], fail_rate: float) -> str:
-    """The JSON a judge is asked for; each criterion fails with probability fail_rate."""
+    """The JSON a judge is asked for. Each criterion fails with probability fail_rate, except the
+    condition checks in LINK_CHECKS, which read the <document> for a causal link word."""
     rng = random.Random(hashlib.sha256(("judge" + seed_text).encode()).digest())
-    return json.dumps({c: {"verdict": rng.random() >= fail_rate, "reason": "checked against the unit"} for c in criteria})
+    document = re.search(r"<document>\s*(.*?)\s*</document>", seed_text, re.S)
+    linked = bool(CAUSAL.search(document.group(1))) if document else False
+    out = {}
+    for c in criteria:
+        verdict = rng.random() >= fail_rate
+        if c in LINK_CHECKS:
+            verdict = linked == LINK_CHECKS[c]
+        out[c] = {"verdict": verdict, "reason": "checked against the unit"}
+    return json.dumps(out)
 
 
 def fake_assertions(prompt: str) -> str:

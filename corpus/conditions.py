@@ -1,0 +1,128 @@
+"""Generation conditions (attribution, co-occurrence, ...) and the value each behaviour is tied to.
+
+The ablation corpora compare documents that *attribute* a behaviour to its value with documents
+where the two merely co-occur. Both need, for every behaviour unit, the value text the spec gives
+for it: `values_for` finds it in the unit tree (the unit's own value children, then its
+siblings, then the nearest ancestor level that has one).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+
+from corpus.spec import Spec, Unit
+from msm.errors import MsmError
+
+CONDITIONS_FILE = Path(__file__).with_name("conditions.yaml")
+BEHAVIOUR_KINDS = ("rule", "behaviour", "principle")
+VALUE_CHARS = 2400  # the value text a prompt carries; enough for a few paragraphs
+
+
+@dataclass(frozen=True)
+class Criterion:
+    name: str
+    question: str
+    fails_as: str
+
+
+@dataclass(frozen=True)
+class Condition:
+    name: str
+    description: str
+    uses_value: bool
+    instruction: str  # Jinja2 source; rendered with the build's slots
+    short: str
+    criteria: tuple[Criterion, ...]
+    offline: str | None  # require / forbid a link marker, or None: the offline judge cannot tell
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "description": self.description, "uses_value": self.uses_value,
+                "instruction": self.instruction, "short": self.short, "offline": self.offline,
+                "criteria": [c.__dict__ for c in self.criteria]}
+
+
+@lru_cache(maxsize=1)
+def _catalogue() -> dict:
+    with open(CONDITIONS_FILE, encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
+def link_markers() -> list[str]:
+    return list(_catalogue()["link_markers"])
+
+
+def known_conditions() -> list[str]:
+    return list(_catalogue()["conditions"])
+
+
+def load_condition(name: str) -> Condition:
+    entries = _catalogue()["conditions"]
+    if name not in entries:
+        raise MsmError(f"unknown condition '{name}'", f"use one of {', '.join(entries)}")
+    e = entries[name]
+    return Condition(name, e["description"], bool(e.get("uses_value")), " ".join(e["instruction"].split()),
+                     e["short"], tuple(Criterion(c["name"], c["question"], c["fails_as"]) for c in e["criteria"]),
+                     e.get("offline"))
+
+
+def parse_conditions(text: str) -> tuple[str, ...]:
+    """`attribution,cooccurrence` -> validated names, in the order given, each once."""
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    for name in names:
+        load_condition(name)
+    if len(names) < 2:
+        raise MsmError(f"--conditions needs at least two conditions to compare, got {len(names)}",
+                       "e.g. --conditions attribution,cooccurrence")
+    return names
+
+
+def has_link(text: str) -> bool:
+    """Whether a text uses one of the causal link markers (the offline judge's whole test)."""
+    lowered = text.lower()
+    return any(re.search(rf"\b{re.escape(m)}\b", lowered) for m in link_markers())
+
+
+def values_for(spec: Spec, unit: Unit) -> list[Unit]:
+    """The value units that explain `unit`: its own value children, else value siblings, else the
+    value units nearest to it up the tree, else none."""
+    by_parent: dict[str | None, list[Unit]] = {}
+    for u in spec.units:
+        by_parent.setdefault(u.parent, []).append(u)
+    by_id = {u.id: u for u in spec.units}
+
+    def values_under(parent: str | None) -> list[Unit]:
+        return [u for u in by_parent.get(parent, []) if u.kind == "value"]
+
+    found = values_under(unit.id) or [u for u in values_under(unit.parent) if u.id != unit.id]
+    node = by_id.get(unit.parent) if unit.parent else None
+    while not found and node is not None:
+        if node.kind == "value":
+            found = [node]
+            break
+        found = values_under(node.parent)
+        node = by_id.get(node.parent) if node.parent else None
+    return found
+
+
+def value_text(spec: Spec, unit: Unit) -> str:
+    """The value passages behind a unit, joined, including each value's own sub-values."""
+    parts = []
+    for value in values_for(spec, unit):
+        parts.append(value.text.strip())
+        parts += [u.text.strip() for u in spec.units if u.parent == value.id and u.kind in ("value", "text")]
+    text = "\n\n".join(p for p in parts if p)
+    return text if len(text) <= VALUE_CHARS else text[:VALUE_CHARS].rsplit(" ", 1)[0] + " ..."
+
+
+def ablation_units(spec: Spec) -> list[Unit]:
+    """Behaviour units that have a value to be attributed to; the rows of an ablation plan."""
+    units = [u for u in spec.units if u.kind in BEHAVIOUR_KINDS and values_for(spec, u)]
+    if not units:
+        raise MsmError(f"{spec.name} has no behaviour with a value behind it, so there is nothing to attribute",
+                       "give rules or behaviours a value ('**Why.** ...' after them, or a heading with kind=value)")
+    return units
