@@ -103,10 +103,11 @@ def family(paths, variables):
 
     report = compare_family([_load(p, variables) for p in paths])
     click.echo(f"core rules shared by all {len(paths)}: {', '.join(report.shared)}")
-    click.echo(f"{'SPEC':<22} {'WORDS':>6} {'CORE':>5}  ADDS (units outside the core rules)")
+    width = max(4, *(len(m.spec.name) for m in report.members))
+    click.echo(f"{'SPEC':<{width}} {'WORDS':>6} {'CORE':>5}  ADDS (units outside the core rules)")
     for m in report.members:
         adds = ", ".join(f"{n} {kind}" for kind, n in sorted(m.adds.items())) or "nothing"
-        click.echo(f"{m.spec.name:<22} {m.words:>6} {m.core_words:>5}  {adds}")
+        click.echo(f"{m.spec.name:<{width}} {m.words:>6} {m.core_words:>5}  {adds}")
     for anchor, missing in report.partial.items():
         click.echo(f"{anchor}: anchored in some specs but missing from {', '.join(missing)}")
     for mm in report.mismatches:
@@ -117,3 +118,30 @@ def family(paths, variables):
         click.echo(f"family check failed: {problems} core rule(s) differ; make them byte-identical", err=True)
         sys.exit(1)
     click.echo("core rules identical")
+
+
+@spec_group.command("variants")
+@click.argument("path")
+@click.option("--rules-only", is_flag=True, help="Keep the rules and the headings above them; drop the rest.")
+@click.option("-o", "--output", default=None, help="Write the variant here instead of standard output.")
+def variants(path, rules_only, output):
+    """Derive a variant of a spec deterministically (today: --rules-only)."""
+    from pathlib import Path
+
+    from corpus.spec import load_spec
+    from corpus.spec_variants import rules_only as derive_rules_only
+    from msm.errors import MsmError
+
+    if not rules_only:
+        raise MsmError("no variant chosen", "pass --rules-only")
+    text = derive_rules_only(load_spec(path))
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    target = Path(output)
+    if target.resolve() == Path(path).resolve():
+        raise MsmError("--output is the spec itself", "write the variant to another file")
+    partial = target.with_name(target.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(target)  # whole or not at all
+    click.echo(f"wrote {target}")

@@ -167,9 +167,10 @@ def build(spec, variables, docs, tokens, executor, slurm_partition, slurm_time, 
                             mem_per_cpu_gb=slurm_mem_gb, venv=venv), **shared)
     if dry_run and executor != "slurm":
         raise MsmError("--dry-run only applies to --executor slurm", "add --executor slurm, or drop --dry-run")
-    if sum(x is not None for x in (docs, tokens, match_tokens)) > 1:
-        raise MsmError("--docs, --tokens and --match-tokens each set the size; more than one was given",
-                       "pass one of them")
+    given = [flag for flag, value in (("--docs", docs), ("--tokens", tokens), ("--match-tokens", match_tokens))
+             if value is not None]
+    if len(given) > 1:
+        raise MsmError(f"{' and '.join(given)} were both given", "pass one of them; each sets the corpus size")
     if tokens is not None or match_tokens is not None:
         from pipelines.target import build_to_target, corpus_tokens, parse_tokens
 

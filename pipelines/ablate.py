@@ -5,8 +5,9 @@ A cell (unit, genre, audience, idea, seed) enters the matched corpora only if it
 under *every* condition: a co-occurrence document that leaked a link, or an attribution document
 that made none, removes the whole cell, so the conditions differ only in what they were asked to
 do. Kept tokens are then matched within a tolerance by dropping whole cells (never by cutting a
-document), greedily, the cell whose removal narrows the gap most first. When the tolerance cannot
-be met the ablation stops with how close it got, and registers nothing.
+document), greedily, the cell whose removal narrows the gap most first, giving up at most half of
+the cells. When the tolerance cannot be met that way the ablation stops with how close it got,
+and registers nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from msm.errors import MsmError
 
 DEFAULT_TOLERANCE = 0.02
+MAX_LOSS = 0.5  # matching may give up at most this share of the cells kept under every condition
 
 
 @dataclass
@@ -70,7 +72,7 @@ def relative_gap(totals) -> float:
     return (high - low) / low
 
 
-def match_cells(tokens: dict[str, list[int]], tolerance: float) -> tuple[list[str], float]:
+def match_cells(tokens: dict[str, list[int]], tolerance: float, min_keep: int = 1) -> tuple[list[str], float]:
     """Cells (id -> kept tokens per condition) to keep so that per-condition totals lie within
     `tolerance` of each other. Drops whole cells greedily; returns (kept ids, reached gap). The
     order of the ids is stable, and ties break on the cell id, so the result is deterministic."""
@@ -83,7 +85,7 @@ def match_cells(tokens: dict[str, list[int]], tolerance: float) -> tuple[list[st
     alive = np.ones(len(ids), dtype=bool)
     totals = matrix.sum(axis=0)
     gap = relative_gap(totals)
-    while gap > tolerance and alive.sum() > 1:
+    while gap > tolerance and alive.sum() > max(1, min_keep):
         after = totals[None, :] - matrix  # totals if each cell were dropped
         low = after.min(axis=1)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -147,10 +149,13 @@ def build_ablation(spec_path: str, opts, conditions: tuple[str, ...], tolerance:
             if not result.complete:
                 stop = "incomplete round (rerun to resume)"
                 break
-            per_cell = matched_tokens / sum(b.planned for b in rounds) * len(conditions) if matched_tokens else 0
-            if per_cell <= 0:
-                stop = "no progress (no cell was kept under every condition)"
-                break
+            if matched_tokens == 0:  # nothing matched yet, so no yield to size from: grow the round
+                if result.status_counts.get("kept", 0) == 0 and cells_wanted >= 64:
+                    stop = "no progress (a round of 64 or more cells kept nothing)"
+                    break
+                cells_wanted *= 4
+                continue
+            per_cell = matched_tokens / sum(b.planned for b in rounds) * len(conditions)
             cells_wanted = max(1, math.ceil((target_tokens - matched_tokens) / per_cell * 1.2))
     builds = [b.build_id for b in rounds]
     if any(not b.complete for b in rounds):
@@ -191,19 +196,28 @@ def _matched_tokens_now(db, builds, conditions, tolerance) -> int:
         tokens = _kept_everywhere(_cell_tokens(con, builds, conditions), conditions)
     finally:
         con.close()
-    kept, _ = match_cells(tokens, tolerance)
+    kept, _ = match_cells(tokens, tolerance, min_keep=math.ceil(len(tokens) * (1 - MAX_LOSS)))
     return int(min(sum(tokens[c][k] for c in kept) for k in range(len(conditions)))) if kept else 0
 
 
-def _trim_to_target(kept: list[str], tokens: dict[str, list[int]], target: int) -> list[str]:
-    """Whole cells in a fixed shuffled order until every condition holds the target."""
-    chosen, totals = [], [0] * len(next(iter(tokens.values())))
-    for cell in sorted(kept, key=lambda c: hashlib.sha256(c.encode()).hexdigest()):
-        if min(totals) >= target:
-            break
-        chosen.append(cell)
-        totals = [t + n for t, n in zip(totals, tokens[cell])]
-    return chosen
+def _smallest_matched_prefix(tokens: dict[str, list[int]], tolerance: float, target: int) -> list[str]:
+    """The shortest prefix of the cells, in a fixed shuffled order, whose matched corpora each hold
+    the target (binary search over the prefix length); all cells when none does."""
+    order = sorted(tokens, key=lambda c: hashlib.sha256(c.encode()).hexdigest())
+
+    def holds(n: int) -> bool:
+        pool = {c: tokens[c] for c in order[:n]}
+        kept, gap = match_cells(pool, tolerance, min_keep=math.ceil(n * (1 - MAX_LOSS)))
+        return gap <= tolerance and min(sum(pool[c][k] for c in kept) for k in range(len(pool[kept[0]]))) >= target
+
+    low, high, best = 1, len(order), len(order)
+    while low <= high:
+        mid = (low + high) // 2
+        if holds(mid):
+            best, high = mid, mid - 1
+        else:
+            low = mid + 1
+    return order[:best]
 
 
 def _match_and_record(db, spec_version: str, name: str, builds: list[str], conditions: tuple[str, ...],
@@ -217,17 +231,18 @@ def _match_and_record(db, spec_version: str, name: str, builds: list[str], condi
         everywhere = _kept_everywhere(cells, conditions)
         pool = everywhere
         if target_tokens is not None and everywhere:
-            pool = {c: everywhere[c] for c in _trim_to_target(list(everywhere), everywhere, target_tokens)}
-        kept, gap = match_cells(pool, tolerance)
+            pool = {c: everywhere[c] for c in _smallest_matched_prefix(everywhere, tolerance, target_tokens)}
+        kept, gap = match_cells(pool, tolerance, min_keep=math.ceil(len(pool) * (1 - MAX_LOSS)))
         if not everywhere:
             raise MsmError(f"no cell was kept under every condition ({len(cells)} cells built)",
-                           "build more cells (--docs), or look at the drop reasons with `msm corpus report`")
+                           "build more cells (--docs), or see why with "
+                           "`msm warehouse sql 'SELECT * FROM drops_by_reason'`")
         if gap > tolerance:
             totals = [sum(pool[c][k] for c in pool) for k in range(len(conditions))]
             detail = ", ".join(f"{c} {t:,}" for c, t in zip(conditions, totals))
             raise MsmError(f"kept tokens could not be matched within {tolerance:.1%}: the closest was {gap:.1%} "
-                           f"with {len(kept)} of {len(everywhere)} cells (all cells: {detail} tokens)",
-                           "build more cells (--docs) or allow a wider --tolerance")
+                           f"with {len(kept)} of {len(pool)} cells, dropping at most {MAX_LOSS:.0%} of them "
+                           f"(all cells: {detail} tokens)", "build more cells (--docs) or allow a wider --tolerance")
         keep = set(kept)
         ablation_id = "a" + hashlib.sha256(json.dumps([builds, conditions, tolerance, target_tokens]).encode()
                                            ).hexdigest()[:15]
