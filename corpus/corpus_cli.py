@@ -312,6 +312,35 @@ def stats(name, db):
     con.close()
 
 
+@corpus_group.command("report")
+@click.argument("name")
+@click.option("--out", default=None, help="Folder for report.md and the plots (default $MSM_HOME/reports/NAME).")
+@click.option("--no-embeddings", is_flag=True, help="Skip embedding diversity (it embeds documents not yet stored).")
+@db_option
+def report(name, out, no_embeddings, db):
+    """One page to judge a corpus: distributions, diversity, uncovered units, lengths, drops."""
+    from pathlib import Path
+
+    from corpus.report import gather, write_report
+    from msm.config import load_settings
+
+    settings = load_settings(db)
+    con = _connect(db)
+    try:
+        gathered = gather(con, name)
+    finally:
+        con.close()
+    if not no_embeddings:  # embedding may write new vectors, so it runs with the connection closed
+        from corpus.report import add_embedding_diversity
+
+        add_embedding_diversity(gathered, settings.db)
+    path = write_report(gathered, Path(out) if out else settings.home / "reports" / name)
+    click.echo(f"{gathered.n_docs} documents, {gathered.n_tokens:,} tokens; distinct-2 {gathered.distinct[2]:.3f}"
+               + (f", Vendi {gathered.vendi:.1f}" if gathered.vendi is not None else "")
+               + f"; {len(gathered.uncovered_units)} unit(s) with no kept document")
+    click.echo(f"wrote {path} and {len(gathered.files)} plots")
+
+
 @corpus_group.command("show")
 @click.argument("doc_id")
 @db_option
