@@ -116,10 +116,14 @@ generation_options = [
                  show_default=True,
                  help="brainstorm: a capable model lists each unit's claims (quoted from the unit) and proposes an "
                       "idea per cell, with top-up rounds; cells: the balanced matrix alone."),
+    click.option("--against", multiple=True,
+                 help="Eval items to decontaminate against (directory or file, repeatable); default eval/items."),
+    click.option("--no-decontaminate", is_flag=True, help="Skip the check against eval items."),
 ]
 
 
-def _build_options(variables, tasks, workers, concurrency, max_cost, dedup, **fields):
+def _build_options(variables, tasks, workers, concurrency, max_cost, dedup, against=(), no_decontaminate=False,
+                   **fields):
     """BuildOptions from the shared flags, refusing impossible values with one line."""
     from msm.errors import MsmError
     from pipelines.build import BuildOptions
@@ -129,8 +133,14 @@ def _build_options(variables, tasks, workers, concurrency, max_cost, dedup, **fi
         raise MsmError("--tasks, --workers and --concurrency must be at least 1", "pass a positive number")
     if max_cost is not None and max_cost <= 0:
         raise MsmError("--max-cost must be positive", "pass a budget in USD above 0")
+    for path in against:
+        from pathlib import Path
+
+        if not Path(path).exists():
+            raise MsmError(f"--against: {path} does not exist", "pass an item-bank directory or file")
     return BuildOptions(variables=parse_vars(variables), tasks=tasks, workers=workers, concurrency=concurrency,
-                        max_cost=max_cost, dedup=parse_methods(dedup), **fields)
+                        max_cost=max_cost, dedup=parse_methods(dedup),
+                        against=() if no_decontaminate else (tuple(against) or None), **fields)
 
 
 @corpus_group.command("build")
@@ -339,6 +349,36 @@ def report(name, out, no_embeddings, db):
                + (f", Vendi {gathered.vendi:.1f}" if gathered.vendi is not None else "")
                + f"; {len(gathered.uncovered_units)} unit(s) with no kept document")
     click.echo(f"wrote {path} and {len(gathered.files)} plots")
+
+
+@corpus_group.command("decontaminate")
+@click.argument("name")
+@click.option("--against", multiple=True, help="Eval item banks (a directory of JSONL, or files); repeatable. "
+                                                "Default: the project's eval/items.")
+@click.option("--ngram", type=click.IntRange(4, 50), default=13, show_default=True, help="Word n-gram length.")
+@click.option("--similarity", type=click.FloatRange(0.0, 1.0), default=0.9, show_default=True,
+              help="MiniLM cosine at or above which a document counts as a paraphrase of an item.")
+@click.option("--no-embeddings", is_flag=True, help="Check n-grams only.")
+@db_option
+def decontaminate(name, against, ngram, similarity, no_embeddings, db):
+    """Drop documents that contain an eval item (n-grams, embeddings); the name moves to the rest."""
+    from pathlib import Path
+
+    from corpus.decontam import decontaminate_corpus, default_item_dirs
+    from msm.config import load_settings
+
+    settings = load_settings(db)
+    paths = [Path(p) for p in against] or default_item_dirs()
+    hits, new_id, report = decontaminate_corpus(settings.db, settings.home, name, paths, not no_embeddings,
+                                                similarity, ngram)
+    for hit in hits:
+        click.echo(f"{hit.document}: {hit.method} match with {hit.item.item_id} ({hit.item.source}): {hit.evidence}")
+    if hits:
+        click.echo(f"{len(hits)} contaminated document(s) dropped; corpus '{name}' -> "
+                   f"{new_id or '(none left: the name was removed)'}")
+    else:
+        click.echo(f"no contamination found in '{name}'")
+    click.echo(f"report: {report}")
 
 
 @corpus_group.command("show")

@@ -43,6 +43,9 @@ class BuildOptions:
     dry_run: bool = False  # slurm: write the script, submit nothing
     plan_mode: str = "cells"  # or brainstorm: a capable model proposes assertions and an idea per cell
     conditions: tuple[str, ...] = ()  # an ablation: every cell generated under each (see corpus/conditions.yaml)
+    # eval files to decontaminate against (n-grams; embeddings too when embedding dedup is on):
+    # None means the project's item banks when they exist, () means no check
+    against: tuple[str, ...] | None = None
     max_tokens: int | None = None
     variables: dict = field(default_factory=dict)
     db: str | None = None
@@ -170,6 +173,12 @@ def build_corpus(spec_path: str, opts: BuildOptions) -> BuildResult:
     mark = time.monotonic()
     mark_near_duplicates(settings.db, rows, tuple(opts.dedup), root / "dedup", opts.dedup_threshold)
     stages["near-dup"] = time.monotonic() - mark
+    mark = time.monotonic()
+    from corpus.decontam import default_item_dirs, mark_contaminated
+
+    against = default_item_dirs() if opts.against is None else [Path(p) for p in opts.against]
+    mark_contaminated(rows, against, settings.db, "embedding" in opts.dedup)
+    stages["decontaminate"] = time.monotonic() - mark
     mark = time.monotonic()
     result = _load(settings.db, build_id, rows, counter, ctx, (opts.name or spec.spec_id) if opts.register else None)
     stages["load"] = time.monotonic() - mark

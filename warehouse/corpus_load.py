@@ -72,7 +72,7 @@ def load_build(con, build_id: str, staged: list[dict], counter, cache, corpus_na
     keys = [k for r in staged for k in r["meta"]["call_keys"]]
     calls = cache.rows(keys) if keys else {}
 
-    documents, judgments, statuses, llm_calls, call_uses, clusters = [], [], [], {}, {}, []
+    documents, judgments, statuses, llm_calls, call_uses, clusters, contaminated = [], [], [], {}, {}, [], []
     for r, n_tokens in zip(with_text, tokens):
         meta, plan = r["meta"], r["meta"]["plan"]
         doc_id = f"{build_id}-{r['id']}"
@@ -91,6 +91,8 @@ def load_build(con, build_id: str, staged: list[dict], counter, cache, corpus_na
             clusters.append({"build_id": build_id, "method": dup["method"], "cluster_id": dup["cluster"],
                              "document_id": doc_id, "kept_id": f"{build_id}-{dup['kept']}",
                              "similarity": dup["similarity"]})
+        if meta.get("contamination"):
+            contaminated.append({"document_id": doc_id, **meta["contamination"]})
         judgments += [{"subject_kind": "document", "subject_id": doc_id, **{k: j[k] for k in JUDGMENT_FIELDS}}
                       for j in meta["judgments"]]
     for r in staged:
@@ -115,6 +117,9 @@ def load_build(con, build_id: str, staged: list[dict], counter, cache, corpus_na
         con.execute("DELETE FROM dedup_clusters WHERE build_id = ?", [build_id])
         insert_rows(con, "INSERT OR REPLACE INTO documents", documents)
         insert_rows(con, "INSERT INTO dedup_clusters", clusters)
+        con.execute("DELETE FROM contamination WHERE document_id IN (SELECT id FROM documents WHERE build_id = ?)",
+                    [build_id])
+        insert_rows(con, "INSERT INTO contamination", contaminated)
         insert_rows(con, "INSERT OR REPLACE INTO judgments", judgments)
         insert_rows(con, "INSERT OR IGNORE INTO llm_calls", list(llm_calls.values()))
         insert_rows(con, "INSERT OR IGNORE INTO call_uses", list(call_uses.values()))
