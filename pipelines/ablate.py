@@ -196,8 +196,10 @@ def _matched_tokens_now(db, builds, conditions, tolerance) -> int:
         tokens = _kept_everywhere(_cell_tokens(con, builds, conditions), conditions)
     finally:
         con.close()
-    kept, _ = match_cells(tokens, tolerance, min_keep=math.ceil(len(tokens) * (1 - MAX_LOSS)))
-    return int(min(sum(tokens[c][k] for c in kept) for k in range(len(conditions)))) if kept else 0
+    kept, gap = match_cells(tokens, tolerance, min_keep=math.ceil(len(tokens) * (1 - MAX_LOSS)))
+    if not kept or gap > tolerance:  # corpora that cannot be matched yet hold nothing usable
+        return 0
+    return int(min(sum(tokens[c][k] for c in kept) for k in range(len(conditions))))
 
 
 def _smallest_matched_prefix(tokens: dict[str, list[int]], tolerance: float, target: int) -> list[str]:
