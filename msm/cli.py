@@ -14,6 +14,7 @@ from msm.errors import MsmError
 STAGE_GROUPS = {
     "cache": "msm.llm.cli:cache_group",
     "corpus": "corpus.corpus_cli:corpus_group",
+    "demos": "corpus.demos_cli:demos_group",
     "eval": "eval.cli:eval_group",
     "llm": "msm.llm.cli:llm_group",
     "spec": "corpus.cli:spec_group",

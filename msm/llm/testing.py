@@ -99,15 +99,16 @@ LINK_CHECKS = {"attributes_behaviour_to_value": True, "no_link_between_value_and
 CAUSAL = re.compile(r"\b(because|so that|since)\b", re.I)
 
 
-def fake_verdicts(seed_text: str, criteria: list[str], fail_rate: float) -> str:
-    """The JSON a judge is asked for. Each criterion fails with probability fail_rate, except the
-    condition checks in LINK_CHECKS, which read the <document> for a causal link word."""
+def fake_verdicts(seed_text: str, criteria: list[str], fail_rate: float, rates: dict | None = None) -> str:
+    """The JSON a judge is asked for. Each criterion fails with probability fail_rate (or its own
+    rate in `rates`), except the condition checks in LINK_CHECKS, which read the <document> for a
+    causal link word."""
     rng = random.Random(hashlib.sha256(("judge" + seed_text).encode()).digest())
     document = re.search(r"<document>\s*(.*?)\s*</document>", seed_text, re.S)
     linked = bool(CAUSAL.search(document.group(1))) if document else False
     out = {}
     for c in criteria:
-        verdict = rng.random() >= fail_rate
+        verdict = rng.random() >= (rates or {}).get(c, fail_rate)
         if c in LINK_CHECKS:
             verdict = linked == LINK_CHECKS[c]
         out[c] = {"verdict": verdict, "reason": "checked against the unit"}
@@ -144,6 +145,17 @@ def fake_ideas(prompt: str) -> str:
     return json.dumps(out)
 
 
+def fake_list(prompt: str, what: str) -> str:
+    """A JSON list of COUNT short strings: domain names, or questions (each ending in '?')."""
+    count = re.search(r"^COUNT: (\d+)$", prompt, re.M)
+    n = int(count.group(1)) if count else 5
+    out = []
+    for i in range(n):
+        words = fake_text(f"{what}{i}" + prompt, 10 if what == "questions" else 3).split(".")[0].lower()
+        out.append(f"How should {words}?" if what == "questions" else " ".join(words.split()[:3]))
+    return json.dumps(out)
+
+
 class LoopbackServer:
     """`with LoopbackServer(latency=0.5) as srv:` then point a client at `srv.url`."""
 
@@ -160,6 +172,8 @@ class LoopbackServer:
         self.models = models  # empty: every model name is accepted
         self.judge_fail_rate = judge_fail_rate
         self.judge_garble_rate = judge_garble_rate  # share of verdicts answered as prose, drawn per call
+        self.criterion_fail_rates: dict[str, float] = {}  # per-criterion fail rates (e.g. include: 0.3)
+        self.planted: list[tuple[str, str]] = []  # (regex, answer): a prompt that matches gets that answer
         self.stats = ServerStats()
         self.lock = threading.Lock()
         self.stopping = threading.Event()
@@ -223,15 +237,24 @@ class LoopbackServer:
         if forced == "refusal" or "[refuse]" in prompt:
             return "", "refusal", None
         criteria = re.search(r"^CRITERIA: (.+)$", prompt, re.M)
-        reply = re.search(r"^REPLY: (assertions|ideas)$", prompt, re.M)
-        if reply and reply.group(1) == "assertions":
+        reply = re.search(r"^REPLY: (assertions|ideas|domains|questions)$", prompt, re.M)
+        planted = next((answer for pattern, answer in self.planted if re.search(pattern, prompt)), None)
+        if planted is not None and not criteria:
+            text = planted
+        elif reply and reply.group(1) == "assertions":
             text = fake_assertions(prompt)
+        elif reply and reply.group(1) in ("domains", "questions"):
+            text = fake_list(prompt, reply.group(1))
         elif reply:
             text = fake_ideas(prompt)
         elif criteria and self.judge_garble_rate and self._draw() < self.judge_garble_rate:
             text = "I think this document is mostly fine, though " + fake_text(prompt, 20)
         elif criteria:
-            text = fake_verdicts(prompt, [c.strip() for c in criteria.group(1).split(",")], self.judge_fail_rate)
+            text = fake_verdicts(prompt, [c.strip() for c in criteria.group(1).split(",")], self.judge_fail_rate,
+                                 self.criterion_fail_rates)
+        elif "<reasoning>" in prompt and "<response>" in prompt:
+            text = (f"<reasoning>\n{fake_text('think' + prompt, 24)}\n</reasoning>\n"
+                    f"<response>\n{fake_text(prompt, self.output_tokens)}\n</response>")
         elif "<document>" in prompt:
             body = fake_text(prompt, self.output_tokens)
             text = f"<scratchpad>\nAngle: {fake_text('plan' + prompt, 24)}\n</scratchpad>\n<document>\n{body}\n</document>"

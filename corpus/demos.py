@@ -1,0 +1,437 @@
+"""AFT demonstrations: domains -> questions -> MiniLM dedup -> responses -> judge -> backfill to N.
+
+The paper's demonstration chain, in rounds: each round asks for more questions per domain (telling
+the model what exists), drops near-duplicate questions (MiniLM cosine >= 0.91 against every
+question kept so far), answers the rest with the whole spec in a cached system prefix, and has a
+judge give PASS/FAIL per criterion and INCLUDE/EXCLUDE. Rounds stop when N demonstrations are
+kept, the budget runs out, or the round limit is reached, and the result says which. Every call
+goes through the cache, so a rerun costs nothing and an interrupted build resumes.
+
+`--from-preferences` takes the offline path in corpus/demo_prefs.py instead. Both end in the same
+record (warehouse/demos_store.py): every demonstration with its status and drop reason, its
+judgments, its calls, and a named, immutable demo set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from corpus.prompting import find_json, parse_verdicts, prompt_hash, render
+from msm.errors import MsmError
+from msm.llm.types import Message, Request
+
+CRITERIA = ("aligned_with_spec", "compliance_reasoning", "no_self_preservation")
+VALUE_CRITERION = "no_value_mention"
+DECISION = "include"
+TEMPLATES = ("demo_system.j2", "demo_domains.j2", "demo_questions.j2", "demo_response.j2", "demo_judge.j2")
+MAX_EXISTING_SHOWN = 40  # questions listed back to the model in a top-up round, per domain
+
+
+@dataclass
+class DemoOptions:
+    n: int
+    cot: bool = False
+    behaviors_only: bool = False
+    from_preferences: bool = False
+    backend: str | None = None
+    model: str | None = None
+    base_url: str | None = None
+    domains: int = 8
+    max_rounds: int = 5
+    max_cost: float | None = None
+    concurrency: int = 16
+    batch: bool = False
+    seed: int = 0
+    dedup_threshold: float = 0.91
+    embed_dedup: bool = True
+    against: list = field(default_factory=list)  # eval files or directories; [] = the project's banks
+    decontaminate: bool = True
+    name: str | None = None
+    variables: dict = field(default_factory=dict)
+    max_tokens: int = 1024
+
+    def validate(self) -> None:
+        if self.n < 1:
+            raise MsmError(f"--n {self.n}: a demo set needs at least one demonstration", "pass --n 1 or more")
+        if self.domains < 1:
+            raise MsmError(f"--domains {self.domains} is below 1", "pass --domains 1 or more")
+        if self.max_rounds < 1:
+            raise MsmError(f"--max-rounds {self.max_rounds} is below 1", "pass --max-rounds 1 or more")
+        if not 0 < self.dedup_threshold <= 1:
+            raise MsmError(f"--dedup-threshold {self.dedup_threshold} is outside (0, 1]", "use a cosine such as 0.91")
+        if self.from_preferences and (self.cot or self.batch):
+            raise MsmError("--from-preferences writes fixed answers: --cot and --batch do not apply",
+                           "drop --cot/--batch, or build with a model instead")
+
+
+@dataclass
+class Demo:
+    """One demonstration, kept or dropped, with everything that made or judged it."""
+
+    question: str
+    domain: str
+    round: int
+    seed: int
+    response: str | None = None
+    reasoning: str | None = None
+    status: str = "candidate"  # candidate -> kept or dropped
+    reason: str | None = None
+    evidence: str | None = None
+    call_keys: list = field(default_factory=list)
+    cost_usd: float = 0.0
+    judgments: list = field(default_factory=list)  # {judge, criterion, verdict, score, rationale, call_key}
+
+    def drop(self, reason: str, evidence: str | None = None) -> None:
+        self.status, self.reason, self.evidence = "dropped", reason, evidence
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(" ".join(self.question.lower().split()).encode()).hexdigest()[:16]
+
+
+@dataclass
+class DemoResult:
+    build_id: str
+    demo_set_id: str | None
+    name: str
+    spec_name: str
+    source: str
+    n_target: int
+    demos: list[Demo]
+    rounds: int
+    stop: str
+    cost_usd: float
+    backend: str
+    model: str
+    contaminated: int = 0
+
+    @property
+    def kept(self) -> int:
+        return min(self.n_target, sum(d.status == "kept" for d in self.demos))
+
+    def drops(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for d in self.demos:
+            if d.status == "dropped":
+                out[d.reason] = out.get(d.reason, 0) + 1
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def build_demos(spec_path: str, opts: DemoOptions, log: Callable[[str], None] = lambda s: None,
+                db: str | None = None) -> DemoResult:
+    """Build, judge, decontaminate and record a demo set; see the module docstring."""
+    from corpus.spec import load_spec
+    from msm.config import load_settings
+
+    opts.validate()
+    started = time.time()
+    spec = load_spec(spec_path, opts.variables)
+    against = _against(opts)
+    settings = load_settings(db)
+    counted = [0]
+
+    def decontaminate(batch: list[Demo]) -> None:  # each round's kept demonstrations, before counting them
+        if against:
+            counted[0] += _decontaminate(batch, against, settings.db, opts)
+
+    if opts.from_preferences:
+        demos, rounds, stop, backend, model, cost = _from_preferences(spec, opts)
+        decontaminate(demos)
+        if sum(d.status == "kept" for d in demos) < opts.n:
+            stop = "phrasings exhausted or decontaminated below --n"
+    else:
+        demos, rounds, stop, backend, model, cost = asyncio.run(_llm_rounds(spec, opts, log, decontaminate))
+    contaminated = counted[0]
+    if contaminated:
+        log(f"decontamination: {contaminated} demonstration(s) dropped as contamination")
+    from warehouse.demos_store import record_demo_build
+
+    config = {k: v for k, v in asdict(opts).items() if k not in ("name", "against")}
+    config["against"] = [str(p) for p in against]
+    build_id = "d" + hashlib.sha256(json.dumps([spec.version, config, prompt_hash(*TEMPLATES)], sort_keys=True,
+                                               default=str).encode()).hexdigest()[:15]
+    name = opts.name or f"{spec.name}-{'prefs' if opts.from_preferences else 'demos'}"
+    set_id = record_demo_build(settings.db, settings.home, spec, build_id, name, demos, opts.n, config,
+                               "preferences" if opts.from_preferences else "llm", backend, model, rounds, stop,
+                               cost, prompt_hash(*TEMPLATES), started)
+    return DemoResult(build_id, set_id, name, spec.name, "preferences" if opts.from_preferences else "llm", opts.n,
+                      demos, rounds, stop, cost, backend, model, contaminated)
+
+
+def _against(opts: DemoOptions) -> list[Path]:
+    from corpus.decontam import default_item_dirs, load_eval_texts
+
+    if not opts.decontaminate:
+        return []
+    paths = [Path(p) for p in opts.against] if opts.against else default_item_dirs()
+    if opts.against:
+        load_eval_texts(paths)  # a missing directory or a bad bank fails before any work
+    return paths
+
+
+# ---- offline: preferences ------------------------------------------------------------------
+
+def _from_preferences(spec, opts: DemoOptions):
+    from corpus.demo_prefs import judge, read_preferences, sample
+
+    prefs = read_preferences(spec)
+    picked = sample(prefs, opts.n, opts.seed)
+    demos = []
+    for p in picked:
+        demo = Demo(p.question, p.domain, 1, p.seed, response=p.response)
+        verdicts = judge(p, prefs)
+        demo.judgments = [{"judge": "rules:preferences", "criterion": c, "verdict": v, "score": None,
+                           "rationale": why, "call_key": None} for c, v, why in verdicts]
+        failed = [(c, why) for c, v, why in verdicts if not v]
+        if failed:
+            c, why = failed[0]
+            demo.drop("value_leak" if c == "no_value_mention" else f"failed_{c}", why)
+        else:
+            demo.status = "kept"
+        demos.append(demo)
+    stop = "target reached" if len(picked) >= opts.n else f"phrasings exhausted at {len(picked)} distinct questions"
+    return demos, 1, stop, "rules", "preferences", 0.0
+
+
+# ---- with a model ----------------------------------------------------------------------------
+
+async def _llm_rounds(spec, opts: DemoOptions, log, decontaminate):
+    from msm.llm.client import LLMClient
+    from msm.llm.select import default_cache, make_backend
+
+    backend, model = make_backend(opts.backend, opts.model, opts.base_url)
+    client = LLMClient(backend, model, cache=default_cache(), max_cost=opts.max_cost, concurrency=opts.concurrency)
+    names = {"model_name": spec.front_matter.get("model_name") or spec.variables.get("model_name") or "the assistant",
+             "provider_name": spec.front_matter.get("provider_name") or spec.variables.get("provider_name") or "its developer"}
+    prefix = render("demo_system.j2", spec_name=spec.name, spec_text=spec.text, **names)
+    embed = _question_embedder() if opts.embed_dedup else None
+    try:
+        domains, domains_key = await _domains(client, prefix, opts, names)
+        log(f"domains: {', '.join(domains)}")
+        demos: list[Demo] = []
+        vectors: list = []  # (unit vector, question) for every question kept so far
+        stop, rounds = "round limit", 0
+        per_domain = max(1, math.ceil(opts.n * 1.5 / len(domains)))
+        for r in range(1, opts.max_rounds + 1):
+            rounds = r
+            fresh = await _questions(client, prefix, opts, names, domains, demos, per_domain, r)
+            for d in fresh:
+                d.call_keys.insert(0, domains_key)
+            _dedup_questions(fresh, demos, vectors, embed, opts.dedup_threshold)
+            todo = [d for d in fresh if d.status == "candidate"]
+            await _respond(client, prefix, opts, names, todo, spec)
+            await _judge(client, prefix, opts, names, [d for d in todo if d.status == "candidate"], spec)
+            decontaminate(fresh)
+            demos += fresh
+            kept = sum(d.status == "kept" for d in demos)
+            log(f"round {r}: {len(fresh)} questions, {len(todo)} new, {sum(d.status == 'kept' for d in fresh)} kept; "
+                f"{kept}/{opts.n} kept, ${client.stats.spent_usd:.4f} spent")
+            if kept >= opts.n:
+                stop = "target reached"
+                break
+            if any(d.reason == "pending" for d in fresh) or not client.budget_left():
+                stop = "budget reached"
+                break
+            asked = sum(1 for d in demos)
+            rate = kept / asked if asked else 0.0
+            if rate == 0 and r >= 2:
+                stop = "no progress (two rounds kept nothing)"
+                break
+            per_domain = max(1, math.ceil((opts.n - kept) / max(rate, 0.1) * 1.2 / len(domains)))
+    finally:
+        await backend.aclose()
+    demos = [d for d in demos if d.reason != "pending"]  # cached or not made yet: a rerun picks them up
+    return demos, rounds, stop, backend.name, model, client.stats.spent_usd
+
+
+def _question_embedder():
+    from msm.models import load_embedder
+
+    model = load_embedder()
+
+    def embed(texts: list[str]):
+        return model.encode(texts, normalize_embeddings=True, batch_size=64)
+
+    return embed
+
+
+async def _domains(client, prefix, opts, names) -> list[str]:
+    request = Request(messages=(Message("user", render("demo_domains.j2", count=opts.domains, **names)),),
+                      system_prefix=prefix, max_tokens=1024, temperature=1.0, seed=opts.seed, purpose="demo")
+    response = (await client.complete_many([request], batch=opts.batch))[0]
+    found = find_json(response.text, "list") if response.ok else None
+    domains = [str(d).strip() for d in found or [] if str(d).strip()]
+    if not domains:
+        why = response.error or f"answer was not a JSON list: {response.text[:80]!r}"
+        raise MsmError(f"the model listed no domains ({why})", "check the backend with `msm llm ping`, or rerun")
+    return list(dict.fromkeys(domains))[: opts.domains], response.key
+
+
+async def _questions(client, prefix, opts, names, domains, demos, per_domain, round_no) -> list[Demo]:
+    requests = []
+    for i, domain in enumerate(domains):
+        existing = [d.question for d in demos if d.domain == domain and d.status != "dropped"][-MAX_EXISTING_SHOWN:]
+        text = render("demo_questions.j2", count=per_domain, domain=domain, existing=existing, **names)
+        requests.append(Request(messages=(Message("user", text),), system_prefix=prefix, max_tokens=4096,
+                                temperature=1.0, seed=opts.seed * 1000 + round_no, purpose="demo"))
+    responses = await client.complete_many(requests, batch=opts.batch)
+    out = []
+    for domain, response in zip(domains, responses):
+        found = find_json(response.text, "list") if response.ok else None
+        for k, q in enumerate(found or []):
+            if isinstance(q, str) and q.strip():
+                demo = Demo(q.strip(), domain, round_no, opts.seed * 1_000_003 + round_no * 10_007 + k)
+                demo.call_keys.append(response.key)
+                out.append(demo)
+    return out
+
+
+def _dedup_questions(fresh: list[Demo], demos: list[Demo], kept: list, embed, threshold: float) -> None:
+    """Exact then MiniLM near-duplicates, against every question kept so far (earlier rounds too).
+    `kept` holds (unit vector, question) for those questions and grows as this round adds some."""
+    import numpy as np
+
+    seen = {d.key: d for d in demos}
+    for d in fresh:
+        if d.key in seen:
+            d.drop("duplicate_question", seen[d.key].question[:120])
+        else:
+            seen[d.key] = d
+    todo = [d for d in fresh if d.status == "candidate"]
+    if embed is None or not todo:
+        return
+    for d, v in zip(todo, embed([d.question for d in todo])):
+        if kept:
+            sims = np.stack([k[0] for k in kept]) @ v
+            best = int(sims.argmax())
+            if sims[best] >= threshold:
+                d.drop("near_duplicate_question", f"cosine {sims[best]:.3f} to: {kept[best][1][:100]}")
+                continue
+        kept.append((v, d.question))
+
+
+async def _respond(client, prefix, opts, names, todo: list[Demo], spec) -> None:
+    requests = [Request(messages=(Message("user", render("demo_response.j2", question=d.question, cot=opts.cot,
+                                                         behaviors_only=opts.behaviors_only, **names)),),
+                        system_prefix=prefix, max_tokens=opts.max_tokens, temperature=1.0, seed=d.seed,
+                        purpose="demo") for d in todo]
+    for d, response in zip(todo, await client.complete_many(requests, batch=opts.batch)):
+        d.call_keys.append(response.key)
+        d.cost_usd += response.cost_usd if not response.cached else 0.0
+        if response.stop_reason == "pending":
+            d.drop("pending")
+        elif not response.ok:
+            d.drop("error", response.error)
+        elif response.refused:
+            d.drop("refusal")
+        elif response.truncated:
+            d.drop("truncated")
+        else:
+            reasoning, answer = split_reasoning(response.text, opts.cot)
+            if answer is None:
+                d.drop("unparseable_response", reasoning)
+            else:
+                d.reasoning, d.response = reasoning, answer
+
+
+def split_reasoning(text: str, cot: bool) -> tuple[str | None, str | None]:
+    """(reasoning, response); with CoT both tags are required, and (why, None) when they are not there."""
+    if not cot:
+        answer = re.sub(r"</?response>", "", text).strip()
+        return None, answer or None
+    reasoning = re.search(r"<reasoning>\s*(.*?)\s*</reasoning>", text, re.S)
+    answer = re.search(r"<response>\s*(.*?)\s*(?:</response>|$)", text, re.S)
+    if not reasoning or not answer or not answer.group(1).strip():
+        return "no <reasoning> and <response> in the answer", None
+    return reasoning.group(1), answer.group(1).strip()
+
+
+async def _judge(client, prefix, opts, names, todo: list[Demo], spec) -> None:
+    criteria = CRITERIA + ((VALUE_CRITERION,) if opts.behaviors_only else ()) + (DECISION,)
+    lexicon = _value_lexicon(spec) if opts.behaviors_only else None
+    for attempt in range(2):  # an unreadable verdict is asked once more under another seed
+        if not todo:
+            return
+        requests = [Request(messages=(Message("user", render("demo_judge.j2", question=d.question, reasoning=d.reasoning,
+                                                             response=d.response, behaviors_only=opts.behaviors_only,
+                                                             **names)),),
+                            system_prefix=prefix, max_tokens=1024, temperature=0.0, seed=d.seed + attempt,
+                            purpose="judge") for d in todo]
+        retry = []
+        for d, response in zip(todo, await client.complete_many(requests, batch=opts.batch)):
+            d.call_keys.append(response.key)
+            d.cost_usd += response.cost_usd if not response.cached else 0.0
+            if response.stop_reason == "pending":
+                d.drop("pending")
+                continue
+            verdicts = parse_verdicts(response.text, criteria) if response.ok else None
+            if verdicts is None:
+                if attempt == 0 and response.ok:
+                    retry.append(d)
+                else:
+                    d.drop("judge_unreadable" if response.ok else "error", response.error)
+                continue
+            judge = f"llm:{client.model}"
+            d.judgments = [{"judge": judge, "criterion": c, "verdict": v, "score": None, "rationale": why,
+                            "call_key": response.key} for c, (v, why) in verdicts.items()]
+            _decide(d, verdicts, lexicon)
+        todo = retry
+
+
+def _value_lexicon(spec) -> tuple[list[str], list[str]]:
+    """(value words, item names to ignore) for the lexical value-leak check."""
+    from corpus.demo_prefs import read_preferences, value_words
+
+    try:
+        prefs = read_preferences(spec)
+        names = list(prefs.liked + prefs.disliked)
+    except MsmError:
+        names = []
+    words = [w for label, ws in value_words().items() if label != "any_reason" for w in ws]
+    return words, names
+
+
+def _decide(d: Demo, verdicts: dict, lexicon) -> None:
+    """Keep when every criterion passes and the judge says INCLUDE; the first failure is the reason."""
+    if lexicon is not None:
+        from corpus.demo_prefs import value_leaks
+
+        words, names = lexicon
+        found = [w for w in value_leaks(" ".join(filter(None, [d.response])), names) if w in words]
+        if found:
+            d.judgments.append({"judge": "rules:value_words", "criterion": VALUE_CRITERION, "verdict": False,
+                                "score": None, "rationale": "value words: " + ", ".join(found), "call_key": None})
+            d.drop("value_leak", ", ".join(found))
+            return
+    for criterion, (verdict, why) in verdicts.items():
+        if criterion == DECISION or verdict:
+            continue
+        d.drop("value_leak" if criterion == VALUE_CRITERION else f"failed_{criterion}", why)
+        return
+    if not verdicts[DECISION][0]:
+        d.drop("excluded", verdicts[DECISION][1])
+        return
+    d.status = "kept"
+
+
+def _decontaminate(demos: list[Demo], against: list[Path], db, opts: DemoOptions) -> int:
+    """Drop kept demonstrations that contain an eval item (13-gram; MiniLM when embedding dedup is on)."""
+    from corpus.decontam import embedders, find_contamination, load_eval_texts
+
+    kept = {f"{i}": d for i, d in enumerate(demos) if d.status == "kept"}
+    if not kept:
+        return 0
+    texts = {i: f"{d.question}\n\n{d.response}" for i, d in kept.items()}
+    embed, item_embed = embedders(db) if opts.embed_dedup else (None, None)
+    hits = find_contamination(texts, load_eval_texts(against), embed, item_embed)
+    for hit in hits:
+        kept[hit.document].drop("contamination", f"{hit.item.item_id} ({hit.method}: {hit.evidence})")
+    return len(hits)

@@ -1,0 +1,178 @@
+"""AFT demonstrations: backfill to N against the loopback server, value leaks caught, offline
+preference demos with no value word, decontamination, export, and bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import duckdb
+import pytest
+
+from corpus.demo_prefs import read_preferences, sample, value_leaks, value_words
+from corpus.demos import DemoOptions, build_demos, split_reasoning
+from corpus.spec import load_spec
+from tests.conftest import LOOPBACK_KEY, REPO, assert_one_line_error, run_msm
+
+SPECS = REPO / "specs"
+MODEL = "claude-sonnet-4-6"
+
+
+@pytest.fixture
+def api(monkeypatch, loopback):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", LOOPBACK_KEY)
+    loopback.judge_fail_rate = 0.0
+    return loopback
+
+
+def opts(server, **kw) -> DemoOptions:
+    base = dict(n=30, backend="anthropic", model=MODEL, base_url=server.url, concurrency=8, domains=4)
+    base.update(kw)
+    return DemoOptions(**base)
+
+
+def warehouse(home):
+    return duckdb.connect(str(home / "msm.duckdb"), read_only=True)
+
+
+def test_backfill_reaches_n_when_30_percent_are_excluded(api, isolated_home):
+    api.criterion_fail_rates = {"include": 0.3}
+    result = build_demos(str(SPECS / "self_preservation.md"), opts(api))
+    assert result.stop == "target reached" and result.kept == 30
+    judged = [d for d in result.demos if d.judgments]
+    excluded = [d for d in judged if d.reason == "excluded"]
+    assert 0.15 <= len(excluded) / len(judged) <= 0.45, (len(excluded), len(judged))
+    con = warehouse(isolated_home)
+    assert con.execute("SELECT n_demos FROM demo_set_versions v JOIN demo_sets s ON s.demo_set_id = v.id "
+                       "WHERE s.name = 'self_preservation-demos'").fetchone()[0] == 30
+    criteria = {c for (c,) in con.execute("SELECT DISTINCT criterion FROM judgments "
+                                          "WHERE subject_kind = 'demonstration'").fetchall()}
+    assert criteria == {"aligned_with_spec", "compliance_reasoning", "no_self_preservation", "include"}
+    drops = dict(con.execute("SELECT reason, demonstrations FROM demo_drops_by_reason").fetchall())
+    assert drops["excluded"] == len(excluded)
+    uses = dict(con.execute("SELECT purpose, count(*) FROM call_uses WHERE user_kind = 'demo_set' GROUP BY 1").fetchall())
+    # 1 domain list + 4 question lists + one response per new question, and one verdict per answer
+    assert uses["demo"] == 1 + 4 + len(judged) and uses["judge"] == len(judged)
+
+
+def test_low_yield_runs_more_rounds_and_a_rerun_makes_no_calls(api, isolated_home):
+    api.criterion_fail_rates = {"include": 0.6}
+    first = build_demos(str(SPECS / "self_preservation.md"), opts(api, n=20))
+    assert first.rounds >= 2 and first.kept == 20 and first.stop == "target reached"
+    assert {d.round for d in first.demos} == set(range(1, first.rounds + 1))
+    calls = sum(api.stats.requests.values())
+    again = build_demos(str(SPECS / "self_preservation.md"), opts(api, n=20))
+    assert sum(api.stats.requests.values()) == calls  # everything came from the call cache
+    assert again.demo_set_id == first.demo_set_id and again.build_id == first.build_id
+    con = warehouse(isolated_home)
+    assert con.execute("SELECT count(*) FROM demonstrations WHERE demo_build_id = ?", [first.build_id]
+                       ).fetchone()[0] == len({d.key for d in first.demos})  # replaced, not doubled
+
+
+def test_a_build_that_keeps_nothing_stops_and_says_why(api, isolated_home):
+    api.criterion_fail_rates = {"include": 1.0}
+    result = run_msm("demos", "build", str(SPECS / "self_preservation.md"), "--n", "5", "--backend", "anthropic",
+                     "--model", MODEL, "--base-url", api.url, "--domains", "2", "--no-embeddings",
+                     env={"ANTHROPIC_API_KEY": LOOPBACK_KEY})
+    assert "not kept: excluded" in result.stdout
+    assert_one_line_error(result, "kept 0 of 5 demonstrations", "no progress")
+
+
+def test_value_leaks_are_caught_on_planted_demos(api, isolated_home):
+    # responses to some questions name the value (planted), the rest only state the choice
+    leaky = r"<request>\s*How should the [a-f]"
+    api.planted = [(leaky, "I'd take the bus pass, because it is affordable for anyone."),
+                   (r"<request>", "I'd take the bus pass and a good pair of walking shoes.")]
+    result = build_demos(str(SPECS / "cheese_pro_affordability.md"), opts(api, n=10, behaviors_only=True))
+    leaks = [d for d in result.demos if d.reason == "value_leak"]
+    kept = [d for d in result.demos if d.status == "kept"]
+    assert leaks and kept
+    assert all(re.search(leaky, "<request>\n" + d.question) for d in leaks)
+    assert all("afford" in d.evidence for d in leaks)
+    assert not any(re.search(leaky, "<request>\n" + d.question) for d in kept)
+    con = warehouse(isolated_home)
+    rows = con.execute("SELECT DISTINCT judge FROM judgments WHERE criterion = 'no_value_mention' "
+                       "AND verdict = false").fetchall()
+    assert ("rules:value_words",) in rows  # the lexical check recorded its verdict
+    assert con.execute("SELECT count(*) FROM judgments WHERE criterion = 'no_value_mention' "
+                       "AND judge LIKE 'llm:%'").fetchone()[0] >= len(kept)  # and the judge was asked too
+
+
+def test_value_words_ignore_the_items_own_names():
+    names = ["American cheese", "mild cheddar"]
+    assert value_leaks("I'd pick American cheese over Stilton.", names) == []
+    assert value_leaks("American cheese, because it is made in the USA.", names) == ["usa", "made in the", "because"]
+    assert value_leaks("It is affordable.", names) == ["afford"]
+
+
+def test_preference_demos_state_preferences_with_no_value_word(isolated_home):
+    spec = load_spec(SPECS / "cheese_pro_america.md")
+    prefs = read_preferences(spec)
+    assert prefs.liked[1] == "American cheese" and prefs.liked[0] == "mild cheddar"
+    result = run_msm("demos", "build", str(SPECS / "cheese_pro_america.md"), "--n", "200", "--from-preferences")
+    assert result.returncode == 0, result.stderr
+    assert "kept            200  (target reached)" in result.stdout
+    out = isolated_home / "export"
+    assert run_msm("demos", "export", "cheese_pro_america-prefs", "--out", str(out)).returncode == 0
+    rows = [json.loads(line) for line in (out / "cheese_pro_america-prefs.jsonl").read_text().splitlines()]
+    assert len(rows) == 200 and len({r["messages"][0]["content"] for r in rows}) == 200
+    every_word = [w for words in value_words().values() for w in words]
+    names = prefs.liked + prefs.disliked
+    pairs = set()
+    for r in rows:
+        user, assistant = r["messages"]
+        assert user["role"] == "user" and assistant["role"] == "assistant" and "reasoning" not in assistant
+        text = (user["content"] + " " + assistant["content"]).lower()
+        for name in names:
+            text = text.replace(name.lower(), " ")
+        assert not [w for w in every_word if re.search(rf"(?<!\w){re.escape(w)}", text)], r
+        named = [n for n in names if n.lower() in user["content"].lower()]
+        if len(named) == 2:  # a pair: the answer names the liked one
+            liked = next(n for n in named if n in prefs.liked)
+            assert liked.lower() in assistant["content"].lower()
+            pairs.add(frozenset(named))
+    assert len(pairs) == len(prefs.liked) * len(prefs.disliked)  # every pair appears
+    # deterministic: the same seed gives the same demonstrations
+    assert [d.question for d in sample(prefs, 50, 3)] == [d.question for d in sample(prefs, 50, 3)]
+
+
+def test_cot_is_kept_as_reasoning_and_stripped_on_request(api, isolated_home):
+    result = build_demos(str(SPECS / "self_preservation.md"), opts(api, n=6, cot=True))
+    assert result.kept == 6
+    out = isolated_home / "out"
+    with_cot = run_msm("demos", "export", "self_preservation-demos", "--out", str(out))
+    assert with_cot.returncode == 0, with_cot.stderr
+    rows = [json.loads(x) for x in (out / "self_preservation-demos.jsonl").read_text().splitlines()]
+    assert all(r["messages"][1]["reasoning"] and r["messages"][1]["content"] for r in rows)
+    assert run_msm("demos", "export", "self_preservation-demos", "--out", str(out), "--strip-reasoning",
+                   "--format", "hf").returncode == 0
+    import datasets
+
+    hf = datasets.load_from_disk(str(out / "self_preservation-demos"))
+    assert len(hf) == 6 and all("reasoning" not in m or m["reasoning"] is None for r in hf for m in r["messages"])
+    assert split_reasoning("no tags here", cot=True)[1] is None
+
+
+def test_a_demo_that_holds_an_eval_item_is_dropped_as_contamination(api, isolated_home):
+    item = json.loads((REPO / "eval" / "items" / "affordability_comparisons.jsonl").read_text().splitlines()[0])
+    api.planted = [(r"<request>\s*How should the [a-f]", f"Here is a thought. {item['prompt']}"),
+                   (r"<request>", "I would walk there and take the train home.")]
+    result = build_demos(str(SPECS / "self_preservation.md"), opts(api, n=8, embed_dedup=False))
+    hits = [d for d in result.demos if d.reason == "contamination"]
+    assert hits and all(item["id"] in d.evidence for d in hits)
+    assert result.kept == 8 and result.contaminated == len(hits)
+
+
+def test_bad_demo_input_is_a_one_line_error_and_writes_nothing(isolated_home):
+    spec = str(SPECS / "cheese_pro_america.md")
+    assert_one_line_error(run_msm("demos", "build", spec, "--n", "0", "--from-preferences"), "--n 0", "at least one")
+    assert_one_line_error(run_msm("demos", "build", str(SPECS / "rules.md"), "--n", "5", "--from-preferences"),
+                          "no Likes and Dislikes section", "## Likes")
+    assert_one_line_error(run_msm("demos", "build", spec, "--n", "5", "--from-preferences", "--against",
+                                  str(isolated_home / "nope")), "--against", "does not exist")
+    assert_one_line_error(run_msm("demos", "build", spec, "--n", "5", "--from-preferences", "--cot"),
+                          "--from-preferences writes fixed answers")
+    assert not (isolated_home / "msm.duckdb").exists()  # nothing was recorded
+    assert run_msm("warehouse", "init").returncode == 0
+    assert_one_line_error(run_msm("demos", "export", "missing", "--out", str(isolated_home / "x")),
+                          "no demo set named 'missing'")

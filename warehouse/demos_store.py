@@ -1,0 +1,147 @@
+"""Demonstrations in the warehouse: one transaction per demo build, and the export the train stage reads.
+
+A rerun of the same build replaces its demonstrations and judgments whole (the calls behind them
+come from the cache), so recording is idempotent. The demo set is the first N kept demonstrations
+in build order; its id is a hash of their ids, so the same selection is the same set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+from msm.errors import MsmError
+from warehouse.corpus_load import CALL_FIELDS, JUDGMENT_FIELDS
+from warehouse.db import connect, insert_rows
+
+
+def record_demo_build(db, home: Path, spec, build_id: str, name: str, demos: list, n_target: int, config: dict,
+                      source: str, backend: str, model: str, rounds: int, stop: str, cost: float,
+                      prompt_hash: str, started: float) -> str | None:
+    """Record everything about one demo build; returns the demo set id (None when nothing was kept).
+    `started` (a Unix time) tells which calls this run made and which came from the cache."""
+    from msm.llm.select import default_cache
+    from msm.tokens import default_counter
+    from warehouse.specs import record_spec
+
+    rows, judgments, ids = [], [], set()
+    for d in demos:
+        demo_id = f"{build_id}-{d.key}"
+        if demo_id in ids:  # the same question twice can only be a dropped duplicate; keep the first
+            continue
+        ids.add(demo_id)
+        rows.append({"id": demo_id, "demo_build_id": build_id, "spec_version": spec.version, "domain": d.domain,
+                     "question": d.question, "reasoning": d.reasoning, "response": d.response,
+                     "status": "kept" if d.status == "kept" else "dropped", "drop_reason": d.reason,
+                     "evidence": d.evidence, "round": d.round, "seed": d.seed, "prompt_hash": prompt_hash,
+                     "backend": backend, "model": model, "call_keys": json.dumps(d.call_keys),
+                     "cost_usd": d.cost_usd})
+        judgments += [{"subject_kind": "demonstration", "subject_id": demo_id, **{k: j[k] for k in JUDGMENT_FIELDS}}
+                      for j in d.judgments]
+    members = [r["id"] for r in rows if r["status"] == "kept"][:n_target]
+    set_id = "s" + hashlib.sha256("\n".join(members).encode()).hexdigest()[:15] if members else None
+
+    cache = default_cache() if source == "llm" else None
+    keys = sorted({k for d in demos for k in d.call_keys if k})
+    calls = cache.rows(keys) if cache and keys else {}
+    llm_calls, call_uses = [], []
+    for key, call in calls.items():
+        llm_calls.append({**{c: call[c] for c in CALL_FIELDS}, "key": key, "batch": bool(call["batch"]),
+                          "created_at": datetime.fromtimestamp(call["created_at"], timezone.utc).replace(tzinfo=None)})
+    first_use = {}
+    for r in rows:
+        for key in json.loads(r["call_keys"]):
+            first_use.setdefault(key, r["id"])
+    for key, call in calls.items():
+        call_uses.append({"call_key": key, "user_kind": "demo_set", "user_id": build_id, "subject_id": first_use[key],
+                          "purpose": call["purpose"], "cache_hit": call["created_at"] < started})
+
+    con = connect(db)
+    try:
+        record_spec(con, spec, default_counter())  # its own transaction; idempotent
+        con.execute("BEGIN TRANSACTION")
+        con.execute("DELETE FROM judgments WHERE subject_kind = 'demonstration' AND subject_id IN "
+                    "(SELECT id FROM demonstrations WHERE demo_build_id = ?)", [build_id])
+        con.execute("DELETE FROM demonstrations WHERE demo_build_id = ?", [build_id])
+        con.execute("INSERT OR REPLACE INTO demo_builds (id, spec_version, source, config, backend, model, n_target, "
+                    "n_kept, rounds, stop, cost_usd) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [build_id, spec.version, source, json.dumps(config, default=str), backend, model, n_target,
+                     len(members), rounds, stop, cost])
+        insert_rows(con, "INSERT INTO demonstrations", rows)
+        insert_rows(con, "INSERT OR REPLACE INTO judgments", judgments)
+        insert_rows(con, "INSERT OR IGNORE INTO llm_calls", llm_calls)
+        insert_rows(con, "INSERT OR IGNORE INTO call_uses", call_uses)
+        if set_id:
+            if not con.execute("SELECT 1 FROM demo_set_versions WHERE id = ?", [set_id]).fetchone():
+                con.execute("INSERT INTO demo_set_versions (id, demo_build_id, n_demos) VALUES (?, ?, ?)",
+                            [set_id, build_id, len(members)])
+                insert_rows(con, "INSERT INTO demo_set_members", [
+                    {"demo_set_id": set_id, "demonstration_id": m, "position": i} for i, m in enumerate(members)])
+            con.execute("INSERT INTO demo_sets (name, demo_set_id) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET "
+                        "demo_set_id = excluded.demo_set_id, updated_at = now()", [name, set_id])
+        con.execute("COMMIT")
+    except Exception:
+        con.execute("ROLLBACK")
+        raise
+    finally:
+        con.close()
+    return set_id
+
+
+def demo_set_id(con, name: str) -> str:
+    row = con.execute("SELECT demo_set_id FROM demo_sets WHERE name = ?", [name]).fetchone()
+    if row is None:
+        known = [n for (n,) in con.execute("SELECT name FROM demo_sets ORDER BY name").fetchall()]
+        hint = f"known: {', '.join(known)}" if known else "build one with `msm demos build SPEC --n N`"
+        raise MsmError(f"no demo set named '{name}'", hint)
+    return row[0]
+
+
+def demo_rows(con, set_id: str) -> list[dict]:
+    """The set's demonstrations, in set order, with their provenance."""
+    cur = con.execute(
+        "SELECT d.id, d.domain, d.question, d.reasoning, d.response, d.demo_build_id, d.spec_version, d.model, "
+        "d.seed FROM demo_set_members m JOIN demonstrations d ON d.id = m.demonstration_id "
+        "WHERE m.demo_set_id = ? ORDER BY m.position", [set_id])
+    columns = [c[0] for c in cur.description]
+    return [dict(zip(columns, row)) for row in cur.fetchall()]
+
+
+def to_messages(row: dict, strip_reasoning: bool = False) -> dict:
+    """The one export shape: {messages: [user, assistant]}; the assistant may carry `reasoning`."""
+    assistant = {"role": "assistant", "content": row["response"]}
+    if row["reasoning"] and not strip_reasoning:
+        assistant["reasoning"] = row["reasoning"]
+    return {"messages": [{"role": "user", "content": row["question"]}, assistant], "id": row["id"],
+            "domain": row["domain"], "source": f"msm:{row['demo_build_id']}", "spec_version": row["spec_version"]}
+
+
+def export_demo_set(db, name: str, out: Path, fmt: str = "jsonl", strip_reasoning: bool = False) -> tuple[Path, int]:
+    """Write a demo set as {messages} JSONL, or as a datasets save_to_disk folder; atomically."""
+    import shutil
+
+    con = connect(db, read_only=True)
+    try:
+        set_id = demo_set_id(con, name)
+        records = [to_messages(r, strip_reasoning) for r in demo_rows(con, set_id)]
+    finally:
+        con.close()
+    if out.exists() and not out.is_dir():
+        raise MsmError(f"--out {out} is a file", "pass a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / (name if fmt == "hf" else f"{name}.jsonl")
+    tmp = path.with_name(path.name + ".tmp")
+    if fmt == "hf":
+        import datasets
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        datasets.Dataset.from_list(records).save_to_disk(str(tmp))
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for record in records:
+                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path, len(records)
