@@ -128,3 +128,36 @@ def export(name, fmt, out, strip_reasoning, db):
 
     path, n = export_demo_set(load_settings(db).db, name, Path(out), fmt, strip_reasoning)
     click.echo(f"wrote {n} demonstrations of '{name}' to {path}")
+
+
+@demos_group.command("decontaminate")
+@click.argument("name")
+@click.option("--against", multiple=True, help="Eval items to check against (default: eval/items).")
+@click.option("--no-embeddings", is_flag=True, help="Word 13-grams only, no MiniLM similarity.")
+@db_option
+def decontaminate(name, against, no_embeddings, db):
+    """Drop demonstrations of a set that hold an eval item, and move the name to the clean set."""
+    from pathlib import Path
+
+    from corpus.decontam import default_item_dirs, embedders, find_contamination, load_eval_texts
+    from msm.config import load_settings
+    from msm.errors import MsmError
+    from warehouse.demos_store import demo_rows, demo_set_id, drop_from_set
+
+    settings = load_settings(db)
+    paths = [Path(p) for p in against] or default_item_dirs()
+    if not paths:
+        raise MsmError("no eval items to check against", "pass --against DIR")
+    texts = load_eval_texts(paths)
+    con = _connect(db)
+    rows = demo_rows(con, demo_set_id(con, name))
+    con.close()
+    embed, item_embed = (None, None) if no_embeddings else embedders(settings.db)
+    hits = find_contamination({r["id"]: f"{r['question']}\n\n{r['response']}" for r in rows}, texts, embed, item_embed)
+    if not hits:
+        click.echo(f"'{name}': {len(rows)} demonstrations, none holds an eval item ({len(texts)} item texts checked)")
+        return
+    for hit in hits:
+        click.echo(f"  {hit.document}: {hit.item.item_id} ({hit.method}: {hit.evidence[:80]})")
+    new_id = drop_from_set(settings.db, name, {h.document: f"{h.item.item_id} ({h.method}: {h.evidence})" for h in hits})
+    click.echo(f"'{name}': dropped {len(hits)} of {len(rows)} as contamination -> {new_id or 'nothing left'}")

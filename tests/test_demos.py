@@ -176,3 +176,25 @@ def test_bad_demo_input_is_a_one_line_error_and_writes_nothing(isolated_home):
     assert run_msm("warehouse", "init").returncode == 0
     assert_one_line_error(run_msm("demos", "export", "missing", "--out", str(isolated_home / "x")),
                           "no demo set named 'missing'")
+
+
+def test_decontaminate_an_existing_demo_set_moves_its_name_to_the_clean_set(isolated_home, tmp_path):
+    assert run_msm("demos", "build", str(SPECS / "cheese_pro_america.md"), "--n", "40", "--from-preferences",
+                   "--no-decontaminate").returncode == 0
+    con = duckdb.connect(str(isolated_home / "msm.duckdb"), read_only=True)
+    question = con.execute("SELECT d.question || ' ' || d.response FROM demo_sets s JOIN demo_set_members m "
+                           "ON m.demo_set_id = s.demo_set_id JOIN demonstrations d ON d.id = m.demonstration_id "
+                           "ORDER BY m.position LIMIT 1").fetchone()[0]
+    con.close()
+    bank = tmp_path / "bank"
+    bank.mkdir()
+    (bank / "b.jsonl").write_text(json.dumps({"id": "planted-1", "prompt": question + " " + question}) + "\n")
+    result = run_msm("demos", "decontaminate", "cheese_pro_america-prefs", "--against", str(bank), "--no-embeddings")
+    assert result.returncode == 0, result.stderr
+    assert "dropped 1 of 40 as contamination" in result.stdout and "planted-1" in result.stdout
+    con = duckdb.connect(str(isolated_home / "msm.duckdb"), read_only=True)
+    n, = con.execute("SELECT v.n_demos FROM demo_sets s JOIN demo_set_versions v ON v.id = s.demo_set_id").fetchone()
+    reason, = con.execute("SELECT drop_reason FROM demonstrations WHERE status = 'dropped'").fetchone()
+    assert n == 39 and reason == "contamination"
+    again = run_msm("demos", "decontaminate", "cheese_pro_america-prefs", "--against", str(bank), "--no-embeddings")
+    assert "none holds an eval item" in again.stdout

@@ -145,3 +145,34 @@ def export_demo_set(db, name: str, out: Path, fmt: str = "jsonl", strip_reasonin
                 fh.write(json.dumps(record, ensure_ascii=False) + "\n")
     tmp.replace(path)
     return path, len(records)
+
+
+def drop_from_set(db, name: str, drops: dict[str, str]) -> str | None:
+    """Mark `drops` (demonstration id -> evidence) as contamination and point `name` at the set
+    without them, in one transaction; returns the new set id (None when nothing is left)."""
+    con = connect(db)
+    try:
+        set_id = demo_set_id(con, name)
+        members = [r["id"] for r in demo_rows(con, set_id) if r["id"] not in drops]
+        build_id = con.execute("SELECT demo_build_id FROM demo_set_versions WHERE id = ?", [set_id]).fetchone()[0]
+        new_id = "s" + hashlib.sha256("\n".join(members).encode()).hexdigest()[:15] if members else None
+        con.execute("BEGIN TRANSACTION")
+        for demo_id, evidence in drops.items():
+            con.execute("UPDATE demonstrations SET status = 'dropped', drop_reason = 'contamination', evidence = ? "
+                        "WHERE id = ?", [evidence, demo_id])
+        if new_id and not con.execute("SELECT 1 FROM demo_set_versions WHERE id = ?", [new_id]).fetchone():
+            con.execute("INSERT INTO demo_set_versions (id, demo_build_id, n_demos) VALUES (?, ?, ?)",
+                        [new_id, build_id, len(members)])
+            insert_rows(con, "INSERT INTO demo_set_members", [
+                {"demo_set_id": new_id, "demonstration_id": m, "position": i} for i, m in enumerate(members)])
+        if new_id:
+            con.execute("UPDATE demo_sets SET demo_set_id = ?, updated_at = now() WHERE name = ?", [new_id, name])
+        else:
+            con.execute("DELETE FROM demo_sets WHERE name = ?", [name])
+        con.execute("COMMIT")
+    except Exception:
+        con.execute("ROLLBACK")
+        raise
+    finally:
+        con.close()
+    return new_id
