@@ -57,6 +57,7 @@ class DemoOptions:
     name: str | None = None
     variables: dict = field(default_factory=dict)
     max_tokens: int = 1024
+    progress: bool | None = None  # None: a bar when stderr is a terminal
 
     def validate(self) -> None:
         if self.n < 1:
@@ -252,6 +253,28 @@ async def _llm_rounds(spec, opts: DemoOptions, log, decontaminate):
     return demos, rounds, stop, backend.name, model, client.stats.spent_usd
 
 
+async def _calls(client, requests: list[Request], opts: DemoOptions, stage: str):
+    """One stage's calls, with a bar (calls done, tokens, cost, rate and ETA) while they run."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(requests), desc=stage, unit="call", dynamic_ncols=True, leave=False,
+               disable=None if opts.progress is None else not opts.progress)
+    spent = [0, 0.0]
+
+    def tick(response) -> None:
+        spent[0] += response.usage.input_tokens + response.usage.output_tokens
+        spent[1] += 0.0 if response.cached else response.cost_usd
+        bar.set_postfix_str(f"{spent[0]:,} tokens, ${spent[1]:.2f}", refresh=False)
+        bar.update(1)
+
+    client.on_result = tick
+    try:
+        return await client.complete_many(requests, batch=opts.batch)
+    finally:
+        client.on_result = None
+        bar.close()
+
+
 def _question_embedder():
     from msm.models import load_embedder
 
@@ -282,7 +305,7 @@ async def _questions(client, prefix, opts, names, domains, demos, per_domain, ro
         text = render("demo_questions.j2", count=per_domain, domain=domain, existing=existing, **names)
         requests.append(Request(messages=(Message("user", text),), system_prefix=prefix, max_tokens=4096,
                                 temperature=1.0, seed=opts.seed * 1000 + round_no, purpose="demo"))
-    responses = await client.complete_many(requests, batch=opts.batch)
+    responses = await _calls(client, requests, opts, f"round {round_no}: questions")
     out = []
     for domain, response in zip(domains, responses):
         found = find_json(response.text, "list") if response.ok else None
@@ -323,7 +346,8 @@ async def _respond(client, prefix, opts, names, todo: list[Demo], spec) -> None:
                                                          behaviors_only=opts.behaviors_only, **names)),),
                         system_prefix=prefix, max_tokens=opts.max_tokens, temperature=1.0, seed=d.seed,
                         purpose="demo") for d in todo]
-    for d, response in zip(todo, await client.complete_many(requests, batch=opts.batch)):
+    stage = f"round {todo[0].round}: answers" if todo else "answers"
+    for d, response in zip(todo, await _calls(client, requests, opts, stage)):
         d.call_keys.append(response.key)
         d.cost_usd += response.cost_usd if not response.cached else 0.0
         if response.stop_reason == "pending":
@@ -366,7 +390,7 @@ async def _judge(client, prefix, opts, names, todo: list[Demo], spec) -> None:
                             system_prefix=prefix, max_tokens=1024, temperature=0.0, seed=d.seed + attempt,
                             purpose="judge") for d in todo]
         retry = []
-        for d, response in zip(todo, await client.complete_many(requests, batch=opts.batch)):
+        for d, response in zip(todo, await _calls(client, requests, opts, f"round {todo[0].round}: judge")):
             d.call_keys.append(response.key)
             d.cost_usd += response.cost_usd if not response.cached else 0.0
             if response.stop_reason == "pending":

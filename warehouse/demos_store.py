@@ -41,7 +41,7 @@ def record_demo_build(db, home: Path, spec, build_id: str, name: str, demos: lis
         judgments += [{"subject_kind": "demonstration", "subject_id": demo_id, **{k: j[k] for k in JUDGMENT_FIELDS}}
                       for j in d.judgments]
     members = [r["id"] for r in rows if r["status"] == "kept"][:n_target]
-    set_id = "s" + hashlib.sha256("\n".join(members).encode()).hexdigest()[:15] if members else None
+    set_id = _set_id(members) if members else None
 
     cache = default_cache() if source == "llm" else None
     keys = sorted({k for d in demos for k in d.call_keys if k})
@@ -73,20 +73,32 @@ def record_demo_build(db, home: Path, spec, build_id: str, name: str, demos: lis
         insert_rows(con, "INSERT OR REPLACE INTO judgments", judgments)
         insert_rows(con, "INSERT OR IGNORE INTO llm_calls", llm_calls)
         insert_rows(con, "INSERT OR IGNORE INTO call_uses", call_uses)
-        if set_id:
-            if not con.execute("SELECT 1 FROM demo_set_versions WHERE id = ?", [set_id]).fetchone():
-                con.execute("INSERT INTO demo_set_versions (id, demo_build_id, n_demos) VALUES (?, ?, ?)",
-                            [set_id, build_id, len(members)])
-                insert_rows(con, "INSERT INTO demo_set_members", [
-                    {"demo_set_id": set_id, "demonstration_id": m, "position": i} for i, m in enumerate(members)])
-            con.execute("INSERT INTO demo_sets (name, demo_set_id) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET "
-                        "demo_set_id = excluded.demo_set_id, updated_at = now()", [name, set_id])
+        if members:
+            register_demo_set(con, name, build_id, members)
         con.execute("COMMIT")
     except Exception:
         con.execute("ROLLBACK")
         raise
     finally:
         con.close()
+    return set_id
+
+
+def _set_id(members: list[str]) -> str:
+    return "s" + hashlib.sha256("\n".join(members).encode()).hexdigest()[:15]
+
+
+def register_demo_set(con, name: str, build_id: str, members: list[str]) -> str:
+    """Point `name` at the immutable, ordered set of these demonstrations (inside the caller's
+    transaction); the set id is a hash of the ids in order."""
+    set_id = _set_id(members)
+    if not con.execute("SELECT 1 FROM demo_set_versions WHERE id = ?", [set_id]).fetchone():
+        con.execute("INSERT INTO demo_set_versions (id, demo_build_id, n_demos) VALUES (?, ?, ?)",
+                    [set_id, build_id, len(members)])
+        insert_rows(con, "INSERT INTO demo_set_members", [
+            {"demo_set_id": set_id, "demonstration_id": m, "position": i} for i, m in enumerate(members)])
+    con.execute("INSERT INTO demo_sets (name, demo_set_id) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET "
+                "demo_set_id = excluded.demo_set_id, updated_at = now()", [name, set_id])
     return set_id
 
 
@@ -155,18 +167,13 @@ def drop_from_set(db, name: str, drops: dict[str, str]) -> str | None:
         set_id = demo_set_id(con, name)
         members = [r["id"] for r in demo_rows(con, set_id) if r["id"] not in drops]
         build_id = con.execute("SELECT demo_build_id FROM demo_set_versions WHERE id = ?", [set_id]).fetchone()[0]
-        new_id = "s" + hashlib.sha256("\n".join(members).encode()).hexdigest()[:15] if members else None
+        new_id = None
         con.execute("BEGIN TRANSACTION")
         for demo_id, evidence in drops.items():
             con.execute("UPDATE demonstrations SET status = 'dropped', drop_reason = 'contamination', evidence = ? "
                         "WHERE id = ?", [evidence, demo_id])
-        if new_id and not con.execute("SELECT 1 FROM demo_set_versions WHERE id = ?", [new_id]).fetchone():
-            con.execute("INSERT INTO demo_set_versions (id, demo_build_id, n_demos) VALUES (?, ?, ?)",
-                        [new_id, build_id, len(members)])
-            insert_rows(con, "INSERT INTO demo_set_members", [
-                {"demo_set_id": new_id, "demonstration_id": m, "position": i} for i, m in enumerate(members)])
-        if new_id:
-            con.execute("UPDATE demo_sets SET demo_set_id = ?, updated_at = now() WHERE name = ?", [new_id, name])
+        if members:
+            new_id = register_demo_set(con, name, build_id, members)
         else:
             con.execute("DELETE FROM demo_sets WHERE name = ?", [name])
         con.execute("COMMIT")
