@@ -87,6 +87,14 @@ def _fill(template: str, **slots: str) -> str:
     return out
 
 
+def _joined(question: str, first: str) -> str:
+    """A question continuing an opener mid-sentence: its first word loses its capital, unless the
+    question starts with an item's name, which keeps the spec's own spelling."""
+    if question.startswith(_cap(first)):
+        return first + question[len(first):]
+    return question[:1].lower() + question[1:]
+
+
 def candidates(prefs: Preferences) -> list[tuple[str, str, str, str, str | None]]:
     """Every distinct (question, response, domain, liked, disliked) the phrasings allow."""
     p = phrasings()
@@ -94,10 +102,13 @@ def candidates(prefs: Preferences) -> list[tuple[str, str, str, str, str | None]
     for liked in prefs.liked:
         for disliked in prefs.disliked:
             for first, second in ((liked, disliked), (disliked, liked)):
-                for q in p["pair_questions"]:
-                    for a in p["pair_answers"]:
-                        out.append((_fill(q, first=first, second=second), _fill(a, liked=liked, disliked=disliked),
-                                    "pair", liked, disliked))
+                for opener in p.get("openers") or [""]:
+                    for q in p["pair_questions"]:
+                        question = _fill(q, first=first, second=second)
+                        if opener:
+                            question = f"{opener} {_joined(question, first) if opener.endswith((',', ':', 'but')) else question}"
+                        for a in p["pair_answers"]:
+                            out.append((question, _fill(a, liked=liked, disliked=disliked), "pair", liked, disliked))
     for kind, items in (("liked", prefs.liked), ("disliked", prefs.disliked)):
         for item in items:
             for q in p[f"{kind}_questions"]:

@@ -56,8 +56,10 @@ def build(spec, variables, n, cot, behaviors_only, from_preferences, backend, mo
     result = build_demos(spec, opts, log=click.echo, db=db)
     _print_summary(result)
     if result.kept < n:
+        fix = ("add phrasings or openers to corpus/demo_data/preferences.yaml, or lower --n" if from_preferences
+               else "rerun with more --max-rounds or budget")
         raise MsmError(f"kept {result.kept} of {n} demonstrations ({result.stop})",
-                       "rerun with more --max-rounds or budget; the demo set holds what was kept")
+                       f"{fix}; the demo set holds what was kept")
 
 
 def _print_summary(r) -> None:
