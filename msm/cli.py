@@ -18,6 +18,7 @@ STAGE_GROUPS = {
     "eval": "eval.cli:eval_group",
     "llm": "msm.llm.cli:llm_group",
     "spec": "corpus.cli:spec_group",
+    "train": "train.cli:train_group",
     "warehouse": "warehouse.cli:warehouse_group",
 }
 

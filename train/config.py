@@ -1,0 +1,188 @@
+"""Training configs: YAML, validated strictly, so a typo is a one-line error naming the key.
+
+Every knob of a run is here and nowhere else (nanoGPT's rule): the loop reads a TrainConfig and
+nothing from the environment except the distributed launcher's rank variables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from msm.errors import MsmError
+
+PAPER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class ConfigError(MsmError):
+    """A training config that cannot be run as written."""
+
+
+@dataclass
+class Adapter:
+    kind: str = "lora"  # lora or full
+    r: int = 64
+    alpha: int = 128
+    dropout: float = 0.0
+    targets: list = field(default_factory=lambda: list(PAPER_TARGETS))
+
+
+@dataclass
+class Stage:
+    name: str
+    kind: str  # midtrain or aft
+    corpus: str | None = None  # midtrain: a warehouse corpus name, or a parquet / JSONL / HF folder path
+    demos: str | None = None  # aft: a warehouse demo set name, or a {messages} JSONL / HF folder path
+    max_len: int = 2048
+    packing: bool = True  # midtrain: documents packed into max_len sequences, attention reset at boundaries
+    cot: bool = False  # aft: train on the assistant's `reasoning`, as a <thinking> block before the answer
+    init: str = "continue"  # aft: continue the previous stage's adapter, or start a fresh one
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup: float = 0.05  # share of the stage's steps
+    schedule: str = "cosine"  # cosine or constant
+    weight_decay: float = 0.01
+    epochs: int = 1
+    max_steps: int | None = None  # stop early (smoke runs)
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    base_model: str
+    stages: list
+    output_dir: str
+    adapter: Adapter = field(default_factory=Adapter)
+    precision: str = "auto"  # auto: bf16 on a GPU, fp32 on CPU
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 50  # optimizer steps
+    keep_checkpoints: int = 2
+    source: str = ""  # the file it came from
+
+    def to_json(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.pop("source")
+        return out
+
+
+CHOICES = {"kind": {"midtrain", "aft"}, "init": {"continue", "fresh"}, "schedule": {"cosine", "constant"},
+           "precision": {"auto", "fp32", "bf16", "fp16"}, "adapter.kind": {"lora", "full"}}
+POSITIVE = {"max_len", "batch_size", "grad_accum", "epochs", "checkpoint_every", "keep_checkpoints", "r", "alpha"}
+STAGE_NEEDS = {"midtrain": "corpus", "aft": "demos"}
+
+
+def _typed(where: str, key: str, value, default_type, optional: bool):
+    """Check one value against its field's type; ints are accepted where floats are expected."""
+    if value is None and optional:
+        return None
+    expected = default_type
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads 1e-4 as a string
+        except ValueError:
+            pass
+    if expected is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{where}: '{key}' must be {expected.__name__}{' or null' if optional else ''}, "
+                      f"got {value!r}", "fix its value")
+
+
+def _fill(cls, raw: dict, where: str, skip: tuple = ()):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(raw).__name__}", "write it as key: value lines")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in skip and f.name != "source"}
+    unknown = [k for k in raw if k not in fields and k not in skip]
+    if unknown:
+        import difflib
+
+        near = difflib.get_close_matches(unknown[0], list(fields), n=1)
+        hint = f"did you mean '{near[0]}'?" if near else f"known keys: {', '.join(fields)}"
+        raise ConfigError(f"{where}: unknown key '{unknown[0]}'", hint)
+    values = {}
+    for name, f in fields.items():
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{where}: missing '{name}'", f"add '{name}:'")
+            continue
+        hint = str(f.type)
+        optional = "None" in hint
+        base = {"int": int, "float": float, "str": str, "bool": bool, "list": list}.get(
+            hint.replace(" | None", "").strip(), None)
+        values[name] = _typed(where, name, raw[name], base, optional) if base else raw[name]
+    return values
+
+
+def parse_config(raw, source: str = "") -> TrainConfig:
+    """A TrainConfig from parsed YAML, or a one-line ConfigError naming the bad key."""
+    where = source or "config"
+    top = _fill(TrainConfig, raw, where, skip=("adapter", "stages"))
+    for key in ("adapter", "stages"):
+        if key in (raw or {}):
+            top[key] = raw[key]
+    adapter = Adapter(**_fill(Adapter, top.pop("adapter", None) or {}, f"{where}: adapter"))
+    stages_raw = top.pop("stages", None)
+    if not isinstance(stages_raw, list) or not stages_raw:
+        raise ConfigError(f"{where}: 'stages' must be a non-empty list", "list a midtrain and/or an aft stage")
+    stages, names = [], set()
+    for i, item in enumerate(stages_raw):
+        label = f"{where}: stages[{i}]"
+        stage = Stage(**_fill(Stage, item, label))
+        for key in ("kind", "init", "schedule"):
+            if getattr(stage, key) not in CHOICES[key]:
+                raise ConfigError(f"{label}: '{key}' is '{getattr(stage, key)}'", f"use one of {sorted(CHOICES[key])}")
+        need = STAGE_NEEDS[stage.kind]
+        if not getattr(stage, need):
+            raise ConfigError(f"{label}: a {stage.kind} stage needs '{need}'", f"name a warehouse {need} or a file")
+        if stage.name in names:
+            raise ConfigError(f"{label}: stage name '{stage.name}' is used twice", "give every stage its own name")
+        names.add(stage.name)
+        _check_numbers(label, dataclasses.asdict(stage))
+        if not 0 <= stage.warmup < 1:
+            raise ConfigError(f"{label}: 'warmup' is {stage.warmup}", "give a share of the steps in [0, 1)")
+        if stage.max_steps is not None and stage.max_steps < 1:
+            raise ConfigError(f"{label}: 'max_steps' is {stage.max_steps}", "use 1 or more, or leave it out")
+        stages.append(stage)
+    config = TrainConfig(adapter=adapter, stages=stages, source=source, **top)
+    if config.precision not in CHOICES["precision"]:
+        raise ConfigError(f"{where}: 'precision' is '{config.precision}'", f"use one of {sorted(CHOICES['precision'])}")
+    if adapter.kind not in CHOICES["adapter.kind"]:
+        raise ConfigError(f"{where}: adapter 'kind' is '{adapter.kind}'", "use lora or full")
+    if not adapter.targets and adapter.kind == "lora":
+        raise ConfigError(f"{where}: adapter 'targets' is empty", "list the module names LoRA adapts")
+    _check_numbers(f"{where}: adapter", dataclasses.asdict(adapter))
+    _check_numbers(where, {"checkpoint_every": config.checkpoint_every, "keep_checkpoints": config.keep_checkpoints})
+    return config
+
+
+def _check_numbers(where: str, values: dict) -> None:
+    for key in POSITIVE & set(values):
+        if values[key] is not None and values[key] < 1:
+            raise ConfigError(f"{where}: '{key}' is {values[key]}", "use 1 or more")
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"training config not found: {path}", "pass a YAML file (see train/configs/)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path} is not valid YAML{at}", "fix the file") from None
+    config = parse_config(raw, str(path))
+    out = Path(config.output_dir)
+    if not out.is_absolute():  # everything msm writes lives under $MSM_HOME
+        from msm.config import load_settings
+
+        config.output_dir = str(load_settings().home / out)
+    return config
