@@ -284,3 +284,20 @@ def test_bad_training_input_is_a_one_line_error(tmp_path):
     assert_one_line_error(run_msm("train", "run", str(tmp_path / "missing.yaml")), "training config not found")
     (tmp_path / "bad.yaml").write_text("stages: [\n")
     assert_one_line_error(run_msm("train", "run", str(tmp_path / "bad.yaml")), "not valid YAML")
+
+
+@pytest.mark.smoke
+@pytest.mark.slow
+def test_smollm2_lora_midtrain_then_aft_on_the_cpu(tmp_path):
+    """The real model through both stages, a few steps each: shapes, template and adapter saving."""
+    from train.run import run_training
+
+    raw = config(tmp_path, base_model="smollm2-135m-instruct",
+                 adapter={"kind": "lora", "r": 16, "alpha": 32, "targets": ["q_proj", "v_proj"]})
+    raw["stages"][0].update({"max_len": 64, "batch_size": 1, "lr": 1e-4, "max_steps": 3})
+    raw["stages"][1].update({"max_len": 64, "batch_size": 2, "lr": 1e-4, "max_steps": 2, "cot": True})
+    result = run_training(parse_config(raw), progress=False, log=lambda s: None)
+    for name in ("midtrain", "aft"):
+        m = result.stages[name]
+        assert 0 < m["final_loss"] < 20 and m["tokens"] > 0
+    assert (tmp_path / "run" / "aft" / "adapter" / "adapter_model.safetensors").stat().st_size > 0
