@@ -301,3 +301,39 @@ def test_smollm2_lora_midtrain_then_aft_on_the_cpu(tmp_path):
         m = result.stages[name]
         assert 0 < m["final_loss"] < 20 and m["tokens"] > 0
     assert (tmp_path / "run" / "aft" / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+
+
+def test_fsdp_on_two_cpu_processes_matches_one_process_and_resumes_from_its_shards(tmp_path):
+    raw = config(tmp_path, checkpoint_every=3)
+    raw["stages"][0].update({"corpus": str(write_corpus(tmp_path / "big.jsonl", n=120)), "max_steps": 5, "batch_size": 4})
+    raw["stages"][1].update({"max_steps": 3, "batch_size": 4})
+    one = save(tmp_path, {**raw, "output_dir": str(tmp_path / "one")}, "one.yaml")
+    for stage in raw["stages"]:
+        stage["batch_size"] = 2
+    two = save(tmp_path, {**raw, "output_dir": str(tmp_path / "fsdp"), "parallel": "fsdp"}, "fsdp.yaml")
+    assert run_msm("train", "run", str(one), "--no-progress", timeout=300).returncode == 0
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node", "2", "--master-port", "29523",
+                "-m", "msm.cli", "train", "run", str(two), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(torchrun, capture_output=True, text=True, timeout=300, env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stdout.count("model card:") == 1  # rank 0 speaks for the run
+    for stage in ("midtrain", "aft"):
+        a, b = losses(tmp_path / "one" / stage / "log.jsonl"), losses(tmp_path / "fsdp" / stage / "log.jsonl")
+        assert len(a) == len(b) and max(abs(x - y) / x for x, y in zip(a, b)) < 0.01, (stage, a, b)
+    shards = tmp_path / "fsdp" / "midtrain" / "checkpoints" / "step-0000003"
+    assert (shards / "shards").is_dir() and (shards / "rng-1.pt").exists()
+    # forget everything after the sharded checkpoint at step 3; the rerun must resume from it
+    import shutil
+
+    before = losses(tmp_path / "fsdp" / "midtrain" / "log.jsonl")
+    for stage in ("midtrain", "aft"):
+        (tmp_path / "fsdp" / stage / "done.json").unlink()
+        shutil.rmtree(tmp_path / "fsdp" / stage / "adapter")
+    shutil.rmtree(tmp_path / "fsdp" / "aft")
+    again = subprocess.run(torchrun, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    done = json.loads((tmp_path / "fsdp" / "midtrain" / "done.json").read_text())
+    assert done["resumed_from"] == 3
+    after = losses(tmp_path / "fsdp" / "midtrain" / "log.jsonl")
+    assert max(abs(x - y) for x, y in zip(before, after)) < 1e-4 and len(after) == 5

@@ -32,6 +32,10 @@ def run(config, max_steps, output_dir, no_progress):
 
         cfg.output_dir = str(Path(output_dir).resolve())
     result = run_training(cfg, progress=False if no_progress else None, log=click.echo)
+    import os
+
+    if os.environ.get("RANK", "0") != "0":
+        return
     click.echo(f"run {result.run_id}: {len(result.stages)} stage(s) in {result.seconds:.1f} s -> {result.output_dir}")
     click.echo(f"  model card: {result.output_dir / 'MODEL_CARD.md'}")
 

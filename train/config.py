@@ -60,6 +60,7 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 on a GPU, fp32 on CPU
     seed: int = 0
     gradient_checkpointing: bool = False
+    parallel: str = "ddp"  # with several processes: ddp (replicas) or fsdp (parameters sharded by layer)
     checkpoint_every: int = 50  # optimizer steps
     keep_checkpoints: int = 2
     source: str = ""  # the file it came from
@@ -71,7 +72,8 @@ class TrainConfig:
 
 
 CHOICES = {"kind": {"midtrain", "aft"}, "init": {"continue", "fresh"}, "schedule": {"cosine", "constant"},
-           "precision": {"auto", "fp32", "bf16", "fp16"}, "adapter.kind": {"lora", "full"}}
+           "precision": {"auto", "fp32", "bf16", "fp16"}, "adapter.kind": {"lora", "full"},
+           "parallel": {"ddp", "fsdp"}}
 POSITIVE = {"max_len", "batch_size", "grad_accum", "epochs", "checkpoint_every", "keep_checkpoints", "r", "alpha"}
 STAGE_NEEDS = {"midtrain": "corpus", "aft": "demos"}
 
@@ -154,6 +156,8 @@ def parse_config(raw, source: str = "") -> TrainConfig:
     config = TrainConfig(adapter=adapter, stages=stages, source=source, **top)
     if config.precision not in CHOICES["precision"]:
         raise ConfigError(f"{where}: 'precision' is '{config.precision}'", f"use one of {sorted(CHOICES['precision'])}")
+    if config.parallel not in CHOICES["parallel"]:
+        raise ConfigError(f"{where}: 'parallel' is '{config.parallel}'", "use ddp or fsdp")
     if adapter.kind not in CHOICES["adapter.kind"]:
         raise ConfigError(f"{where}: adapter 'kind' is '{adapter.kind}'", "use lora or full")
     if not adapter.targets and adapter.kind == "lora":

@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from msm.errors import MsmError
+
 CHECKPOINTS = "checkpoints"
 
 
@@ -101,40 +103,98 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def shard(model) -> None:
+    """FSDP2 in place: every decoder layer its own unit, then the root; frozen base weights are
+    sharded too, so a 32B model's weights are split across the GPUs instead of copied to each."""
+    from torch.distributed.fsdp import fully_shard
+
+    if is_sharded(model):
+        return
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    if not layers:
+        raise MsmError("parallel: fsdp found no decoder layers to shard in this model", "use parallel: ddp")
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
 def latest_checkpoint(stage_dir: Path) -> Path | None:
     found = sorted((stage_dir / CHECKPOINTS).glob("step-*/state.pt"))
     return found[-1].parent if found else None
 
 
-def _save_checkpoint(stage_dir: Path, step: int, model, optimizer, scheduler, keep: int) -> None:
+def _save_checkpoint(stage_dir: Path, step: int, model, optimizer, scheduler, keep: int, dist: Dist) -> None:
+    """Every rank calls this. Unsharded: rank 0 writes one file. Sharded (FSDP): each rank writes
+    its shard of the trainable weights and optimiser state through torch.distributed.checkpoint."""
     import torch
 
     root = stage_dir / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     final, tmp = root / f"step-{step:07d}", root / f".tmp-step-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    trainable = {n: p.detach().cpu() for n, p in _unwrap(model).named_parameters() if p.requires_grad}
-    torch.save({"step": step, "trainable": trainable, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": _rng_state()}, tmp / "state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)  # a checkpoint exists whole or not at all
-    for old in sorted(root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if dist.main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    _barrier(dist)
+    extra = {"step": step, "scheduler": scheduler.state_dict()}
+    if is_sharded(model):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "shards"))
+        if dist.main:
+            torch.save(extra, tmp / "state.pt")
+    elif dist.main:
+        trainable = {n: p.detach().cpu() for n, p in _unwrap(model).named_parameters() if p.requires_grad}
+        torch.save({**extra, "trainable": trainable, "optimizer": optimizer.state_dict()}, tmp / "state.pt")
+    torch.save(_rng_state(), tmp / f"rng-{dist.rank}.pt")  # each rank's own generators
+    _barrier(dist)
+    if dist.main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # a checkpoint exists whole or not at all
+        for old in sorted(root.glob("step-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier(dist)
 
 
-def _load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
+def _load_checkpoint(path: Path, model, optimizer, scheduler, dist: Dist) -> int:
     import torch
 
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    params = dict(_unwrap(model).named_parameters())
-    with torch.no_grad():
-        for name, value in state["trainable"].items():
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
-    optimizer.load_state_dict(state["optimizer"])
+    if is_sharded(model):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+        options = StateDictOptions(ignore_frozen_params=True, strict=False)  # frozen base weights are not saved
+        msd, osd = get_state_dict(model, optimizer, options=options)
+        shards = {"model": msd, "optim": osd}
+        dcp.load(shards, checkpoint_id=str(path / "shards"))
+        set_state_dict(model, optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optim"],
+                       options=options)
+    else:
+        params = dict(_unwrap(model).named_parameters())
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                params[name].copy_(value.to(params[name].device, params[name].dtype))
+        optimizer.load_state_dict(state["optimizer"])
+    rng = path / f"rng-{dist.rank}.pt"
+    if rng.exists():  # a run resumed on fewer ranks than it was saved with keeps the others' fresh
+        _set_rng_state(torch.load(rng, weights_only=False))
     scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
     return int(state["step"])
+
+
+def _barrier(dist: Dist) -> None:
+    if dist.world > 1:
+        import torch
+
+        torch.distributed.barrier()
 
 
 def _unwrap(model):
@@ -151,7 +211,8 @@ def _log_lines(path: Path, upto: int) -> None:
 
 
 def train_stage(model, examples: list, collate_fn, stage, stage_dir: Path, dist: Dist, seed: int,
-                checkpoint_every: int, keep_checkpoints: int, progress: bool | None = None) -> StageResult:
+                checkpoint_every: int, keep_checkpoints: int, progress: bool | None = None,
+                parallel: str = "ddp") -> StageResult:
     """Train `model` on `examples` for one stage; resumes from the stage's last checkpoint."""
     import torch
     from tqdm import tqdm
@@ -161,6 +222,8 @@ def train_stage(model, examples: list, collate_fn, stage, stage_dir: Path, dist:
 
     per_step = stage.batch_size * stage.grad_accum * dist.world
     per_epoch, total = steps_for(len(examples), stage, dist.world)
+    if dist.world > 1 and parallel == "fsdp":
+        shard(model)  # before the optimiser is made: it must see the sharded parameters
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.999))
     warmup = math.ceil(stage.warmup * total)
@@ -171,11 +234,11 @@ def train_stage(model, examples: list, collate_fn, stage, stage_dir: Path, dist:
     start = 0
     checkpoint = latest_checkpoint(stage_dir)
     if checkpoint is not None:
-        start = _load_checkpoint(checkpoint, model, optimizer, scheduler)
+        start = _load_checkpoint(checkpoint, model, optimizer, scheduler, dist)
     if dist.main:
         _log_lines(log_path, start) if start else log_path.write_text("")
     ddp = model
-    if dist.world > 1:
+    if dist.world > 1 and not is_sharded(model):
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if "cuda" in dist.device
                                                         else None)
     model.train()
@@ -196,7 +259,11 @@ def train_stage(model, examples: list, collate_fn, stage, stage_dir: Path, dist:
             real = batch.pop("real_tokens")
             batch = {k: v.to(dist.device) for k, v in batch.items()}
             sync = micro == stage.grad_accum - 1 or dist.world == 1
-            context = ddp.no_sync() if (dist.world > 1 and not sync) else contextlib.nullcontext()
+            if is_sharded(model):
+                model.set_requires_gradient_sync(sync)  # FSDP: reduce-scatter only on the last micro-batch
+                context = contextlib.nullcontext()
+            else:
+                context = ddp.no_sync() if (dist.world > 1 and not sync) else contextlib.nullcontext()
             with context:
                 loss = ddp(**batch).loss
                 (loss / stage.grad_accum).backward()
@@ -226,10 +293,7 @@ def train_stage(model, examples: list, collate_fn, stage, stage_dir: Path, dist:
                                 f"lr {scheduler.get_last_lr()[0]:.2e}", refresh=False)
             bar.update(1)
         if (step + 1) % checkpoint_every == 0 and step + 1 < total:
-            if dist.main:
-                _save_checkpoint(stage_dir, step + 1, model, optimizer, scheduler, keep_checkpoints)
-            if dist.world > 1:
-                torch.distributed.barrier()
+            _save_checkpoint(stage_dir, step + 1, model, optimizer, scheduler, keep_checkpoints, dist)
     bar.close()
     model.eval()
     return StageResult(total, tokens, target_total, first_loss, final_loss, time.monotonic() - started, start)

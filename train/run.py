@@ -125,6 +125,8 @@ def run_training(config: TrainConfig, progress: bool | None = None, log=print) -
 
     settings = load_settings()
     dist = init_distributed()
+    if not dist.main:
+        log = _silent  # one voice: rank 0 speaks for the run
     started = time.monotonic()
     out = Path(config.output_dir)
     sources = {s.name: (load_corpus(s.corpus, settings.db) if s.kind == "midtrain" else load_demos(s.demos, settings.db))
@@ -167,17 +169,20 @@ def run_training(config: TrainConfig, progress: bool | None = None, log=print) -
                         f"{chats.dropped} dropped (no assistant token left)")
             if config.gradient_checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            info["init_fingerprint"] = fingerprint(adapter_state(model) if config.adapter.kind == "lora"
-                                                   else dict(model.named_parameters()))
+            from train.loop import is_sharded
+
+            info["init_fingerprint"] = None if is_sharded(model) else fingerprint(
+                adapter_state(model) if config.adapter.kind == "lora" else dict(model.named_parameters()))
             per_epoch, total = steps_for(len(examples), stage, dist.world)
             log(f"{stage.name}: {len(examples)} examples from {src.kind} '{src.ref}' ({src.id}), {total} steps")
             pad = tokenizer.pad_token_id
             stage_result = train_stage(model, examples, lambda batch: collate(batch, pad), stage, stage_dir, dist,
-                                       config.seed, config.checkpoint_every, config.keep_checkpoints, progress)
+                                       config.seed, config.checkpoint_every, config.keep_checkpoints, progress,
+                                       config.parallel)
             metrics = {**asdict(stage_result), "tokens_per_s": round(stage_result.tokens_per_s, 2),
                        "examples": len(examples), **info}
+            _save_final(model, tokenizer, config, stage_dir, dist)
             if dist.main:
-                _save_final(model, tokenizer, config, stage_dir)
                 done.write_text(json.dumps(metrics, indent=1))
             result.stages[stage.name] = metrics
             previous = stage_dir
@@ -194,6 +199,10 @@ def run_training(config: TrainConfig, progress: bool | None = None, log=print) -
     return result
 
 
+def _silent(_line: str) -> None:
+    return None
+
+
 def _prepare(model, tokenizer, config: TrainConfig, stage, previous: Path | None, dtype, device):
     """The model a stage starts from: the previous stage's weights (`init: continue`) or the base."""
     if model is not None and stage.init == "continue":
@@ -208,11 +217,38 @@ def _prepare(model, tokenizer, config: TrainConfig, stage, previous: Path | None
     return model, tokenizer
 
 
-def _save_final(model, tokenizer, config, stage_dir: Path) -> None:
+def _save_final(model, tokenizer, config, stage_dir: Path, dist) -> None:
+    """Every rank calls this: a sharded (FSDP) model is gathered to full tensors, then rank 0 saves."""
+    from train.loop import is_sharded
+
     target = stage_dir / ("adapter" if config.adapter.kind == "lora" else "model")
+    state = None
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=config.adapter.kind == "lora"))
+    if not dist.main:
+        return
     with _quiet_peft():
-        model.save_pretrained(str(target))
+        if state is None:
+            model.save_pretrained(str(target))
+        elif config.adapter.kind == "lora":
+            model.save_pretrained(str(target), state_dict=state)
+        else:
+            _save_full(state, model, target)
     tokenizer.save_pretrained(str(target))
+
+
+def _save_full(state: dict, model, target: Path) -> None:
+    """Gathered full weights of a sharded model, written as safetensors with its config."""
+    from safetensors.torch import save_file
+
+    target.mkdir(parents=True, exist_ok=True)
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    save_file({k: v.contiguous() for k, v in state.items() if not (tied and k == "lm_head.weight")},
+              str(target / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(str(target))
 
 
 def _load_final(model, config, stage_dir: Path) -> None:
