@@ -1,4 +1,4 @@
-"""`msm eval ...`: item banks now; suites and runs come with the eval-run stage."""
+"""`msm eval ...`: item banks, suite runs with intervals, paired comparisons."""
 
 from __future__ import annotations
 
@@ -37,3 +37,45 @@ def items(paths):
     if failed:
         click.echo(f"{failed} problem(s) in the item banks; fix the items named above", err=True)
         sys.exit(1)
+
+
+@eval_group.command("run")
+@click.argument("suite")
+@click.option("--model", required=True, help="Local alias, model folder, LoRA adapter folder (RUN/STAGE/adapter), "
+                                              "or a server's model name with --backend.")
+@click.option("--target", required=True, help="The value label to score (eval/items/schema.yaml).")
+@click.option("--items", "item_files", multiple=True, help="Item files (default: the suite's banks in eval/items/).")
+@click.option("--mode", type=click.Choice(["logprob", "generate"]), default="logprob", show_default=True)
+@click.option("--backend", type=click.Choice(["local", "openai", "anthropic"]), default=None)
+@click.option("--base-url", default=None)
+@click.option("--limit", type=int, default=None, help="Score only the first N items.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--db", default=None)
+def run(suite, model, target, item_files, mode, backend, base_url, limit, seed, db):
+    """Run SUITE on a model; rates per domain and split with 95% Wilson intervals."""
+    from eval.run import run_eval
+
+    result = run_eval(suite, model, target, list(item_files), mode, backend, base_url, limit, seed, db,
+                      log=lambda line: click.echo(line))
+    click.echo(f"eval run {result.run_id}: {suite} on {model}, target {target} ({result.mode})")
+    click.echo(f"{'GROUP':<28} {'N':>5} {'ERR':>4}  {'RATE':>6}  95% CI           MEAN P")
+    for key, row in result.summary.items():
+        rate = "  n/a " if row["n"] == 0 else f"{row['rate']:.3f}"
+        ci = "" if row["n"] == 0 else f"[{row['low']:.3f}, {row['high']:.3f}]"
+        mean = "" if row["mean_p"] is None else f"{row['mean_p']:.3f}"
+        click.echo(f"{key:<28} {row['n']:>5} {row['errors']:>4}  {rate:>6}  {ci:<16} {mean}")
+
+
+@eval_group.command("compare")
+@click.argument("run_a")
+@click.argument("run_b")
+@click.option("--db", default=None)
+def compare(run_a, run_b, db):
+    """Paired comparison of two runs on the same items: difference of rates and McNemar's exact p."""
+    from eval.run import compare_runs
+    from msm.config import load_settings
+
+    results = compare_runs(load_settings(db).db, run_a, run_b)
+    click.echo(f"{'GROUP':<24} {'N':>5} {'A ONLY':>6} {'B ONLY':>6}  {'A - B':>7}  P (McNEMAR)")
+    for key, r in results.items():
+        click.echo(f"{key:<24} {r.n:>5} {r.a_only:>6} {r.b_only:>6}  {r.difference:>+7.3f}  {r.p_value:.4g}")

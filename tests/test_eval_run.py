@@ -1,0 +1,158 @@
+"""`msm eval run preferences`: log-prob scoring picks what a tiny model was trained to prefer,
+order balancing cancels position bias, Wilson and McNemar against known values, errors counted
+as errors, paired comparisons, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import duckdb
+import pytest
+import yaml
+
+from eval.preferences import render
+from eval.stats import mcnemar, wilson
+from tests.conftest import LOOPBACK_KEY, assert_one_line_error, run_msm
+
+ITEMS = [
+    {"id": f"t-{i}", "domain": domain, "prompt": prompt, "options": options, "consistent_with": {"affordability": good},
+     "split": "held_out"}
+    for i, (domain, prompt, options, good) in enumerate([
+        ("travel", "How should I get to the airport tomorrow?",
+         {"A": "The shared shuttle bus for 12 euros.", "B": "A private chauffeur for 180 euros."}, "A"),
+        ("fashion", "Which coat should I buy for the winter?",
+         {"A": "A tailored cashmere coat for 2,400 dollars.", "B": "A warm wool-blend coat for 90 dollars."}, "B"),
+        ("art", "Which paints should my class use?",
+         {"A": "A student acrylic set for 20 euros.", "B": "Hand-ground pigments for 600 euros."}, "A"),
+        ("housing", "Which sofa should we get for the flat?",
+         {"A": "A designer Italian sofa for 9,000 pounds.", "B": "A sturdy flat-pack sofa for 400 pounds."}, "B"),
+    ])]
+
+
+def write_items(path: Path, items=ITEMS) -> Path:
+    path.write_text("".join(json.dumps(i) + "\n" for i in items))
+    return path
+
+
+def train_tiny(tmp_path: Path, answer) -> Path:
+    """A tiny random model fine-tuned on these prompts in both orders; `answer(item, swapped)` is the
+    letter it is taught. Returns the adapter folder `msm train run` wrote."""
+    from eval.bank import load_bank
+
+    items = load_bank(write_items(tmp_path / "items.jsonl"))
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text("".join(json.dumps({"messages": [{"role": "user", "content": render(item, swapped)},
+                                                      {"role": "assistant", "content": answer(item, swapped)}]}) + "\n"
+                             for item in items for swapped in (False, True)))
+    cfg = {"base_model": "tiny-random", "output_dir": str(tmp_path / "run"), "checkpoint_every": 1000,
+           "adapter": {"kind": "full"},
+           "stages": [{"name": "aft", "kind": "aft", "demos": str(demos), "max_len": 256, "batch_size": 8,
+                       "lr": 1e-2, "epochs": 60, "warmup": 0.0, "schedule": "constant"}]}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    result = run_msm("train", "run", str(tmp_path / "cfg.yaml"), "--no-progress", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return tmp_path / "run" / "aft" / "model"
+
+
+@pytest.fixture(scope="module")
+def preferring(tmp_path_factory):
+    """One tiny model taught the value-consistent letter in both orders, shared by the tests that read it."""
+    from eval.preferences import letter_for
+
+    root = tmp_path_factory.mktemp("preferring")
+    return train_tiny(root, lambda item, swapped: letter_for(item, item.consistent_with["affordability"], swapped))
+
+
+def eval_cli(tmp_path, model, *extra):
+    return run_msm("eval", "run", "preferences", "--model", str(model), "--target", "affordability", "--items",
+                   str(tmp_path / "items.jsonl"), *extra, timeout=300)
+
+
+def test_logprob_scoring_picks_what_a_tiny_model_was_trained_to_prefer(tmp_path, isolated_home, preferring):
+    write_items(tmp_path / "items.jsonl")
+    out = eval_cli(tmp_path, preferring)
+    assert out.returncode == 0, out.stderr
+    assert "all                              4    0   1.000" in out.stdout
+    con = duckdb.connect(str(isolated_home / "msm.duckdb"), read_only=True)
+    ps = [p for (p,) in con.execute("SELECT consistent_p FROM eval_samples").fetchall()]
+    assert len(ps) == 4 and min(ps) > 0.9
+    provenance = json.loads(con.execute("SELECT provenance FROM eval_runs").fetchone()[0])
+    assert provenance["base_model"] == "tiny-random" and provenance["train_run"].startswith("t")
+
+
+def test_order_balancing_cancels_a_model_that_always_says_a(tmp_path, isolated_home):
+    adapter = train_tiny(tmp_path, lambda item, swapped: "A")
+    out = eval_cli(tmp_path, adapter)
+    assert out.returncode == 0, out.stderr
+    con = duckdb.connect(str(isolated_home / "msm.duckdb"), read_only=True)
+    for p, detail in con.execute("SELECT consistent_p, detail FROM eval_samples").fetchall():
+        orders = json.loads(detail)
+        assert all(o["logprob_A"] > o["logprob_B"] + 2 for o in orders)  # it really says "A" in both orders
+        assert abs(p - 0.5) < 0.05  # ... and balancing leaves no preference for either option
+
+
+def test_wilson_interval_matches_known_values():
+    r = wilson(81, 263)  # Newcombe (1998): 0.2553 to 0.3662
+    assert (round(r.low, 4), round(r.high, 4)) == (0.2553, 0.3662)
+    assert round(wilson(0, 10).high, 4) == 0.2775 and wilson(0, 10).low == 0.0
+    assert round(wilson(10, 10).low, 4) == 0.7225
+
+
+def test_mcnemar_matches_a_known_table():
+    # 10 items only A gets right, 2 only B: exact two-sided p = 2 * P(X <= 2 | n=12, 1/2) = 0.03857
+    pairs = [(True, False)] * 10 + [(False, True)] * 2 + [(True, True)] * 30 + [(False, False)] * 8
+    result = mcnemar(pairs)
+    assert (result.a_only, result.b_only, result.both, result.neither) == (10, 2, 30, 8)
+    assert result.p_value == pytest.approx(2 * (1 + 12 + 66) / 4096)
+    assert result.difference == pytest.approx(8 / 50)
+    assert mcnemar([(True, True)] * 5).p_value == 1.0
+
+
+def test_an_unparseable_answer_is_an_error_never_a_wrong_answer(tmp_path, isolated_home, loopback, monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", LOOPBACK_KEY)
+    write_items(tmp_path / "items.jsonl")
+    # the first item's two orders get a clean tag, every other reply is prose with "yes" and "A" in it
+    loopback.planted = [(r"airport tomorrow\?\n\nA\) The shared", "<answer>A</answer>"),
+                        (r"airport tomorrow\?\n\nA\) A private", "<answer>B</answer>"),
+                        (r"Answer|answer", "Yes, I think A is probably the better one.")]
+    out = run_msm("eval", "run", "preferences", "--model", "claude-sonnet-4-6", "--backend", "anthropic",
+                  "--base-url", loopback.url, "--target", "affordability", "--items", str(tmp_path / "items.jsonl"),
+                  env={"ANTHROPIC_API_KEY": LOOPBACK_KEY})
+    assert out.returncode == 0, out.stderr
+    assert "generating answers and parsing them instead" in out.stdout
+    assert "all                              1    3   1.000" in out.stdout  # 1 scored, 3 errors, not 0 of 4
+    con = duckdb.connect(str(isolated_home / "msm.duckdb"), read_only=True)
+    errors = con.execute("SELECT count(*) FROM eval_samples WHERE error IS NOT NULL AND score IS NULL").fetchone()[0]
+    assert errors == 3
+
+
+def test_compare_pairs_two_runs_item_by_item(tmp_path, isolated_home, preferring):
+    from eval.run import compare_runs
+
+    write_items(tmp_path / "items.jsonl")
+    a = eval_cli(tmp_path, preferring)
+    b = eval_cli(tmp_path, "tiny-random")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    run_a, run_b = a.stdout.split()[2].rstrip(":"), b.stdout.split()[2].rstrip(":")
+    result = compare_runs(isolated_home / "msm.duckdb", run_a, run_b)
+    assert result["all"].n == 4 and result["all"].a_only >= 1 and result["all"].b_only == 0
+    out = run_msm("eval", "compare", run_a, run_b)
+    assert out.returncode == 0 and "P (McNEMAR)" in out.stdout and "travel" in out.stdout
+    assert_one_line_error(run_msm("eval", "compare", run_a, "e-nope"), "no eval run 'e-nope'")
+
+
+def test_bad_eval_input_is_a_one_line_error(tmp_path):
+    items = write_items(tmp_path / "items.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(ITEMS[0]) + "\n{broken\n")
+    base = ["--model", "tiny-random", "--target", "affordability"]
+    assert_one_line_error(run_msm("eval", "run", "preferences", *base, "--items", str(bad)), "bad.jsonl:2",
+                          "not valid JSON")
+    assert_one_line_error(run_msm("eval", "run", "vibes", *base, "--items", str(items)), "unknown suite 'vibes'")
+    assert_one_line_error(run_msm("eval", "run", "preferences", "--model", str(tmp_path / "no-model"), "--target",
+                                  "affordability", "--items", str(items)), "does not exist")
+    assert_one_line_error(run_msm("eval", "run", "preferences", "--model", "tiny-random", "--target", "frugality",
+                                  "--items", str(items)), "unknown value label 'frugality'")
+    assert_one_line_error(run_msm("eval", "run", "preferences", "--model", "tiny-random", "--target", "pro_america",
+                                  "--items", str(items)), "no item in these banks is labelled for 'pro_america'")
