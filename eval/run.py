@@ -35,13 +35,11 @@ def local_model(path_or_alias: str):
     """(model, tokenizer, provenance) for a local alias, model folder or LoRA adapter folder."""
     import torch
 
-    from msm.models import model_entry, registry
+    from msm.models import TINY, load_model, model_entry, registry
 
     path = Path(path_or_alias)
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
-
-        from train.run import load_base  # the one place that knows the train stage's base names
 
         card = path.parent.parent / "card.json"
         base = json.loads(card.read_text())["base_model"] if card.is_file() else \
@@ -49,17 +47,15 @@ def local_model(path_or_alias: str):
         if not base:
             raise MsmError(f"{path}: cannot tell which base model the adapter belongs to",
                            "evaluate an adapter written by `msm train run` (its run folder has card.json)")
-        model, tokenizer = load_base(base, torch.float32, "cuda" if torch.cuda.is_available() else "cpu")
+        model, tokenizer = load_model(base, torch.float32, "cuda" if torch.cuda.is_available() else "cpu")
         model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
         info = json.loads(card.read_text()) if card.is_file() else {}
         provenance = {"adapter": str(path), "base_model": base, "train_run": info.get("run_id"),
                       "spec_versions": info.get("spec_versions", []), "inputs": info.get("inputs", {})}
         model.eval()
         return model, tokenizer, provenance
-    if path.is_dir() or path_or_alias in registry()["models"] or path_or_alias == "tiny-random":
-        from train.run import load_base
-
-        model, tokenizer = load_base(path_or_alias, torch.float32, "cuda" if torch.cuda.is_available() else "cpu")
+    if path.is_dir() or path_or_alias in registry()["models"] or path_or_alias == TINY:
+        model, tokenizer = load_model(path_or_alias, torch.float32, "cuda" if torch.cuda.is_available() else "cpu")
         model.eval()
         card = path.parent.parent / "card.json"  # RUN/STAGE/model from a full fine-tuning run
         info = json.loads(card.read_text()) if path.is_dir() and card.is_file() else {}

@@ -215,3 +215,36 @@ def list_models() -> list[dict]:
         rows.append({"alias": alias, "kind": entry["kind"], "status": status, "where": where,
                      "default": alias in (registry()["default_causal_lm"], registry()["default_embedder"])})
     return rows
+
+
+TINY = "tiny-random"  # a tiny random Llama with SmolLM2's tokenizer, for tests and plumbing checks
+
+
+def load_model(name: str, dtype=None, device: str = "cpu"):
+    """(model, tokenizer) for any stage: the tiny test model, a local alias, a local directory, or
+    an HF id already in the local cache (nothing is downloaded at run time). The tokenizer always
+    has a pad token."""
+    import torch
+
+    dtype = dtype or torch.float32
+    if name == TINY:
+        from msm.tiny import tiny_causal_lm
+
+        model, tokenizer = tiny_causal_lm()
+    elif name in registry()["models"] or Path(name).is_dir():
+        model, tokenizer = load_causal_lm(name)
+    else:
+        _silence_transformers()
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, dtype=dtype)
+        except OSError:
+            raise ModelError(f"model '{name}' is not a local alias, a directory, or in the local HF cache",
+                             "pass a local directory (nothing is downloaded at run time), or "
+                             f"one of {', '.join(registry()['models'])}") from None
+    model = model.to(device=device, dtype=dtype)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

@@ -23,7 +23,6 @@ from pathlib import Path
 from msm.errors import MsmError
 from train.config import TrainConfig
 
-TINY = "tiny-random"  # a tiny random Llama with SmolLM2's tokenizer, for tests and plumbing checks
 
 
 @dataclass
@@ -35,31 +34,10 @@ class RunResult:
 
 
 def load_base(name: str, dtype, device: str):
-    """(model, tokenizer): the tiny test model, a local alias, a local directory, or an HF id that is
-    already in the local cache (nothing is downloaded at run time)."""
-    from msm.models import ModelError, _silence_transformers, load_causal_lm, registry
+    """(model, tokenizer) of the base model; see msm.models.load_model."""
+    from msm.models import load_model
 
-    if name == TINY:
-        from msm.tiny import tiny_causal_lm
-
-        model, tokenizer = tiny_causal_lm()
-    elif name in registry()["models"] or Path(name).is_dir():
-        model, tokenizer = load_causal_lm(name)
-    else:
-        _silence_transformers()
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, dtype=dtype)
-        except OSError:
-            raise ModelError(f"base model '{name}' is not a local alias, a directory, or in the local HF cache",
-                             "pass a local directory (nothing is downloaded at run time), or "
-                             f"one of {', '.join(registry()['models'])}") from None
-    model = model.to(device=device, dtype=dtype)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return load_model(name, dtype, device)
 
 
 def _dtype(precision: str, device: str):
