@@ -180,25 +180,21 @@ def summarise(samples) -> dict:
 
 
 def _record(db, run_id, suite, model, backend, provenance, target, mode, config, seed, samples, summary) -> None:
-    from warehouse.db import connect, insert_rows
+    from warehouse.db import connect, insert_rows, transaction
 
     rows = [{"run_id": run_id, "item_id": s.item.id, "bank": s.item.bank, "domain": s.item.domain,
              "split": s.item.split, "prompt": s.prompt, "detail": json.dumps(s.detail), "consistent_p": s.consistent_p,
              "score": s.score, "error": s.error} for s in samples]
     con = connect(db)
     try:
-        con.execute("BEGIN TRANSACTION")
-        con.execute("DELETE FROM eval_samples WHERE run_id = ?", [run_id])
-        con.execute("DELETE FROM eval_runs WHERE id = ?", [run_id])
-        con.execute("INSERT INTO eval_runs (id, suite, model, backend, provenance, target, mode, config, seed, n_items, "
-                    "n_errors, summary) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [run_id, suite, model, backend, json.dumps(provenance), target, mode, json.dumps(config), seed,
-                     len(samples), sum(s.error is not None for s in samples), json.dumps(summary)])
-        insert_rows(con, "INSERT INTO eval_samples", rows)
-        con.execute("COMMIT")
-    except Exception:
-        con.execute("ROLLBACK")
-        raise
+        with transaction(con):  # a rerun of the same run replaces it
+            con.execute("DELETE FROM eval_samples WHERE run_id = ?", [run_id])
+            con.execute("DELETE FROM eval_runs WHERE id = ?", [run_id])
+            con.execute("INSERT INTO eval_runs (id, suite, model, backend, provenance, target, mode, config, seed, "
+                        "n_items, n_errors, summary) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [run_id, suite, model, backend, json.dumps(provenance), target, mode, json.dumps(config), seed,
+                         len(samples), sum(s.error is not None for s in samples), json.dumps(summary)])
+            insert_rows(con, "INSERT INTO eval_samples", rows)
     finally:
         con.close()
 

@@ -6,6 +6,7 @@ says who holds the lock, instead of printing a stack trace.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -124,6 +125,18 @@ def migrate(con) -> list[int]:
             raise
         applied.append(version)
     return applied
+
+
+@contextlib.contextmanager
+def transaction(con):
+    """`with transaction(con):` one short write that lands whole or not at all."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield con
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
 
 
 def arrow_table(rows: list[dict]):

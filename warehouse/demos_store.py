@@ -14,7 +14,7 @@ from pathlib import Path
 
 from msm.errors import MsmError
 from warehouse.corpus_load import CALL_FIELDS, JUDGMENT_FIELDS
-from warehouse.db import connect, insert_rows
+from warehouse.db import connect, insert_rows, transaction
 
 
 def record_demo_build(db, home: Path, spec, build_id: str, name: str, demos: list, n_target: int, config: dict,
@@ -61,24 +61,20 @@ def record_demo_build(db, home: Path, spec, build_id: str, name: str, demos: lis
     con = connect(db)
     try:
         record_spec(con, spec, default_counter())  # its own transaction; idempotent
-        con.execute("BEGIN TRANSACTION")
-        con.execute("DELETE FROM judgments WHERE subject_kind = 'demonstration' AND subject_id IN "
-                    "(SELECT id FROM demonstrations WHERE demo_build_id = ?)", [build_id])
-        con.execute("DELETE FROM demonstrations WHERE demo_build_id = ?", [build_id])
-        con.execute("INSERT OR REPLACE INTO demo_builds (id, spec_version, source, config, backend, model, n_target, "
-                    "n_kept, rounds, stop, cost_usd) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [build_id, spec.version, source, json.dumps(config, default=str), backend, model, n_target,
-                     len(members), rounds, stop, cost])
-        insert_rows(con, "INSERT INTO demonstrations", rows)
-        insert_rows(con, "INSERT OR REPLACE INTO judgments", judgments)
-        insert_rows(con, "INSERT OR IGNORE INTO llm_calls", llm_calls)
-        insert_rows(con, "INSERT OR IGNORE INTO call_uses", call_uses)
-        if members:
-            register_demo_set(con, name, build_id, members)
-        con.execute("COMMIT")
-    except Exception:
-        con.execute("ROLLBACK")
-        raise
+        with transaction(con):  # a rerun's rows replace the build's earlier ones whole
+            con.execute("DELETE FROM judgments WHERE subject_kind = 'demonstration' AND subject_id IN "
+                        "(SELECT id FROM demonstrations WHERE demo_build_id = ?)", [build_id])
+            con.execute("DELETE FROM demonstrations WHERE demo_build_id = ?", [build_id])
+            con.execute("INSERT OR REPLACE INTO demo_builds (id, spec_version, source, config, backend, model, "
+                        "n_target, n_kept, rounds, stop, cost_usd) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [build_id, spec.version, source, json.dumps(config, default=str), backend, model, n_target,
+                         len(members), rounds, stop, cost])
+            insert_rows(con, "INSERT INTO demonstrations", rows)
+            insert_rows(con, "INSERT OR REPLACE INTO judgments", judgments)
+            insert_rows(con, "INSERT OR IGNORE INTO llm_calls", llm_calls)
+            insert_rows(con, "INSERT OR IGNORE INTO call_uses", call_uses)
+            if members:
+                register_demo_set(con, name, build_id, members)
     finally:
         con.close()
     return set_id
@@ -168,18 +164,14 @@ def drop_from_set(db, name: str, drops: dict[str, str]) -> str | None:
         members = [r["id"] for r in demo_rows(con, set_id) if r["id"] not in drops]
         build_id = con.execute("SELECT demo_build_id FROM demo_set_versions WHERE id = ?", [set_id]).fetchone()[0]
         new_id = None
-        con.execute("BEGIN TRANSACTION")
-        for demo_id, evidence in drops.items():
-            con.execute("UPDATE demonstrations SET status = 'dropped', drop_reason = 'contamination', evidence = ? "
-                        "WHERE id = ?", [evidence, demo_id])
-        if members:
-            new_id = register_demo_set(con, name, build_id, members)
-        else:
-            con.execute("DELETE FROM demo_sets WHERE name = ?", [name])
-        con.execute("COMMIT")
-    except Exception:
-        con.execute("ROLLBACK")
-        raise
+        with transaction(con):
+            for demo_id, evidence in drops.items():
+                con.execute("UPDATE demonstrations SET status = 'dropped', drop_reason = 'contamination', "
+                            "evidence = ? WHERE id = ?", [evidence, demo_id])
+            if members:
+                new_id = register_demo_set(con, name, build_id, members)
+            else:
+                con.execute("DELETE FROM demo_sets WHERE name = ?", [name])
     finally:
         con.close()
     return new_id
