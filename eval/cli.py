@@ -79,3 +79,18 @@ def compare(run_a, run_b, db):
     click.echo(f"{'GROUP':<24} {'N':>5} {'A ONLY':>6} {'B ONLY':>6}  {'A - B':>7}  P (McNEMAR)")
     for key, r in results.items():
         click.echo(f"{key:<24} {r.n:>5} {r.a_only:>6} {r.b_only:>6}  {r.difference:>+7.3f}  {r.p_value:.4g}")
+
+
+@eval_group.command("report")
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--out", required=True, help="Output directory (created): report.md, report.html, rates.png.")
+@click.option("--db", default=None)
+def report(runs, out, db):
+    """One page for one or more runs: rates per domain with 95% Wilson intervals, side by side."""
+    from pathlib import Path
+
+    from eval.report import write_report
+    from msm.config import load_settings
+
+    md, page = write_report(load_settings(db).db, list(runs), Path(out))
+    click.echo(f"wrote {md} and {page}")

@@ -140,6 +140,14 @@ def test_compare_pairs_two_runs_item_by_item(tmp_path, isolated_home, preferring
     out = run_msm("eval", "compare", run_a, run_b)
     assert out.returncode == 0 and "P (McNEMAR)" in out.stdout and "travel" in out.stdout
     assert_one_line_error(run_msm("eval", "compare", run_a, "e-nope"), "no eval run 'e-nope'")
+    # the report: both runs side by side, a plot that exists, the same numbers as the run printed
+    page = run_msm("eval", "report", run_a, run_b, "--out", str(tmp_path / "report"))
+    assert page.returncode == 0, page.stderr
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert run_a in md and run_b in md and "| domain:travel |" in md and "1.000 [" in md
+    assert (tmp_path / "report" / "rates.png").stat().st_size > 1000
+    assert "<table" in (tmp_path / "report" / "report.html").read_text()
+    assert_one_line_error(run_msm("eval", "report", "e-nope", "--out", str(tmp_path / "r2")), "no eval run 'e-nope'")
 
 
 def test_bad_eval_input_is_a_one_line_error(tmp_path):
