@@ -43,22 +43,30 @@ def items(paths):
 @click.argument("suite")
 @click.option("--model", required=True, help="Local alias, model folder, LoRA adapter folder (RUN/STAGE/adapter), "
                                               "or a server's model name with --backend.")
-@click.option("--target", required=True, help="The value label to score (eval/items/schema.yaml).")
+@click.option("--target", default=None, help="The value label to score (eval/items/schema.yaml); preferences only.")
 @click.option("--items", "item_files", multiple=True, help="Item files (default: the suite's banks in eval/items/).")
 @click.option("--mode", type=click.Choice(["logprob", "generate"]), default="logprob", show_default=True)
 @click.option("--backend", type=click.Choice(["local", "openai", "anthropic"]), default=None)
 @click.option("--base-url", default=None)
 @click.option("--limit", type=int, default=None, help="Score only the first N items.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--judge-backend", type=click.Choice(["anthropic", "openai", "local"]), default=None,
+              help="spec_qa: the grader's backend (default: offline MiniLM similarity, labelled as such).")
+@click.option("--judge-model", default=None)
+@click.option("--judge-base-url", default=None)
 @click.option("--db", default=None)
-def run(suite, model, target, item_files, mode, backend, base_url, limit, seed, db):
-    """Run SUITE on a model; rates per domain and split with 95% Wilson intervals."""
+def run(suite, model, target, item_files, mode, backend, base_url, limit, seed, judge_backend, judge_model,
+        judge_base_url, db):
+    """Run SUITE (preferences or spec_qa) on a model; rates per domain and split with 95% Wilson intervals."""
     from eval.run import run_eval
 
+    judge = {"backend": judge_backend, "model": judge_model, "base_url": judge_base_url} if judge_backend else None
     result = run_eval(suite, model, target, list(item_files), mode, backend, base_url, limit, seed, db,
-                      log=lambda line: click.echo(line))
-    click.echo(f"eval run {result.run_id}: {suite} on {model}, target {target} ({result.mode})")
-    click.echo(f"{'GROUP':<28} {'N':>5} {'ERR':>4}  {'RATE':>6}  95% CI           MEAN P")
+                      log=lambda line: click.echo(line), judge=judge)
+    what = f"target {target}" if target else "rubric grading"
+    click.echo(f"eval run {result.run_id}: {suite} on {model}, {what} ({result.mode})")
+    click.echo(f"{'GROUP':<28} {'N':>5} {'ERR':>4}  {'RATE':>6}  95% CI           "
+               + ("MEAN P" if suite == "preferences" else "MEAN POINTS"))
     for key, row in result.summary.items():
         rate = "  n/a " if row["n"] == 0 else f"{row['rate']:.3f}"
         ci = "" if row["n"] == 0 else f"[{row['low']:.3f}, {row['high']:.3f}]"

@@ -16,8 +16,10 @@ from pathlib import Path
 
 from msm.errors import MsmError
 
-SUITES = {"preferences": "choice items in both A/B orders, scored for a target value label"}
-DEFAULT_BANKS = {"preferences": ("affordability_comparisons", "america_opinions", "cheese_in_distribution")}
+SUITES = {"preferences": "choice items in both A/B orders, scored for a target value label",
+          "spec_qa": "open questions answered in prose, graded against a rubric (LLM grader, or MiniLM offline)"}
+DEFAULT_BANKS = {"preferences": ("affordability_comparisons", "america_opinions", "cheese_in_distribution"),
+                 "spec_qa": ("spec_qa",)}
 
 
 @dataclass
@@ -70,40 +72,49 @@ def local_model(path_or_alias: str):
 
 
 def load_items(suite: str, paths: list[str]) -> list:
-    from eval.bank import ITEMS_DIR, ChoiceItem, load_bank
+    from eval.bank import ITEMS_DIR, ChoiceItem, OpenItem, load_bank
 
     files = [Path(p) for p in paths] or [ITEMS_DIR / f"{b}.jsonl" for b in DEFAULT_BANKS[suite]]
     items = [item for f in files for item in load_bank(f)]
-    if suite == "preferences":
-        wrong = next((i for i in items if not isinstance(i, ChoiceItem)), None)
-        if wrong is not None:
-            raise MsmError(f"item '{wrong.id}' in {wrong.bank} is an open item; the preferences suite scores choice items",
-                           "pass choice-item banks with --items")
+    kind, other = (ChoiceItem, "an open") if suite == "preferences" else (OpenItem, "a choice")
+    wrong = next((i for i in items if not isinstance(i, kind)), None)
+    if wrong is not None:
+        raise MsmError(f"item '{wrong.id}' in {wrong.bank} is {other} item, which the {suite} suite does not score",
+                       f"pass {'choice' if suite == 'preferences' else 'open'}-item banks with --items")
     return items
 
 
-def run_eval(suite: str, model: str, target: str, items: list[str] | None = None, mode: str = "logprob",
-             backend: str | None = None, base_url: str | None = None, limit: int | None = None, seed: int = 0,
-             db=None, log=print) -> EvalResult:
-    """Run a suite, record eval_runs and eval_samples, return the per-domain summary."""
+def run_eval(suite: str, model: str, target: str | None = None, items: list[str] | None = None,
+             mode: str = "logprob", backend: str | None = None, base_url: str | None = None, limit: int | None = None,
+             seed: int = 0, db=None, log=print, judge: dict | None = None) -> EvalResult:
+    """Run a suite, record eval_runs and eval_samples, return the per-domain summary. `judge`
+    ({backend, model, base_url}) grades spec_qa; without it spec_qa is graded offline."""
     from eval.bank import value_labels
     from msm.config import load_settings
 
     if suite not in SUITES:
         raise MsmError(f"unknown suite '{suite}'", f"use one of: {', '.join(SUITES)}")
-    if target not in value_labels():
+    if suite == "preferences" and target is None:
+        raise MsmError("the preferences suite needs --target", f"name a value label: {', '.join(sorted(value_labels()))}")
+    if target is not None and target not in value_labels():
         raise MsmError(f"unknown value label '{target}'", f"use one of {sorted(value_labels())} "
                        "(eval/items/schema.yaml)")
     if mode not in ("logprob", "generate"):
         raise MsmError(f"unknown mode '{mode}'", "use logprob or generate")
     pool = load_items(suite, items or [])
-    scored = [i for i in pool if target in i.consistent_with]
+    scored = [i for i in pool if target in i.consistent_with] if suite == "preferences" else pool
     if not scored:
         raise MsmError(f"no item in these banks is labelled for '{target}'", "pick the banks that test this value")
     if limit:
         scored = scored[:limit]
     settings = load_settings(db)
-    samples, backend_name, provenance, note = _solve(scored, target, model, mode, backend, base_url)
+    if suite == "preferences":
+        samples, backend_name, provenance, note, mode = _solve(scored, target, model, mode, backend, base_url)
+    else:
+        mode = "generate"
+        samples, backend_name, provenance, note = _solve_open(scored, model, backend, base_url, judge)
+        config_judge = judge or {"offline": "minilm-cosine"}
+        provenance = {**provenance, "grader": config_judge}
     if note:
         log(note)
     summary = summarise(samples)
@@ -115,43 +126,82 @@ def run_eval(suite: str, model: str, target: str, items: list[str] | None = None
     return EvalResult(run_id, suite, model, target, mode, samples, summary)
 
 
-def _solve(items, target, model, mode, backend, base_url):
-    """(samples, backend name, provenance, note) from the right kind of model under test."""
-    from eval.preferences import score_generations, score_logprobs
+def _solve_open(items, model, backend, base_url, judge):
+    """spec_qa: the model answers each question; an LLM grader (or MiniLM offline) grades it."""
+    import asyncio
+
+    from eval.spec_qa import grade_offline, grade_with_llm
     from msm.llm.client import LLMClient
     from msm.llm.select import default_cache, make_backend
     from msm.llm.types import Request
 
-    note = None
+    client, name, provenance, _ = _model_under_test(model, backend, base_url)
+    questions = [Request.user(item.question, max_tokens=256, temperature=0.0, purpose="eval") for item in items]
+    answers = asyncio.run(_complete(client, questions))
+    if judge:
+        made, judge_model = make_backend(judge.get("backend"), judge.get("model"), judge.get("base_url"))
+        grader = LLMClient(made, judge_model, cache=default_cache(), concurrency=16)
+
+        def complete(texts):
+            reqs = [Request.user(t, max_tokens=200, temperature=0.0, purpose="judge") for t in texts]
+            return asyncio.run(_complete(grader, reqs))
+        return grade_with_llm(items, answers, complete), name, provenance, None
+    from msm.models import load_embedder
+
+    embedder = load_embedder()
+    samples = grade_offline(items, answers, lambda texts: embedder.encode(texts, normalize_embeddings=True))
+    return samples, name, provenance, "no --judge-backend: graded offline by MiniLM similarity to the reference"
+
+
+async def _complete(client, requests):
+    try:
+        return await client.complete_many(requests)
+    finally:
+        await client.backend.aclose()
+
+
+def _model_under_test(model, backend, base_url):
+    """(client, backend name, provenance, context_of) for a local or served model."""
+    from msm.llm.client import LLMClient
+    from msm.llm.select import default_cache, make_backend
+
     if backend in (None, "local"):
         from msm.llm.local_backend import LocalBackend
 
         loaded_model, tokenizer, provenance = local_model(model)
         made = LocalBackend(model=model, loaded=(loaded_model, tokenizer))
-        name = "local"
 
         def context_of(text: str) -> str:
             return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                                  add_generation_prompt=True)
-    else:
-        made, model = make_backend(backend, model, base_url)
-        name, provenance = made.name, {"base_model": model, "base_url": base_url}
+        return LLMClient(made, made.default_model, cache=default_cache(), concurrency=16), "local", provenance, context_of
+    made, model = make_backend(backend, model, base_url)
 
-        def context_of(text: str) -> str:  # servers score raw text: a plain question-and-answer frame
-            return f"Question: {text}\nAnswer:"
-        if mode == "logprob" and name == "anthropic":
-            mode, note = "generate", "anthropic gives no log-probabilities: generating answers and parsing them instead"
+    def plain(text: str) -> str:  # servers score raw text: a plain question-and-answer frame
+        return f"Question: {text}\nAnswer:"
+    return (LLMClient(made, model, cache=default_cache(), concurrency=16), made.name,
+            {"base_model": model, "base_url": base_url}, plain)
+
+
+def _solve(items, target, model, mode, backend, base_url):
+    """(samples, backend name, provenance, note, the mode actually used) for the preferences suite."""
     import asyncio
 
-    client = LLMClient(made, model if name != "local" else made.default_model, cache=default_cache(), concurrency=16)
+    from eval.preferences import score_generations, score_logprobs
+    from msm.llm.types import Request
+
+    note = None
+    client, name, provenance, context_of = _model_under_test(model, backend, base_url)
+    if mode == "logprob" and name == "anthropic":
+        mode, note = "generate", "anthropic gives no log-probabilities: generating answers and parsing them instead"
     if mode == "logprob":
         samples = score_logprobs(items, target, lambda reqs: asyncio.run(_score(client, reqs)), context_of)
     else:
         def generate(texts):
             reqs = [Request.user(t, max_tokens=16, temperature=0.0, purpose="eval") for t in texts]
-            return client.complete(reqs)
+            return asyncio.run(_complete(client, reqs))
         samples = score_generations(items, target, generate)
-    return samples, name, provenance, note
+    return samples, name, provenance, note, mode
 
 
 async def _score(client, requests):
@@ -168,7 +218,8 @@ def summarise(samples) -> dict:
     groups: dict[str, list] = defaultdict(list)
     for s in samples:
         groups["all"].append(s)
-        groups[f"split:{s.item.split}"].append(s)
+        if getattr(s.item, "split", None):
+            groups[f"split:{s.item.split}"].append(s)
         groups[f"domain:{s.item.domain}"].append(s)
     out = {}
     for key, members in sorted(groups.items()):
@@ -183,7 +234,7 @@ def _record(db, run_id, suite, model, backend, provenance, target, mode, config,
     from warehouse.db import connect, insert_rows, transaction
 
     rows = [{"run_id": run_id, "item_id": s.item.id, "bank": s.item.bank, "domain": s.item.domain,
-             "split": s.item.split, "prompt": s.prompt, "detail": json.dumps(s.detail), "consistent_p": s.consistent_p,
+             "split": getattr(s.item, "split", None), "prompt": s.prompt, "detail": json.dumps(s.detail), "consistent_p": s.consistent_p,
              "score": s.score, "error": s.error} for s in samples]
     con = connect(db)
     try:
