@@ -119,7 +119,7 @@ def run_eval(suite: str, model: str, target: str | None = None, items: list[str]
         log(note)
     summary = summarise(samples)
     config = {"items": [str(p) for p in (items or [])] or list(DEFAULT_BANKS[suite]), "limit": limit,
-              "base_url": base_url}
+              "base_url": base_url, "grader": judge if suite == "spec_qa" else None}
     run_id = "e" + hashlib.sha256(json.dumps([suite, model, backend_name, target, mode, config, seed,
                                               [i.id for i in scored]], sort_keys=True).encode()).hexdigest()[:15]
     _record(settings.db, run_id, suite, model, backend_name, provenance, target, mode, config, seed, samples, summary)
@@ -174,7 +174,8 @@ def _model_under_test(model, backend, base_url):
         def context_of(text: str) -> str:
             return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                                  add_generation_prompt=True)
-        return LLMClient(made, made.default_model, cache=default_cache(), concurrency=16), "local", provenance, context_of
+        # no call cache: a folder's weights can change under the same path (a retrained RUN/aft/adapter)
+        return LLMClient(made, made.default_model, cache=None, concurrency=16), "local", provenance, context_of
     made, model = make_backend(backend, model, base_url)
 
     def plain(text: str) -> str:  # servers score raw text: a plain question-and-answer frame
