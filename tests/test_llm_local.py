@@ -69,6 +69,35 @@ def test_prefix_shared_scoring_matches_a_full_forward(tiny):
             assert math.isfinite(score.total)
 
 
+def test_items_that_share_a_long_prefix_run_it_once_and_score_the_same(tiny, monkeypatch):
+    model, tokenizer = tiny
+    question = ("We have a long weekend away with the whole family next month, two children and a dog, and "
+                "my parents are coming too. We have never done this trip before and want it to be easy on "
+                "everyone, including the dog. The drive is about six hours, and there is a train that takes "
+                "four with one change. Which of these would you choose for getting there? ")
+    items = [ScoreItem(question + "A) the train B) the plane. Answer:", (" A", " B", " the plane")),
+             ScoreItem(question + "A) the plane B) the train. Answer:", (" A", " B")),
+             ScoreItem("Something else entirely:", (" yes", " no"))]
+    lengths = []
+    original = model.forward
+
+    def counting(*args, **kwargs):
+        if kwargs["input_ids"].shape[0] == 1:  # context passes (continuation passes are one row per ending)
+            lengths.append(kwargs["input_ids"].shape[1])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", counting)
+    scores = asyncio.run(LocalBackend(loaded=tiny).score(items, "tiny"))
+    monkeypatch.setattr(model, "forward", original)
+    for item, item_scores in zip(items, scores):
+        for cont, score in zip(item.continuations, item_scores):
+            assert score.total == pytest.approx(naive_logprob(model, tokenizer, item.context, cont), abs=1e-3)
+    shared = len(tokenizer(question, add_special_tokens=False).input_ids)
+    full = [len(tokenizer(i.context, add_special_tokens=False).input_ids) for i in items]
+    assert lengths[0] >= shared - 2  # the common prefix, once
+    assert sum(lengths) == sum(full) - lengths[0]  # ... and never again: each item runs only its own tail
+
+
 def test_distinct_seeds_share_one_batch(tiny, monkeypatch):
     model, tokenizer = tiny
     calls = []

@@ -135,17 +135,44 @@ class LocalBackend(Backend):
     async def score(self, items: list[ScoreItem], model: str) -> list[list[Score]]:
         return await asyncio.to_thread(self._score_all, items, model)
 
+    # A forward pass has a fixed cost of about 55 ms on a 2-core CPU with SmolLM2 (the weights are
+    # read once per pass), worth about 40 tokens of compute: a shared prefix shorter than this
+    # costs more as an extra pass than it saves (benchmarks/RESULTS.md, eval.py).
+    MIN_SHARED_PREFIX = 64
+
     def _score_all(self, items: list[ScoreItem], model_name: str) -> list[list[Score]]:
-        model, tokenizer = self.load(model_name)
-        return [self._score_one(item, model, tokenizer) for item in items]
+        """Consecutive items whose contexts start with the same tokens (one question asked in two
+        orders, one prompt with several endings) run that common prefix once."""
+        import copy
 
-    def _score_one(self, item: ScoreItem, model, tokenizer) -> list[Score]:
-        """One pass over the shared context, then all continuations at once on its KV cache.
-
-        Only the context's last logit is kept (it predicts each continuation's first token).
-        """
         import torch
 
+        model, tokenizer = self.load(model_name)
+        prepared = [self._prepare(item, tokenizer) for item in items]
+        out: list[list[Score]] = []
+        i = 0
+        while i < len(prepared):
+            common, j = prepared[i][0], i + 1
+            if j < len(prepared) and _common_prefix(common, prepared[j][0]) >= self.MIN_SHARED_PREFIX:
+                common, j = common[:_common_prefix(common, prepared[j][0])], j + 1
+                # later items join only if they share all of it: a chain must not shrink to what every
+                # prompt shares (the chat template's system prompt)
+                while j < len(prepared) and _common_prefix(common, prepared[j][0]) == len(common):
+                    j += 1
+            if j - i > 1:
+                prefix = common[: min(len(common), min(len(p[0]) for p in prepared[i:j]) - 1)]
+                with torch.no_grad():
+                    cache = model(input_ids=torch.tensor([prefix], device=model.device), use_cache=True,
+                                  logits_to_keep=1).past_key_values
+                for ctx_ids, cont_ids in prepared[i:j]:
+                    out.append(self._score_ids(ctx_ids, cont_ids, model, tokenizer, copy.deepcopy(cache), len(prefix)))
+            else:
+                out.append(self._score_ids(*prepared[i], model, tokenizer))
+            i = j
+        return out
+
+    @staticmethod
+    def _prepare(item: ScoreItem, tokenizer) -> tuple[list[int], list[list[int]]]:
         context, conts = item.context, list(item.continuations)
         # A trailing space belongs to the continuation, as the tokenizer would merge it there.
         moved = len(context) - len(context.rstrip(" "))
@@ -155,14 +182,29 @@ class LocalBackend(Backend):
         cont_ids = [tokenizer(c, add_special_tokens=False).input_ids for c in conts]
         if not ctx_ids:
             ctx_ids = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
+        return ctx_ids, cont_ids
+
+    def _score_one(self, item: ScoreItem, model, tokenizer) -> list[Score]:
+        return self._score_ids(*self._prepare(item, tokenizer), model, tokenizer)
+
+    def _score_ids(self, ctx_ids: list[int], cont_ids: list[list[int]], model, tokenizer, cache=None,
+                   cached: int = 0) -> list[Score]:
+        """One pass over the context (after its first `cached` tokens, whose keys and values `cache`
+        holds), then all continuations at once on its KV cache. Only the context's last logit is
+        kept (it predicts each continuation's first token)."""
+        import torch
+
         device = model.device
         with torch.no_grad():
-            first = model(input_ids=torch.tensor([ctx_ids], device=device), use_cache=True, logits_to_keep=1)
+            rest_ids = torch.tensor([ctx_ids[cached:]], device=device)
+            positions = torch.arange(cached, len(ctx_ids), device=device)[None]
+            first = model(input_ids=rest_ids, position_ids=positions, past_key_values=cache, use_cache=True,
+                          logits_to_keep=1)
             first_logprobs = torch.log_softmax(first.logits[0, -1].float(), dim=-1)
             width = max((len(c) for c in cont_ids), default=0)
             scores: list[Score] = []
             if width > 1:
-                n = len(conts)
+                n = len(cont_ids)
                 cache = first.past_key_values
                 cache.batch_repeat_interleave(n)
                 pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -180,3 +222,12 @@ class LocalBackend(Backend):
                     per_token.append(float(lp))
                 scores.append(Score(sum(per_token), per_token, [tokenizer.decode([t]) for t in cont]))
         return scores
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
