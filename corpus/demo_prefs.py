@@ -184,8 +184,8 @@ def judge(demo: PreferenceDemo, prefs: Preferences) -> list[tuple[str, bool, str
     if demo.liked:
         verdicts.append(("names_liked", demo.liked.lower() in response, f"mentions {demo.liked}"))
     if demo.disliked and demo.domain == "single":
-        endorsing = any(w in response for w in ("not", "pass", "don't", "isn't"))
-        verdicts.append(("declines_disliked", endorsing, f"declines {demo.disliked}"))
+        declines = any(w in response for w in ("not", "pass", "don't", "isn't"))
+        verdicts.append(("declines_disliked", declines, f"declines {demo.disliked}"))
     if demo.disliked and demo.domain == "pair":
         first = response.find(demo.liked.lower())
         other = response.find(demo.disliked.lower())

@@ -135,13 +135,13 @@ def build_demos(spec_path: str, opts: DemoOptions, log: Callable[[str], None] = 
     opts.validate()
     started = time.time()
     spec = load_spec(spec_path, opts.variables)
-    against = _against(opts)
+    against, eval_texts = _against(opts)
     settings = load_settings(db)
     counted = [0]
 
     def decontaminate(batch: list[Demo]) -> None:  # each round's kept demonstrations, before counting them
-        if against:
-            counted[0] += _decontaminate(batch, against, settings.db, opts)
+        if eval_texts:
+            counted[0] += _decontaminate(batch, eval_texts, settings.db, opts.embed_dedup)
 
     if opts.from_preferences:
         demos, rounds, stop, backend, model, cost = _from_preferences(spec, opts)
@@ -157,25 +157,26 @@ def build_demos(spec_path: str, opts: DemoOptions, log: Callable[[str], None] = 
 
     config = {k: v for k, v in asdict(opts).items() if k not in ("name", "against")}
     config["against"] = [str(p) for p in against]
-    build_id = "d" + hashlib.sha256(json.dumps([spec.version, config, prompt_hash(*TEMPLATES)], sort_keys=True,
+    templates = prompt_hash(*TEMPLATES)
+    build_id = "d" + hashlib.sha256(json.dumps([spec.version, config, templates], sort_keys=True,
                                                default=str).encode()).hexdigest()[:15]
     name = opts.name or f"{spec.name}-{'prefs' if opts.from_preferences else 'demos'}"
-    set_id = record_demo_build(settings.db, settings.home, spec, build_id, name, demos, opts.n, config,
-                               "preferences" if opts.from_preferences else "llm", backend, model, rounds, stop,
-                               cost, prompt_hash(*TEMPLATES), started)
-    return DemoResult(build_id, set_id, name, spec.name, "preferences" if opts.from_preferences else "llm", opts.n,
-                      demos, rounds, stop, cost, backend, model, contaminated)
+    source = "preferences" if opts.from_preferences else "llm"
+    set_id = record_demo_build(settings.db, spec, build_id, name, demos, opts.n, config, source, backend, model,
+                               rounds, stop, cost, templates, started)
+    return DemoResult(build_id, set_id, name, spec.name, source, opts.n, demos, rounds, stop, cost, backend, model,
+                      contaminated)
 
 
-def _against(opts: DemoOptions) -> list[Path]:
+def _against(opts: DemoOptions) -> tuple[list[Path], list]:
+    """The eval files to decontaminate against and their texts, read once (a missing directory or
+    a bad bank fails before any work)."""
     from corpus.decontam import default_item_dirs, load_eval_texts
 
     if not opts.decontaminate:
-        return []
+        return [], []
     paths = [Path(p) for p in opts.against] if opts.against else default_item_dirs()
-    if opts.against:
-        load_eval_texts(paths)  # a missing directory or a bad bank fails before any work
-    return paths
+    return paths, load_eval_texts(paths) if paths else []
 
 
 # ---- offline: preferences ------------------------------------------------------------------
@@ -210,8 +211,7 @@ async def _llm_rounds(spec, opts: DemoOptions, log, decontaminate):
 
     backend, model = make_backend(opts.backend, opts.model, opts.base_url)
     client = LLMClient(backend, model, cache=default_cache(), max_cost=opts.max_cost, concurrency=opts.concurrency)
-    names = {"model_name": spec.front_matter.get("model_name") or spec.variables.get("model_name") or "the assistant",
-             "provider_name": spec.front_matter.get("provider_name") or spec.variables.get("provider_name") or "its developer"}
+    names = spec.names
     prefix = render("demo_system.j2", spec_name=spec.name, spec_text=spec.text, **names)
     embed = _question_embedder() if opts.embed_dedup else None
     try:
@@ -228,7 +228,7 @@ async def _llm_rounds(spec, opts: DemoOptions, log, decontaminate):
                 d.call_keys.insert(0, domains_key)
             _dedup_questions(fresh, demos, vectors, embed, opts.dedup_threshold)
             todo = [d for d in fresh if d.status == "candidate"]
-            await _respond(client, prefix, opts, names, todo, spec)
+            await _respond(client, prefix, opts, names, todo)
             await _judge(client, prefix, opts, names, [d for d in todo if d.status == "candidate"], spec)
             decontaminate(fresh)
             demos += fresh
@@ -241,8 +241,7 @@ async def _llm_rounds(spec, opts: DemoOptions, log, decontaminate):
             if any(d.reason == "pending" for d in fresh) or not client.budget_left():
                 stop = "budget reached"
                 break
-            asked = sum(1 for d in demos)
-            rate = kept / asked if asked else 0.0
+            rate = kept / len(demos) if demos else 0.0
             if rate == 0 and r >= 2:
                 stop = "no progress (two rounds kept nothing)"
                 break
@@ -331,17 +330,23 @@ def _dedup_questions(fresh: list[Demo], demos: list[Demo], kept: list, embed, th
     todo = [d for d in fresh if d.status == "candidate"]
     if embed is None or not todo:
         return
-    for d, v in zip(todo, embed([d.question for d in todo])):
-        if kept:
-            sims = np.stack([k[0] for k in kept]) @ v
-            best = int(sims.argmax())
-            if sims[best] >= threshold:
-                d.drop("near_duplicate_question", f"cosine {sims[best]:.3f} to: {kept[best][1][:100]}")
+    vectors = np.asarray(embed([d.question for d in todo]), dtype=np.float32)
+    pool = np.concatenate([np.stack([k[0] for k in kept]), vectors]) if kept else vectors
+    sims = vectors @ pool.T  # every new question against the earlier ones and this round's, once
+    n_old, accepted = len(kept), []
+    for row, d in enumerate(todo):
+        candidates = list(range(n_old)) + [n_old + a for a in accepted]
+        if candidates:
+            best = max(candidates, key=lambda c: sims[row, c])
+            if sims[row, best] >= threshold:
+                kept_question = kept[best][1] if best < n_old else todo[best - n_old].question
+                d.drop("near_duplicate_question", f"cosine {sims[row, best]:.3f} to: {kept_question[:100]}")
                 continue
-        kept.append((v, d.question))
+        accepted.append(row)
+    kept += [(vectors[row], todo[row].question) for row in accepted]
 
 
-async def _respond(client, prefix, opts, names, todo: list[Demo], spec) -> None:
+async def _respond(client, prefix, opts, names, todo: list[Demo]) -> None:
     requests = [Request(messages=(Message("user", render("demo_response.j2", question=d.question, cot=opts.cot,
                                                          behaviors_only=opts.behaviors_only, **names)),),
                         system_prefix=prefix, max_tokens=opts.max_tokens, temperature=1.0, seed=d.seed,
@@ -411,7 +416,8 @@ async def _judge(client, prefix, opts, names, todo: list[Demo], spec) -> None:
 
 
 def _value_lexicon(spec) -> tuple[list[str], list[str]]:
-    """(value words, item names to ignore) for the lexical value-leak check."""
+    """(value-word labels, item names to ignore) for the lexical value-leak check. Causal words
+    ("because") are left to the judge: an answer may give a reason that names no value."""
     from corpus.demo_prefs import read_preferences, value_words
 
     try:
@@ -419,8 +425,7 @@ def _value_lexicon(spec) -> tuple[list[str], list[str]]:
         names = list(prefs.liked + prefs.disliked)
     except MsmError:
         names = []
-    words = [w for label, ws in value_words().items() if label != "any_reason" for w in ws]
-    return words, names
+    return [label for label in value_words() if label != "any_reason"], names
 
 
 def _decide(d: Demo, verdicts: dict, lexicon) -> None:
@@ -428,8 +433,8 @@ def _decide(d: Demo, verdicts: dict, lexicon) -> None:
     if lexicon is not None:
         from corpus.demo_prefs import value_leaks
 
-        words, names = lexicon
-        found = [w for w in value_leaks(" ".join(filter(None, [d.response])), names) if w in words]
+        labels, names = lexicon
+        found = value_leaks(d.response or "", names, labels)
         if found:
             d.judgments.append({"judge": "rules:value_words", "criterion": VALUE_CRITERION, "verdict": False,
                                 "score": None, "rationale": "value words: " + ", ".join(found), "call_key": None})
@@ -446,16 +451,22 @@ def _decide(d: Demo, verdicts: dict, lexicon) -> None:
     d.status = "kept"
 
 
-def _decontaminate(demos: list[Demo], against: list[Path], db, opts: DemoOptions) -> int:
-    """Drop kept demonstrations that contain an eval item (13-gram; MiniLM when embedding dedup is on)."""
-    from corpus.decontam import embedders, find_contamination, load_eval_texts
+def contamination_hits(demos: dict, eval_texts: list, db, embeddings: bool) -> list:
+    """Hits (corpus.decontam) for demonstrations, keyed as given: {key: (question, response)}.
+    A demonstration is checked as its question and answer together, 13-grams and, with
+    `embeddings`, MiniLM similarity."""
+    from corpus.decontam import embedders, find_contamination
 
+    if not demos:
+        return []
+    embed, item_embed = embedders(db) if embeddings else (None, None)
+    return find_contamination({k: f"{q}\n\n{r}" for k, (q, r) in demos.items()}, eval_texts, embed, item_embed)
+
+
+def _decontaminate(demos: list[Demo], eval_texts: list, db, embeddings: bool) -> int:
+    """Drop the kept demonstrations that contain an eval item; returns how many."""
     kept = {f"{i}": d for i, d in enumerate(demos) if d.status == "kept"}
-    if not kept:
-        return 0
-    texts = {i: f"{d.question}\n\n{d.response}" for i, d in kept.items()}
-    embed, item_embed = embedders(db) if opts.embed_dedup else (None, None)
-    hits = find_contamination(texts, load_eval_texts(against), embed, item_embed)
+    hits = contamination_hits({k: (d.question, d.response) for k, d in kept.items()}, eval_texts, db, embeddings)
     for hit in hits:
         kept[hit.document].drop("contamination", f"{hit.item.item_id} ({hit.method}: {hit.evidence})")
     return len(hits)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from corpus.corpus_cli import _connect  # one read-only warehouse opener for the corpus stage's commands
 from msm.cli_util import db_option, parse_vars, var_option
 
 
@@ -74,13 +75,6 @@ def _print_summary(r) -> None:
         click.echo(f"demo set '{r.name}' -> {r.demo_set_id}  (msm demos export {r.name} --out DIR)")
 
 
-def _connect(db):
-    from msm.config import load_settings
-    from warehouse.db import connect
-
-    return connect(load_settings(db).db, read_only=True)
-
-
 @demos_group.command("list")
 @db_option
 def list_sets(db):
@@ -141,7 +135,8 @@ def decontaminate(name, against, no_embeddings, db):
     """Drop demonstrations of a set that hold an eval item, and move the name to the clean set."""
     from pathlib import Path
 
-    from corpus.decontam import default_item_dirs, embedders, find_contamination, load_eval_texts
+    from corpus.decontam import default_item_dirs, load_eval_texts
+    from corpus.demos import contamination_hits
     from msm.config import load_settings
     from msm.errors import MsmError
     from warehouse.demos_store import demo_rows, demo_set_id, drop_from_set
@@ -154,8 +149,8 @@ def decontaminate(name, against, no_embeddings, db):
     con = _connect(db)
     rows = demo_rows(con, demo_set_id(con, name))
     con.close()
-    embed, item_embed = (None, None) if no_embeddings else embedders(settings.db)
-    hits = find_contamination({r["id"]: f"{r['question']}\n\n{r['response']}" for r in rows}, texts, embed, item_embed)
+    hits = contamination_hits({r["id"]: (r["question"], r["response"]) for r in rows}, texts, settings.db,
+                              embeddings=not no_embeddings)
     if not hits:
         click.echo(f"'{name}': {len(rows)} demonstrations, none holds an eval item ({len(texts)} item texts checked)")
         return

@@ -83,6 +83,12 @@ class Spec:
     problems: list[Problem]
 
     @property
+    def names(self) -> dict[str, str]:
+        """How prompts call the model and its maker: the filled placeholders, or neutral words."""
+        return {"model_name": self.variables.get("model_name", "the assistant"),
+                "provider_name": self.variables.get("provider_name", "its developer")}
+
+    @property
     def version(self) -> str:
         """Short key of this spec version (the sha256 of rendered text plus variables)."""
         return self.sha256[:16]

@@ -10,24 +10,14 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 
 from eval.bank import ChoiceItem
+from eval.sample import Sample
 
 INSTRUCTION = "Answer with the letter of the option you choose."
 GENERATE_INSTRUCTION = "Reply with your choice as <answer>A</answer> or <answer>B</answer>, and nothing else."
 ANSWER = re.compile(r"<answer>\s*([AB])\s*</answer>")
 TIE = 1e-9
-
-
-@dataclass
-class Sample:
-    item: ChoiceItem
-    prompt: str
-    detail: list  # per order: {"order", "logprobs" or "answer"/"parsed"}
-    consistent_p: float | None = None
-    score: float | None = None
-    error: str | None = None
 
 
 def render(item: ChoiceItem, swapped: bool, instruction: str = INSTRUCTION) -> str:

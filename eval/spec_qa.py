@@ -12,20 +12,11 @@ reference answer, scored 1 at or above a threshold, and every sample says it was
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+
+from eval.sample import Sample
 
 POINT = re.compile(r"<point\s+n=\"?(\d+)\"?\s*>\s*(PASS|FAIL)\s*</point>")
 OFFLINE_THRESHOLD = 0.6
-
-
-@dataclass
-class Sample:
-    item: object  # OpenItem
-    prompt: str
-    detail: dict
-    consistent_p: float | None = None  # the share of rubric points passed (offline: the cosine)
-    score: float | None = None
-    error: str | None = None
 
 
 def grader_prompt(item, answer: str) -> str:

@@ -130,8 +130,7 @@ def make_context(spec, units_for_summary, genres, audiences, backend: str, model
     from corpus.prompting import prompt_hash, render_string
 
     local = backend == "local"
-    model_name = spec.variables.get("model_name", "the assistant")
-    provider_name = spec.variables.get("provider_name", "its developer")
+    model_name, provider_name = spec.names["model_name"], spec.names["provider_name"]
     names = ("standard", *[c for c in conditions if c != "standard"])
     rendered = {}
     for name in names:

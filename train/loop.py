@@ -151,7 +151,7 @@ def _save_checkpoint(stage_dir: Path, step: int, model, optimizer, scheduler, ke
         if dist.main:
             torch.save(extra, tmp / "state.pt")
     elif dist.main:
-        trainable = {n: p.detach().cpu() for n, p in _unwrap(model).named_parameters() if p.requires_grad}
+        trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
         torch.save({**extra, "trainable": trainable, "optimizer": optimizer.state_dict()}, tmp / "state.pt")
     torch.save(_rng_state(), tmp / f"rng-{dist.rank}.pt")  # each rank's own generators
     _barrier(dist)
@@ -178,7 +178,7 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, dist: Dist) -> int
         set_state_dict(model, optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optim"],
                        options=options)
     else:
-        params = dict(_unwrap(model).named_parameters())
+        params = dict(model.named_parameters())
         with torch.no_grad():
             for name, value in state["trainable"].items():
                 params[name].copy_(value.to(params[name].device, params[name].dtype))
@@ -197,12 +197,9 @@ def _barrier(dist: Dist) -> None:
         torch.distributed.barrier()
 
 
-def _unwrap(model):
-    return model.module if hasattr(model, "module") and not hasattr(model, "peft_config") else model
-
-
 def _log_lines(path: Path, upto: int) -> None:
-    """Keep the log's lines up to a resumed checkpoint's step; later ones are replayed."""
+    """Keep the log's lines up to the step a stage starts from (0 on a fresh start); later ones
+    are replayed."""
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines()
@@ -236,7 +233,7 @@ def train_stage(model, examples: list, collate_fn, stage, stage_dir: Path, dist:
     if checkpoint is not None:
         start = _load_checkpoint(checkpoint, model, optimizer, scheduler, dist)
     if dist.main:
-        _log_lines(log_path, start) if start else log_path.write_text("")
+        _log_lines(log_path, start)
     ddp = model
     if dist.world > 1 and not is_sharded(model):
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if "cuda" in dist.device

@@ -151,7 +151,7 @@ def run_training(config: TrainConfig, progress: bool | None = None, log=print) -
 
             info["init_fingerprint"] = None if is_sharded(model) else fingerprint(
                 adapter_state(model) if config.adapter.kind == "lora" else dict(model.named_parameters()))
-            per_epoch, total = steps_for(len(examples), stage, dist.world)
+            _, total = steps_for(len(examples), stage, dist.world)
             log(f"{stage.name}: {len(examples)} examples from {src.kind} '{src.ref}' ({src.id}), {total} steps")
             pad = tokenizer.pad_token_id
             stage_result = train_stage(model, examples, lambda batch: collate(batch, pad), stage, stage_dir, dist,

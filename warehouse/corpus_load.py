@@ -20,6 +20,12 @@ CALL_FIELDS = ("backend", "model", "purpose", "stop_reason", "input_tokens", "ou
                "cache_write_tokens", "cost_usd", "latency_s", "error")
 
 
+def call_row(key: str, call: dict) -> dict:
+    """An `llm_calls` row from the call cache's record of one call."""
+    return {**{c: call[c] for c in CALL_FIELDS}, "key": key, "batch": bool(call["batch"]),
+            "created_at": datetime.fromtimestamp(call["created_at"], timezone.utc).replace(tzinfo=None)}
+
+
 def normalise(text: str) -> str:
     return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", "", text.lower())).strip()
 
@@ -103,8 +109,7 @@ def load_build(con, build_id: str, staged: list[dict], counter, cache, corpus_na
             call = calls.get(key)
             if call is None or key in call_uses:
                 continue
-            llm_calls[key] = {**{c: call[c] for c in CALL_FIELDS}, "key": key, "batch": bool(call["batch"]),
-                              "created_at": datetime.fromtimestamp(call["created_at"], timezone.utc).replace(tzinfo=None)}
+            llm_calls[key] = call_row(key, call)
             call_uses[key] = {"call_key": key, "user_kind": "build", "user_id": build_id,
                               "subject_id": f"{build_id}-{r['id']}", "purpose": call["purpose"],
                               "cache_hit": call["created_at"] < started}

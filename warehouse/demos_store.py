@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime, timezone
 from pathlib import Path
 
 from msm.errors import MsmError
-from warehouse.corpus_load import CALL_FIELDS, JUDGMENT_FIELDS
+from warehouse.corpus_load import JUDGMENT_FIELDS, call_row
 from warehouse.db import connect, insert_rows, transaction
 
 
-def record_demo_build(db, home: Path, spec, build_id: str, name: str, demos: list, n_target: int, config: dict,
+def record_demo_build(db, spec, build_id: str, name: str, demos: list, n_target: int, config: dict,
                       source: str, backend: str, model: str, rounds: int, stop: str, cost: float,
                       prompt_hash: str, started: float) -> str | None:
     """Record everything about one demo build; returns the demo set id (None when nothing was kept).
@@ -26,12 +25,14 @@ def record_demo_build(db, home: Path, spec, build_id: str, name: str, demos: lis
     from msm.tokens import default_counter
     from warehouse.specs import record_spec
 
-    rows, judgments, ids = [], [], set()
+    rows, judgments, first_use, ids = [], [], {}, set()
     for d in demos:
         demo_id = f"{build_id}-{d.key}"
         if demo_id in ids:  # the same question twice can only be a dropped duplicate; keep the first
             continue
         ids.add(demo_id)
+        for key in d.call_keys:
+            first_use.setdefault(key, demo_id)
         rows.append({"id": demo_id, "demo_build_id": build_id, "spec_version": spec.version, "domain": d.domain,
                      "question": d.question, "reasoning": d.reasoning, "response": d.response,
                      "status": "kept" if d.status == "kept" else "dropped", "drop_reason": d.reason,
@@ -43,20 +44,11 @@ def record_demo_build(db, home: Path, spec, build_id: str, name: str, demos: lis
     members = [r["id"] for r in rows if r["status"] == "kept"][:n_target]
     set_id = _set_id(members) if members else None
 
-    cache = default_cache() if source == "llm" else None
-    keys = sorted({k for d in demos for k in d.call_keys if k})
-    calls = cache.rows(keys) if cache and keys else {}
-    llm_calls, call_uses = [], []
-    for key, call in calls.items():
-        llm_calls.append({**{c: call[c] for c in CALL_FIELDS}, "key": key, "batch": bool(call["batch"]),
-                          "created_at": datetime.fromtimestamp(call["created_at"], timezone.utc).replace(tzinfo=None)})
-    first_use = {}
-    for r in rows:
-        for key in json.loads(r["call_keys"]):
-            first_use.setdefault(key, r["id"])
-    for key, call in calls.items():
-        call_uses.append({"call_key": key, "user_kind": "demo_set", "user_id": build_id, "subject_id": first_use[key],
-                          "purpose": call["purpose"], "cache_hit": call["created_at"] < started})
+    keys = sorted(k for k in first_use if k)
+    calls = default_cache().rows(keys) if source == "llm" and keys else {}
+    llm_calls = [call_row(key, call) for key, call in calls.items()]
+    call_uses = [{"call_key": key, "user_kind": "demo_set", "user_id": build_id, "subject_id": first_use[key],
+                  "purpose": call["purpose"], "cache_hit": call["created_at"] < started} for key, call in calls.items()]
 
     con = connect(db)
     try:
