@@ -3,16 +3,21 @@
 Both score the same items in both A/B orders and must agree on every log-probability.
 - naive: one forward pass per option per order over the whole chat-formatted context plus the
   option letter, with logits for every position (what a first implementation does);
-- msm: `LocalBackend.score` as `msm eval run` uses it: one pass per order over the shared context
-  with only the last position's logits (`logits_to_keep=1`), every option read from that one row.
+- msm: `LocalBackend.score` as `msm eval run` uses it: the prefix every context shares (chat
+  template) once, then each context's tail in length-sorted batches on its KV cache, with logits
+  only at the last position (both letters are read from that one row).
 
-Usage: .venv/bin/python benchmarks/eval.py [--items 24]
+The two alternate for `--rounds` rounds and the median time of each is compared: on a shared
+2-core machine one pass can vary by 30% from minute to minute.
+
+Usage: .venv/bin/python benchmarks/eval.py [--items 24] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,6 +29,7 @@ sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--items", type=int, default=24)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     args = parser.parse_args()
 
@@ -63,18 +69,26 @@ def main() -> None:
         scores = asyncio.run(backend.score([ScoreItem(c, ("A", "B")) for c in contexts], args.model))
         return [(s[0].total, s[1].total) for s in scores]
 
-    naive()[:1], ours()[:1]  # warm-up
-    start = time.perf_counter()
-    reference = naive()
-    naive_s = time.perf_counter() - start
-    start = time.perf_counter()
-    fast = ours()
-    ours_s = time.perf_counter() - start
+    def timed(scorer):
+        start = time.perf_counter()
+        result = scorer()
+        return result, time.perf_counter() - start
+
+    ours()  # warm-up
+    naive_times, ours_times = [], []
+    for _ in range(args.rounds):
+        reference, seconds = timed(naive)
+        naive_times.append(seconds)
+        fast, seconds = timed(ours)
+        ours_times.append(seconds)
+    naive_s, ours_s = statistics.median(naive_times), statistics.median(ours_times)
     worst = max(abs(a - b) for r, f in zip(reference, fast) for a, b in zip(r, f))
     assert worst < 1e-3, f"the two scorers disagree by {worst}"
     print(f"{len(items)} items x 2 orders, contexts of {mean_tokens:.0f} tokens on average; "
           f"largest log-prob difference {worst:.2e}")
-    print(f"naive: {naive_s:.2f} s ({len(items) / naive_s:.2f} items/s); msm: {ours_s:.2f} s "
+    print("rounds (s): naive " + ", ".join(f"{t:.1f}" for t in naive_times) + "; msm "
+          + ", ".join(f"{t:.1f}" for t in ours_times))
+    print(f"median naive: {naive_s:.2f} s ({len(items) / naive_s:.2f} items/s); msm: {ours_s:.2f} s "
           f"({len(items) / ours_s:.2f} items/s)")
     print(f"logprob_speedup_vs_naive = {naive_s / ours_s:.3f}")
 

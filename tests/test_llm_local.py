@@ -78,12 +78,11 @@ def test_items_that_share_a_long_prefix_run_it_once_and_score_the_same(tiny, mon
     items = [ScoreItem(question + "A) the train B) the plane. Answer:", (" A", " B", " the plane")),
              ScoreItem(question + "A) the plane B) the train. Answer:", (" A", " B")),
              ScoreItem("Something else entirely:", (" yes", " no"))]
-    lengths = []
+    passes = []
     original = model.forward
 
     def counting(*args, **kwargs):
-        if kwargs["input_ids"].shape[0] == 1:  # context passes (continuation passes are one row per ending)
-            lengths.append(kwargs["input_ids"].shape[1])
+        passes.append(tuple(kwargs["input_ids"].shape))
         return original(*args, **kwargs)
 
     monkeypatch.setattr(model, "forward", counting)
@@ -94,8 +93,34 @@ def test_items_that_share_a_long_prefix_run_it_once_and_score_the_same(tiny, mon
             assert score.total == pytest.approx(naive_logprob(model, tokenizer, item.context, cont), abs=1e-3)
     shared = len(tokenizer(question, add_special_tokens=False).input_ids)
     full = [len(tokenizer(i.context, add_special_tokens=False).input_ids) for i in items]
-    assert lengths[0] >= shared - 2  # the common prefix, once
-    assert sum(lengths) == sum(full) - lengths[0]  # ... and never again: each item runs only its own tail
+    # the long common prefix runs once, as one row; then the two questions' tails (four rows: the
+    # multi-token ending needs a row per ending) in one pass; then the unrelated item alone
+    assert passes[0][0] == 1 and passes[0][1] >= shared - 2
+    assert passes[1][0] == 4 and passes[1][1] <= max(full[:2]) - passes[0][1] + 3
+    assert passes[2] == (1, full[2]) and len(passes) == 3
+
+
+def test_a_prefix_every_item_shares_runs_once_per_call(tiny, monkeypatch):
+    model, tokenizer = tiny
+    system = "Answer with the letter of the option you choose. "
+    items = [ScoreItem(system + f"Question {q}: would you take option {q}? Answer:", (" A", " B"))
+             for q in ("one", "two", "three", "four", "five")]
+    passes = []
+    original = model.forward
+
+    def counting(*args, **kwargs):
+        passes.append(tuple(kwargs["input_ids"].shape))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", counting)
+    scores = asyncio.run(LocalBackend(loaded=tiny).score(items, "tiny"))
+    monkeypatch.setattr(model, "forward", original)
+    for item, item_scores in zip(items, scores):
+        for cont, score in zip(item.continuations, item_scores):
+            assert score.total == pytest.approx(naive_logprob(model, tokenizer, item.context, cont), abs=1e-3)
+    shared = len(tokenizer(system + "Question", add_special_tokens=False).input_ids)
+    assert passes[0] == (1, shared - 1) or passes[0] == (1, shared)  # the shared words, once
+    assert [rows for rows, _ in passes[1:]] == [5]  # every tail in one batch
 
 
 def test_distinct_seeds_share_one_batch(tiny, monkeypatch):

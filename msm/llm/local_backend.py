@@ -136,40 +136,101 @@ class LocalBackend(Backend):
         return await asyncio.to_thread(self._score_all, items, model)
 
     # A forward pass has a fixed cost of about 55 ms on a 2-core CPU with SmolLM2 (the weights are
-    # read once per pass), worth about 40 tokens of compute: a shared prefix shorter than this
-    # costs more as an extra pass than it saves (benchmarks/RESULTS.md, eval.py).
+    # read once per pass), worth about 40 tokens of compute: a prefix that only a few neighbouring
+    # items share is worth its own pass from this length on (benchmarks/RESULTS.md, eval.py).
     MIN_SHARED_PREFIX = 64
+    # The prefix every item of a call shares (chat template, system prompt) runs once per call, so
+    # even a short one pays.
+    MIN_CALL_PREFIX = 8
+    # Rows of one scoring pass, in padded tokens: on that CPU four 133-token rows in one pass cost
+    # about 20% less per row than one at a time; at sixteen rows the gain is gone.
+    SCORE_BATCH_TOKENS = 640
+    SCORE_BATCH_ROWS = 8
 
     def _score_all(self, items: list[ScoreItem], model_name: str) -> list[list[Score]]:
-        """Consecutive items whose contexts start with the same tokens (one question asked in two
-        orders, one prompt with several endings) run that common prefix once."""
+        """Each group of items runs the prefix its contexts share once, then the rest of every
+        context in length-sorted, right-padded batches on a copy of that prefix's KV cache, with
+        logits kept only at the positions read. Right padding needs no attention mask: a real
+        token attends only to earlier positions, all of them real."""
+        model, tokenizer = self.load(model_name)
+        prepared = [self._prepare(item, tokenizer) for item in items]
+        out: list = [None] * len(items)
+        for prefix, members in self._prefix_groups([ctx for ctx, _ in prepared]):
+            self._score_group(prefix, [(i, *prepared[i]) for i in members], model, tokenizer, out)
+        return out
+
+    def _prefix_groups(self, contexts: list[list[int]]) -> list[tuple[list[int], list[int]]]:
+        """(prefix, item indices): runs of neighbours sharing a long prefix (one question in two
+        orders, one document with several endings), then all the others with what they share."""
+        groups, rest, i = [], [], 0
+        while i < len(contexts):
+            j, common = i + 1, contexts[i]
+            if j < len(contexts) and _common_prefix(common, contexts[j]) >= self.MIN_SHARED_PREFIX:
+                common, j = common[:_common_prefix(common, contexts[j])], j + 1
+                # later items join only if they share all of it: a chain must not shrink to what every
+                # prompt shares (the chat template's system prompt)
+                while j < len(contexts) and _common_prefix(common, contexts[j]) == len(common):
+                    j += 1
+                groups.append((common, list(range(i, j))))
+            else:
+                rest.append(i)
+            i = j
+        if rest:
+            common = contexts[rest[0]]
+            for k in rest[1:]:
+                common = common[:_common_prefix(common, contexts[k])]
+            groups.append((common if len(rest) > 1 and len(common) >= self.MIN_CALL_PREFIX else [], rest))
+        # every context keeps at least its last token out of the prefix: that position's logits are read
+        return [(prefix[: min(len(prefix), min(len(contexts[k]) for k in members) - 1)], members)
+                for prefix, members in groups]
+
+    def _score_group(self, prefix: list[int], members, model, tokenizer, out: list) -> None:
         import copy
 
         import torch
 
-        model, tokenizer = self.load(model_name)
-        prepared = [self._prepare(item, tokenizer) for item in items]
-        out: list[list[Score]] = []
-        i = 0
-        while i < len(prepared):
-            common, j = prepared[i][0], i + 1
-            if j < len(prepared) and _common_prefix(common, prepared[j][0]) >= self.MIN_SHARED_PREFIX:
-                common, j = common[:_common_prefix(common, prepared[j][0])], j + 1
-                # later items join only if they share all of it: a chain must not shrink to what every
-                # prompt shares (the chat template's system prompt)
-                while j < len(prepared) and _common_prefix(common, prepared[j][0]) == len(common):
-                    j += 1
-            if j - i > 1:
-                prefix = common[: min(len(common), min(len(p[0]) for p in prepared[i:j]) - 1)]
-                with torch.no_grad():
-                    cache = model(input_ids=torch.tensor([prefix], device=model.device), use_cache=True,
-                                  logits_to_keep=1).past_key_values
-                for ctx_ids, cont_ids in prepared[i:j]:
-                    out.append(self._score_ids(ctx_ids, cont_ids, model, tokenizer, copy.deepcopy(cache), len(prefix)))
+        device, cached = model.device, len(prefix)
+        cache = None
+        if cached:
+            with torch.no_grad():
+                cache = model(input_ids=torch.tensor([prefix], device=device), use_cache=True,
+                              logits_to_keep=1).cache
+        # A row is a context's tail when every continuation is one token (one row reads them all),
+        # else the tail plus one continuation but its last token, read at each continuation position.
+        rows = []  # (tokens after the prefix, item index, [(continuation index, [(position, token)])])
+        for index, ctx_ids, cont_ids in members:
+            tail, last = ctx_ids[cached:], len(ctx_ids) - 1 - cached
+            if all(len(c) == 1 for c in cont_ids):
+                rows.append((tail, index, [(k, [(last, c[0])]) for k, c in enumerate(cont_ids)]))
             else:
-                out.append(self._score_ids(*prepared[i], model, tokenizer))
-            i = j
-        return out
+                rows += [(tail + c[:-1], index, [(k, [(last + j, t) for j, t in enumerate(c)])])
+                         for k, c in enumerate(cont_ids)]
+            out[index] = [None] * len(cont_ids)
+        rows.sort(key=lambda row: len(row[0]))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        start = 0
+        while start < len(rows):
+            end = start + 1
+            while (end < len(rows) and end - start < self.SCORE_BATCH_ROWS
+                   and (end - start + 1) * len(rows[end][0]) <= self.SCORE_BATCH_TOKENS):
+                end += 1
+            batch, width = rows[start:end], len(rows[end - 1][0])
+            ids = torch.tensor([row[0] + [pad] * (width - len(row[0])) for row in batch], device=device)
+            read = sorted({p for row in batch for _, reads in row[2] for p, _ in reads})
+            column = {p: n for n, p in enumerate(read)}
+            kv = None
+            if cache is not None:
+                kv = copy.deepcopy(cache)
+                kv.batch_repeat_interleave(len(batch))
+            with torch.no_grad():
+                logits = model(input_ids=ids, cache=kv, use_cache=kv is not None,
+                               logits_to_keep=torch.tensor(read, device=device)).logits
+                logprobs = torch.log_softmax(logits.float(), dim=-1)
+            for b, (_, index, conts) in enumerate(batch):
+                for k, reads in conts:
+                    per_token = [float(logprobs[b, column[p], t]) for p, t in reads]
+                    out[index][k] = Score(sum(per_token), per_token, [tokenizer.decode([t]) for _, t in reads])
+            start = end
 
     @staticmethod
     def _prepare(item: ScoreItem, tokenizer) -> tuple[list[int], list[list[int]]]:
@@ -183,45 +244,6 @@ class LocalBackend(Backend):
         if not ctx_ids:
             ctx_ids = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
         return ctx_ids, cont_ids
-
-    def _score_one(self, item: ScoreItem, model, tokenizer) -> list[Score]:
-        return self._score_ids(*self._prepare(item, tokenizer), model, tokenizer)
-
-    def _score_ids(self, ctx_ids: list[int], cont_ids: list[list[int]], model, tokenizer, cache=None,
-                   cached: int = 0) -> list[Score]:
-        """One pass over the context (after its first `cached` tokens, whose keys and values `cache`
-        holds), then all continuations at once on its KV cache. Only the context's last logit is
-        kept (it predicts each continuation's first token)."""
-        import torch
-
-        device = model.device
-        with torch.no_grad():
-            rest_ids = torch.tensor([ctx_ids[cached:]], device=device)
-            positions = torch.arange(cached, len(ctx_ids), device=device)[None]
-            first = model(input_ids=rest_ids, position_ids=positions, past_key_values=cache, use_cache=True,
-                          logits_to_keep=1)
-            first_logprobs = torch.log_softmax(first.logits[0, -1].float(), dim=-1)
-            width = max((len(c) for c in cont_ids), default=0)
-            scores: list[Score] = []
-            if width > 1:
-                n = len(cont_ids)
-                cache = first.past_key_values
-                cache.batch_repeat_interleave(n)
-                pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-                ids = torch.tensor([c + [pad] * (width - len(c)) for c in cont_ids], device=device)
-                mask = torch.tensor([[1] * len(ctx_ids) + [1] * len(c) + [0] * (width - len(c)) for c in cont_ids],
-                                    device=device)
-                positions = torch.arange(len(ctx_ids), len(ctx_ids) + width, device=device).expand(n, -1)
-                rest = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                             logits_to_keep=width)
-                rest_logprobs = torch.log_softmax(rest.logits.float(), dim=-1)
-            for b, cont in enumerate(cont_ids):
-                per_token = []
-                for j, tok in enumerate(cont):
-                    lp = first_logprobs[tok] if j == 0 else rest_logprobs[b, j - 1, tok]
-                    per_token.append(float(lp))
-                scores.append(Score(sum(per_token), per_token, [tokenizer.decode([t]) for t in cont]))
-        return scores
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
