@@ -36,7 +36,7 @@ def main() -> None:
     import torch
 
     from eval.bank import ITEMS_DIR, load_bank
-    from eval.preferences import render
+    from eval.suites.preferences import render
     from msm.llm.base import ScoreItem
     from msm.llm.local_backend import LocalBackend
     from msm.models import load_model

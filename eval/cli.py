@@ -45,7 +45,8 @@ def items(paths):
                                               "or a server's model name with --backend.")
 @click.option("--target", default=None, help="The value label to score (eval/items/schema.yaml); preferences only.")
 @click.option("--items", "item_files", multiple=True, help="Item files (default: the suite's banks in eval/items/).")
-@click.option("--mode", type=click.Choice(["logprob", "generate"]), default="logprob", show_default=True)
+@click.option("--mode", type=click.Choice(["logprob", "generate"]), default=None,
+              help="preferences: logprob (default) or generate; other suites generate.")
 @click.option("--backend", type=click.Choice(["local", "openai", "anthropic"]), default=None)
 @click.option("--base-url", default=None)
 @click.option("--limit", type=int, default=None, help="Score only the first N items.")
@@ -54,15 +55,24 @@ def items(paths):
               help="spec_qa: the grader's backend (default: offline MiniLM similarity, labelled as such).")
 @click.option("--judge-model", default=None)
 @click.option("--judge-base-url", default=None)
+@click.option("--option", "-o", "option_pairs", multiple=True, metavar="KEY=VALUE",
+              help="A suite's own setting (`msm eval suites` lists them).")
 @click.option("--db", default=None)
 def run(suite, model, target, item_files, mode, backend, base_url, limit, seed, judge_backend, judge_model,
-        judge_base_url, db):
-    """Run SUITE (preferences or spec_qa) on a model; rates per domain and split with 95% Wilson intervals."""
+        judge_base_url, option_pairs, db):
+    """Run SUITE (`msm eval suites`) on a model; rates per domain and split with 95% Wilson intervals."""
     from eval.run import run_eval
+    from msm.errors import MsmError
 
+    options = {}
+    for pair in option_pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise MsmError(f"--option {pair} is not KEY=VALUE", "write it as --option samples=30")
+        options[key.strip()] = value.strip()
     judge = {"backend": judge_backend, "model": judge_model, "base_url": judge_base_url} if judge_backend else None
     result = run_eval(suite, model, target, list(item_files), mode, backend, base_url, limit, seed, db,
-                      log=lambda line: click.echo(line), judge=judge)
+                      log=lambda line: click.echo(line), judge=judge, options=options)
     what = f"target {target}" if target else "rubric grading"
     click.echo(f"eval run {result.run_id}: {suite} on {model}, {what} ({result.mode})")
     click.echo(f"{'GROUP':<28} {'N':>5} {'ERR':>4}  {'RATE':>6}  95% CI           "
@@ -72,6 +82,35 @@ def run(suite, model, target, item_files, mode, backend, base_url, limit, seed, 
         ci = "" if row["n"] == 0 else f"[{row['low']:.3f}, {row['high']:.3f}]"
         mean = "" if row["mean_p"] is None else f"{row['mean_p']:.3f}"
         click.echo(f"{key:<28} {row['n']:>5} {row['errors']:>4}  {rate:>6}  {ci:<16} {mean}")
+
+
+@eval_group.command("suites")
+def suites():
+    """The registered suites, their default banks and their options."""
+    from eval.suites import registry
+
+    for suite in registry().values():
+        click.echo(f"{suite.name:<12} {suite.about}")
+        click.echo(f"{'':<12} modes: {', '.join(suite.modes)}; items: {', '.join(suite.default_banks)}"
+                   + ("; needs --target" if suite.needs_target else ""))
+        for name, (kind, default, about) in suite.options.items():
+            click.echo(f"{'':<12} -o {name}=<{kind.__name__}> (default {default}): {about}")
+
+
+@eval_group.command("aggregate")
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--db", default=None)
+def aggregate(runs, db):
+    """Runs that differ only in seed: mean rate with a t interval over seeds, and the pooled rate."""
+    from eval.run import aggregate_runs
+    from msm.config import load_settings
+
+    result = aggregate_runs(load_settings(db).db, list(runs))
+    click.echo(f"{'GROUP':<28} {'RUNS':>4} {'MEAN':>6}  95% CI (seeds)    {'N':>5} {'POOLED':>6}  95% CI (items)")
+    for key, r in result.items():
+        seeds = "" if r["seed_low"] is None else f"[{r['seed_low']:.3f}, {r['seed_high']:.3f}]"
+        click.echo(f"{key:<28} {r['runs']:>4} {r['mean']:.3f}  {seeds:<17} {r['n']:>5} {r['pooled']:.3f}  "
+                   f"[{r['pooled_low']:.3f}, {r['pooled_high']:.3f}]")
 
 
 @eval_group.command("compare")

@@ -1,6 +1,6 @@
 """`msm eval run`: a suite against a model, recorded in the warehouse with intervals on every rate.
 
-Suites are registered by name in SUITES (a module with a dataset, a solver and a scorer). The
+Suites are registered by name in `eval/suites/` (a module each: dataset, solver, scorer). The
 model under test is a local alias or directory, a LoRA adapter folder written by `msm train run`
 (merged onto its base for the run), or a model on a server through the backends layer. Errors
 are counted as errors: they are reported beside each rate and never scored as wrong answers.
@@ -12,14 +12,8 @@ import hashlib
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from msm.errors import MsmError
-
-SUITES = {"preferences": "choice items in both A/B orders, scored for a target value label",
-          "spec_qa": "open questions answered in prose, graded against a rubric (LLM grader, or MiniLM offline)"}
-DEFAULT_BANKS = {"preferences": ("affordability_comparisons", "america_opinions", "cheese_in_distribution"),
-                 "spec_qa": ("spec_qa",)}
 
 
 @dataclass
@@ -33,183 +27,64 @@ class EvalResult:
     summary: dict = field(default_factory=dict)
 
 
-def local_model(path_or_alias: str):
-    """(model, tokenizer, provenance) for a local alias, model folder or LoRA adapter folder."""
-    import torch
-
-    from msm.models import TINY, load_model, model_entry, registry
-
-    path = Path(path_or_alias)
-    if (path / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        card = path.parent.parent / "card.json"
-        base = json.loads(card.read_text())["base_model"] if card.is_file() else \
-            json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if not base:
-            raise MsmError(f"{path}: cannot tell which base model the adapter belongs to",
-                           "evaluate an adapter written by `msm train run` (its run folder has card.json)")
-        model, tokenizer = load_model(base, torch.float32, "cuda" if torch.cuda.is_available() else "cpu")
-        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
-        info = json.loads(card.read_text()) if card.is_file() else {}
-        provenance = {"adapter": str(path), "base_model": base, "train_run": info.get("run_id"),
-                      "spec_versions": info.get("spec_versions", []), "inputs": info.get("inputs", {})}
-        model.eval()
-        return model, tokenizer, provenance
-    if path.is_dir() or path_or_alias in registry()["models"] or path_or_alias == TINY:
-        model, tokenizer = load_model(path_or_alias, torch.float32, "cuda" if torch.cuda.is_available() else "cpu")
-        model.eval()
-        card = path.parent.parent / "card.json"  # RUN/STAGE/model from a full fine-tuning run
-        info = json.loads(card.read_text()) if path.is_dir() and card.is_file() else {}
-        return model, tokenizer, {"base_model": info.get("base_model", path_or_alias), "weights": str(path),
-                                  "train_run": info.get("run_id"), "spec_versions": info.get("spec_versions", []),
-                                  "inputs": info.get("inputs", {})}
-    if "/" in path_or_alias or path_or_alias.startswith("."):
-        raise MsmError(f"--model {path_or_alias} does not exist", "pass a model folder, an adapter folder "
-                       "(RUN/STAGE/adapter) or a local alias (`msm models list`)")
-    model_entry(path_or_alias)  # unknown alias: one line naming the known ones
-    raise AssertionError("unreachable")
-
-
-def load_items(suite: str, paths: list[str]) -> list:
-    from eval.bank import ITEMS_DIR, ChoiceItem, OpenItem, load_bank
-
-    files = [Path(p) for p in paths] or [ITEMS_DIR / f"{b}.jsonl" for b in DEFAULT_BANKS[suite]]
-    items = [item for f in files for item in load_bank(f)]
-    kind, other = (ChoiceItem, "an open") if suite == "preferences" else (OpenItem, "a choice")
-    wrong = next((i for i in items if not isinstance(i, kind)), None)
-    if wrong is not None:
-        raise MsmError(f"item '{wrong.id}' in {wrong.bank} is {other} item, which the {suite} suite does not score",
-                       f"pass {'choice' if suite == 'preferences' else 'open'}-item banks with --items")
-    return items
+def parse_options(suite, pairs: dict | None) -> dict:
+    """A suite's options from `key=value` strings (or values), typed by the suite's table."""
+    options = {name: default for name, (_, default, _) in suite.options.items()}
+    for key, value in (pairs or {}).items():
+        if key not in suite.options:
+            known = ", ".join(suite.options) or "none"
+            raise MsmError(f"the {suite.name} suite has no option '{key}'", f"its options: {known}")
+        kind = suite.options[key][0]
+        try:
+            options[key] = kind(value) if value is not None else None
+        except ValueError:
+            raise MsmError(f"option {key}={value} is not a {kind.__name__}", f"give {key} as a {kind.__name__}") from None
+    return options
 
 
 def run_eval(suite: str, model: str, target: str | None = None, items: list[str] | None = None,
-             mode: str = "logprob", backend: str | None = None, base_url: str | None = None, limit: int | None = None,
-             seed: int = 0, db=None, log=print, judge: dict | None = None) -> EvalResult:
-    """Run a suite, record eval_runs and eval_samples, return the per-domain summary. `judge`
-    ({backend, model, base_url}) grades spec_qa; without it spec_qa is graded offline."""
+             mode: str | None = None, backend: str | None = None, base_url: str | None = None,
+             limit: int | None = None, seed: int = 0, db=None, log=print, judge: dict | None = None,
+             options: dict | None = None) -> EvalResult:
+    """Run a suite, record eval_runs and eval_samples, return the per-group summary. `judge`
+    ({backend, model, base_url}) grades the answers of suites that need a grader; without it they
+    fall back to their offline scoring, and say so."""
     from eval.bank import value_labels
+    from eval.model_under_test import open_model
+    from eval.suites import Job, get_suite
     from msm.config import load_settings
 
-    if suite not in SUITES:
-        raise MsmError(f"unknown suite '{suite}'", f"use one of: {', '.join(SUITES)}")
-    if suite == "preferences" and target is None:
-        raise MsmError("the preferences suite needs --target", f"name a value label: {', '.join(sorted(value_labels()))}")
+    found = get_suite(suite)
+    if found.needs_target and target is None:
+        raise MsmError(f"the {suite} suite needs --target", f"name a value label: {', '.join(sorted(value_labels()))}")
     if target is not None and target not in value_labels():
         raise MsmError(f"unknown value label '{target}'", f"use one of {sorted(value_labels())} "
                        "(eval/items/schema.yaml)")
-    if mode not in ("logprob", "generate"):
-        raise MsmError(f"unknown mode '{mode}'", "use logprob or generate")
-    pool = load_items(suite, items or [])
-    scored = [i for i in pool if target in i.consistent_with] if suite == "preferences" else pool
+    mode = mode or found.modes[0]
+    if mode not in found.modes:
+        raise MsmError(f"the {suite} suite has no mode '{mode}'", f"use {' or '.join(found.modes)}")
+    settings_of_suite = parse_options(found, options)
+    pool = found.load_items(list(items or []))
+    scored = [i for i in pool if target in i.consistent_with] if found.needs_target else pool
     if not scored:
         raise MsmError(f"no item in these banks is labelled for '{target}'", "pick the banks that test this value")
     if limit:
         scored = scored[:limit]
     settings = load_settings(db)
-    if suite == "preferences":
-        samples, backend_name, provenance, note, mode = _solve(scored, target, model, mode, backend, base_url)
-    else:
-        mode = "generate"
-        samples, backend_name, provenance, note = _solve_open(scored, model, backend, base_url, judge)
-        config_judge = judge or {"offline": "minilm-cosine"}
-        provenance = {**provenance, "grader": config_judge}
-    if note:
-        log(note)
-    summary = summarise(samples)
-    config = {"items": [str(p) for p in (items or [])] or list(DEFAULT_BANKS[suite]), "limit": limit,
-              "base_url": base_url, "grader": judge if suite == "spec_qa" else None}
-    run_id = "e" + hashlib.sha256(json.dumps([suite, model, backend_name, target, mode, config, seed,
-                                              [i.id for i in scored]], sort_keys=True).encode()).hexdigest()[:15]
-    _record(settings.db, run_id, suite, model, backend_name, provenance, target, mode, config, seed, samples, summary)
-    return EvalResult(run_id, suite, model, target, mode, samples, summary)
-
-
-def _solve_open(items, model, backend, base_url, judge):
-    """spec_qa: the model answers each question; an LLM grader (or MiniLM offline) grades it."""
-    import asyncio
-
-    from eval.spec_qa import grade_offline, grade_with_llm
-    from msm.llm.client import LLMClient
-    from msm.llm.select import default_cache, make_backend
-    from msm.llm.types import Request
-
-    client, name, provenance, _ = _model_under_test(model, backend, base_url)
-    questions = [Request.user(item.question, max_tokens=256, temperature=0.0, purpose="eval") for item in items]
-    answers = asyncio.run(_complete(client, questions))
-    if judge:
-        made, judge_model = make_backend(judge.get("backend"), judge.get("model"), judge.get("base_url"))
-        grader = LLMClient(made, judge_model, cache=default_cache(), concurrency=16)
-
-        def complete(texts):
-            reqs = [Request.user(t, max_tokens=200, temperature=0.0, purpose="judge") for t in texts]
-            return asyncio.run(_complete(grader, reqs))
-        return grade_with_llm(items, answers, complete), name, provenance, None
-    from msm.models import load_embedder
-
-    embedder = load_embedder()
-    samples = grade_offline(items, answers, lambda texts: embedder.encode(texts, normalize_embeddings=True))
-    return samples, name, provenance, "no --judge-backend: graded offline by MiniLM similarity to the reference"
-
-
-async def _complete(client, requests):
-    try:
-        return await client.complete_many(requests)
-    finally:
-        await client.backend.aclose()
-
-
-def _model_under_test(model, backend, base_url):
-    """(client, backend name, provenance, context_of) for a local or served model."""
-    from msm.llm.client import LLMClient
-    from msm.llm.select import default_cache, make_backend
-
-    if backend in (None, "local"):
-        from msm.llm.local_backend import LocalBackend
-
-        loaded_model, tokenizer, provenance = local_model(model)
-        made = LocalBackend(model=model, loaded=(loaded_model, tokenizer))
-
-        def context_of(text: str) -> str:
-            return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                 add_generation_prompt=True)
-        # no call cache: a folder's weights can change under the same path (a retrained RUN/aft/adapter)
-        return LLMClient(made, made.default_model, cache=None, concurrency=16), "local", provenance, context_of
-    made, model = make_backend(backend, model, base_url)
-
-    def plain(text: str) -> str:  # servers score raw text: a plain question-and-answer frame
-        return f"Question: {text}\nAnswer:"
-    return (LLMClient(made, model, cache=default_cache(), concurrency=16), made.name,
-            {"base_model": model, "base_url": base_url}, plain)
-
-
-def _solve(items, target, model, mode, backend, base_url):
-    """(samples, backend name, provenance, note, the mode actually used) for the preferences suite."""
-    import asyncio
-
-    from eval.preferences import score_generations, score_logprobs
-    from msm.llm.types import Request
-
-    note = None
-    client, name, provenance, context_of = _model_under_test(model, backend, base_url)
-    if mode == "logprob" and name == "anthropic":
-        mode, note = "generate", "anthropic gives no log-probabilities: generating answers and parsing them instead"
-    if mode == "logprob":
-        samples = score_logprobs(items, target, lambda reqs: asyncio.run(_score(client, reqs)), context_of)
-    else:
-        def generate(texts):
-            reqs = [Request.user(t, max_tokens=16, temperature=0.0, purpose="eval") for t in texts]
-            return asyncio.run(_complete(client, reqs))
-        samples = score_generations(items, target, generate)
-    return samples, name, provenance, note, mode
-
-
-async def _score(client, requests):
-    try:
-        return await client.score_many(requests)
-    finally:
-        await client.backend.aclose()
+    under_test = open_model(model, backend, base_url)
+    solved = found.solve(Job(scored, under_test, target, mode, seed, judge, settings_of_suite, log))
+    if solved.note:
+        log(solved.note)
+    provenance = {**under_test.provenance, **({"grader": solved.grader} if solved.grader else {})}
+    summary = (found.summarise or summarise)(solved.samples)
+    config = {"items": [str(p) for p in (items or [])] or list(found.default_banks), "limit": limit,
+              "base_url": base_url, "grader": solved.grader, "options": settings_of_suite}
+    run_id = "e" + hashlib.sha256(json.dumps([suite, model, under_test.backend, target, solved.mode, config, seed,
+                                              [i.id for i in scored]], sort_keys=True, default=str).encode()
+                                  ).hexdigest()[:15]
+    _record(settings.db, run_id, suite, model, under_test.backend, provenance, target, solved.mode, config, seed,
+            solved.samples, summary)
+    return EvalResult(run_id, suite, model, target, solved.mode, solved.samples, summary)
 
 
 def summarise(samples) -> dict:
@@ -274,3 +149,39 @@ def compare_runs(db, run_a: str, run_b: str) -> dict:
         by["all"].append((a > 0.5, b > 0.5))  # a tie counts as not consistent
         by[domain].append((a > 0.5, b > 0.5))
     return {k: mcnemar(v) for k, v in sorted(by.items())}
+
+
+def aggregate_runs(db, run_ids: list[str]) -> dict:
+    """Runs of one design that differ only in seed (training or sampling), on one suite and
+    target. Per group: the mean of the runs' rates with a 95% t interval over runs (the seed-to-seed
+    spread), and the pooled rate with a 95% Wilson interval over every scored item."""
+    from scipy import stats
+
+    from eval.report import load_runs
+    from eval.stats import wilson
+
+    if len(run_ids) != len(set(run_ids)):
+        raise MsmError("a run is named twice", "name each seed's run once")
+    runs = load_runs(db, run_ids)
+    kinds = {(r["suite"], r["target"]) for r in runs}
+    if len(kinds) > 1:
+        raise MsmError("these runs are of different suites or target values",
+                       "aggregate runs of one suite and one target (the seeds of one arm)")
+    out = {}
+    for group in sorted({g for r in runs for g in r["summary"]}, key=lambda g: (g != "all", g)):
+        rows = [r["summary"][group] for r in runs if r["summary"].get(group, {}).get("n")]
+        if not rows:
+            continue
+        rates = [row["rate"] for row in rows]
+        k, mean = len(rates), sum(rates) / len(rates)
+        low = high = None
+        if k > 1:
+            sd = (sum((x - mean) ** 2 for x in rates) / (k - 1)) ** 0.5
+            half = float(stats.t.ppf(0.975, k - 1)) * sd / k ** 0.5
+            low, high = max(0.0, mean - half), min(1.0, mean + half)
+        n = sum(row["n"] for row in rows)
+        pooled = wilson(sum(row["rate"] * row["n"] for row in rows), n)
+        out[group] = {"runs": k, "mean": mean, "seed_low": low, "seed_high": high, "n": n,
+                      "errors": sum(row["errors"] for row in rows), "pooled": pooled.value,
+                      "pooled_low": pooled.low, "pooled_high": pooled.high}
+    return out

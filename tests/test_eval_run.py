@@ -11,7 +11,7 @@ import duckdb
 import pytest
 import yaml
 
-from eval.preferences import render
+from eval.suites.preferences import render
 from eval.stats import mcnemar, wilson
 from tests.conftest import LOOPBACK_KEY, assert_one_line_error, run_msm
 
@@ -58,7 +58,7 @@ def train_tiny(tmp_path: Path, answer) -> Path:
 @pytest.fixture(scope="module")
 def preferring(tmp_path_factory):
     """One tiny model taught the value-consistent letter in both orders, shared by the tests that read it."""
-    from eval.preferences import letter_for
+    from eval.suites.preferences import letter_for
 
     root = tmp_path_factory.mktemp("preferring")
     return train_tiny(root, lambda item, swapped: letter_for(item, item.consistent_with["affordability"], swapped))
@@ -164,6 +164,53 @@ def test_bad_eval_input_is_a_one_line_error(tmp_path):
                                   "--items", str(items)), "unknown value label 'frugality'")
     assert_one_line_error(run_msm("eval", "run", "preferences", "--model", "tiny-random", "--target", "pro_america",
                                   "--items", str(items)), "no item in these banks is labelled for 'pro_america'")
+    assert_one_line_error(run_msm("eval", "run", "preferences", *base, "--items", str(items), "-o", "samples=3"),
+                          "no option 'samples'")
+    assert_one_line_error(run_msm("eval", "run", "preferences", *base, "--items", str(items), "-o", "samples"),
+                          "not KEY=VALUE")
+    assert_one_line_error(run_msm("eval", "run", "spec_qa", "--model", "tiny-random", "--mode", "logprob"),
+                          "no mode 'logprob'", "use generate")
+    assert_one_line_error(run_msm("eval", "aggregate", "e-nope"), "no warehouse")
+
+
+def test_suites_are_the_modules_of_eval_suites():
+    from eval.suites import Suite, registry
+
+    root = Path(__file__).resolve().parent.parent / "eval" / "suites"
+    modules = {p.stem for p in root.glob("*.py") if p.stem != "__init__" and "SUITE = " in p.read_text()}
+    suites = registry()
+    assert set(suites) >= {"preferences", "spec_qa"} and all(isinstance(s, Suite) for s in suites.values())
+    assert modules == {s.solve.__module__.rsplit(".", 1)[-1] for s in suites.values()}
+    listed = run_msm("eval", "suites")
+    assert listed.returncode == 0 and all(name in listed.stdout for name in suites)
+
+
+def test_seeds_aggregate_with_a_t_interval_over_runs_and_a_pooled_wilson(tmp_path, isolated_home):
+    """Three seeds' runs of one arm at rates 0.5, 0.7 and 0.9 on 10 items each."""
+    from eval.bank import load_bank
+    from eval.run import _record, aggregate_runs, summarise
+    from eval.sample import Sample
+    from msm.config import load_settings
+
+    db = load_settings(None).db
+    items = load_bank(write_items(tmp_path / "items.jsonl", [dict(ITEMS[0], id=f"t-{i}", domain="travel")
+                                                             for i in range(10)]))
+    for seed, hits in enumerate((5, 7, 9)):
+        samples = [Sample(item, "p", {}, 1.0 if k < hits else 0.0, 1.0 if k < hits else 0.0) for k, item in enumerate(items)]
+        _record(db, f"e-seed{seed}", "preferences", "m", "local", {}, "affordability", "logprob", {}, seed, samples,
+                summarise(samples))
+    result = aggregate_runs(db, ["e-seed0", "e-seed1", "e-seed2"])
+    row = result["all"]
+    half = 4.302652729911275 * 0.2 / 3 ** 0.5  # t(0.975, 2 df) x sd / sqrt(runs)
+    assert row["runs"] == 3 and row["n"] == 30 and row["mean"] == pytest.approx(0.7)
+    assert row["seed_low"] == pytest.approx(0.7 - half) and row["seed_high"] == 1.0  # clipped at 1
+    pooled = wilson(21, 30)
+    assert (row["pooled"], row["pooled_low"], row["pooled_high"]) == pytest.approx((0.7, pooled.low, pooled.high))
+    assert set(result) == {"all", "domain:travel", "split:held_out"}
+    out = run_msm("eval", "aggregate", "e-seed0", "e-seed1", "e-seed2")
+    assert out.returncode == 0 and "0.700" in out.stdout, out.stderr
+    _record(db, "e-other", "spec_qa", "m", "local", {}, None, "generate", {}, 0, samples, summarise(samples))
+    assert_one_line_error(run_msm("eval", "aggregate", "e-seed0", "e-other"), "different suites")
 
 
 QA = [{"id": f"qa-{i}", "domain": "oversight", "question": q, "reference": ref, "rubric": rubric, "spec": "rules"}
@@ -178,7 +225,7 @@ QA = [{"id": f"qa-{i}", "domain": "oversight", "question": q, "reference": ref, 
 
 def test_spec_qa_grader_tags_are_parsed_exactly_and_failures_are_errors(tmp_path, isolated_home, loopback,
                                                                         monkeypatch):
-    from eval.spec_qa import parse_grade
+    from eval.suites.spec_qa import parse_grade
 
     assert parse_grade('<point n="1">PASS</point>\n<point n="2">FAIL</point>', 2) == [True, False]
     assert parse_grade("yesterday PASS, yes, passes", 1) is None  # words are not verdicts

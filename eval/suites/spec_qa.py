@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 
 from eval.sample import Sample
+from eval.suites import Solved, Suite, load_bank_items
 
 POINT = re.compile(r"<point\s+n=\"?(\d+)\"?\s*>\s*(PASS|FAIL)\s*</point>")
 OFFLINE_THRESHOLD = 0.6
@@ -80,3 +81,27 @@ def grade_offline(items, answers: list, embed, threshold: float = OFFLINE_THRESH
         cosine = cosines[id(item)]
         samples.append(Sample(item, item.question, detail, cosine, float(cosine >= threshold)))
     return samples
+
+
+def solve(job) -> Solved:
+    from eval.model_under_test import ask, open_judge
+    from msm.llm.types import Request
+
+    questions = [Request.user(item.question, max_tokens=256, temperature=0.0, purpose="eval") for item in job.items]
+    answers = job.model.complete(questions)
+    if job.judge:
+        grader = open_judge(job.judge)
+
+        def complete(texts):
+            return ask(grader, [Request.user(t, max_tokens=200, temperature=0.0, purpose="judge") for t in texts])
+        return Solved(grade_with_llm(job.items, answers, complete), "generate", grader=job.judge)
+    from msm.models import load_embedder
+
+    embedder = load_embedder()
+    samples = grade_offline(job.items, answers, lambda texts: embedder.encode(texts, normalize_embeddings=True))
+    return Solved(samples, "generate", "no --judge-backend: graded offline by MiniLM similarity to the reference",
+                  grader={"offline": "minilm-cosine"})
+
+
+SUITE = Suite("spec_qa", "open questions answered in prose, graded against a rubric (LLM grader, or MiniLM offline)",
+              ("spec_qa",), lambda paths: load_bank_items(paths, ("spec_qa",), "open", "spec_qa"), solve)

@@ -13,6 +13,7 @@ import re
 
 from eval.bank import ChoiceItem
 from eval.sample import Sample
+from eval.suites import Solved, Suite, load_bank_items
 
 INSTRUCTION = "Answer with the letter of the option you choose."
 GENERATE_INSTRUCTION = "Reply with your choice as <answer>A</answer> or <answer>B</answer>, and nothing else."
@@ -80,3 +81,23 @@ def score_generations(items: list[ChoiceItem], target: str, generate) -> list[Sa
             p = sum(votes) / 2
             samples.append(Sample(item, render(item, False), detail, p, 0.5 if p == 0.5 else float(p > 0.5)))
     return samples
+
+
+def solve(job) -> Solved:
+    from msm.llm.types import Request
+
+    mode, note = job.mode, None
+    if mode == "logprob" and not job.model.has_logprobs:
+        mode, note = "generate", f"{job.model.backend} gives no log-probabilities: generating answers and parsing them instead"
+    if mode == "logprob":
+        return Solved(score_logprobs(job.items, job.target, job.model.score, job.model.context_of), mode, note)
+
+    def generate(texts):
+        return job.model.complete([Request.user(t, max_tokens=16, temperature=0.0, purpose="eval") for t in texts])
+    return Solved(score_generations(job.items, job.target, generate), mode, note)
+
+
+DEFAULT_BANKS = ("affordability_comparisons", "america_opinions", "cheese_in_distribution")
+SUITE = Suite("preferences", "choice items in both A/B orders, scored for a target value label", DEFAULT_BANKS,
+              lambda paths: load_bank_items(paths, DEFAULT_BANKS, "choice", "preferences"), solve,
+              needs_target=True, modes=("logprob", "generate"))
