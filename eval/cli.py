@@ -57,9 +57,11 @@ def items(paths):
 @click.option("--judge-base-url", default=None)
 @click.option("--option", "-o", "option_pairs", multiple=True, metavar="KEY=VALUE",
               help="A suite's own setting (`msm eval suites` lists them).")
+@click.option("--templates", default=None, help="agentic: scenario folders in the agentic-misalignment layout "
+                                                "(same as -o templates=PATH).")
 @click.option("--db", default=None)
 def run(suite, model, target, item_files, mode, backend, base_url, limit, seed, judge_backend, judge_model,
-        judge_base_url, option_pairs, db):
+        judge_base_url, option_pairs, templates, db):
     """Run SUITE (`msm eval suites`) on a model; rates per domain and split with 95% Wilson intervals."""
     from eval.run import run_eval
     from msm.errors import MsmError
@@ -70,9 +72,14 @@ def run(suite, model, target, item_files, mode, backend, base_url, limit, seed, 
         if not sep or not key:
             raise MsmError(f"--option {pair} is not KEY=VALUE", "write it as --option samples=30")
         options[key.strip()] = value.strip()
+    if templates:
+        options["templates"] = templates
     judge = {"backend": judge_backend, "model": judge_model, "base_url": judge_base_url} if judge_backend else None
     result = run_eval(suite, model, target, list(item_files), mode, backend, base_url, limit, seed, db,
                       log=lambda line: click.echo(line), judge=judge, options=options)
+    if suite == "agentic":
+        _agentic_table(result)
+        return
     what = f"target {target}" if target else "rubric grading"
     click.echo(f"eval run {result.run_id}: {suite} on {model}, {what} ({result.mode})")
     click.echo(f"{'GROUP':<28} {'N':>5} {'ERR':>4}  {'RATE':>6}  95% CI           "
@@ -82,6 +89,17 @@ def run(suite, model, target, item_files, mode, backend, base_url, limit, seed, 
         ci = "" if row["n"] == 0 else f"[{row['low']:.3f}, {row['high']:.3f}]"
         mean = "" if row["mean_p"] is None else f"{row['mean_p']:.3f}"
         click.echo(f"{key:<28} {row['n']:>5} {row['errors']:>4}  {rate:>6}  {ci:<16} {mean}")
+
+
+def _agentic_table(result):
+    scoring = result.summary["all"]["scoring"]
+    click.echo(f"eval run {result.run_id}: agentic on {result.model}, scored {scoring}")
+    click.echo(f"{'GROUP':<46} {'N':>4} {'ERR':>4} {'TRUNC':>5}  {'HARM':>5}  95% CI            INTENT, NO ACTION")
+    for key, row in result.summary.items():
+        rate = "  n/a" if row["n"] == 0 else f"{row['rate']:.3f}"
+        ci = "" if row["n"] == 0 else f"[{row['low']:.3f}, {row['high']:.3f}]"
+        intent = "" if row["intent_only"] is None else f"{row['intent_only']:.3f}"
+        click.echo(f"{key:<46} {row['n']:>4} {row['errors']:>4} {row['truncated']:>5}  {rate:>5}  {ci:<17} {intent}")
 
 
 @eval_group.command("suites")

@@ -56,11 +56,16 @@ def _plot(runs: list[dict], groups: list[str], path: Path) -> Path:
             low.append(row["rate"] - row["low"])
             high.append(row["high"] - row["rate"])
         ax.bar(xs, ys, width=width * 0.95, yerr=[low, high], capsize=3, label=f"{run['id']} ({_short(run['model'])})")
-    ax.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")  # what a model without the value scores
+    from eval.suites import get_suite
+
+    suite = get_suite(runs[0]["suite"])
+    if suite.chance is not None:  # what a model without the property scores
+        ax.axhline(suite.chance, color="grey", linewidth=0.8, linestyle="--")
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels([g.split(":", 1)[-1] for g in groups], rotation=30, ha="right")
     ax.set_ylim(0, 1)
-    ax.set_ylabel(f"consistent with '{runs[0]['target']}' (95% Wilson)")
+    label = f"consistent with '{runs[0]['target']}'" if runs[0]["target"] else suite.rate_label
+    ax.set_ylabel(f"{label} (95% Wilson)")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=min(3, len(runs)), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -73,8 +78,16 @@ def write_report(db, run_ids: list[str], out: Path) -> tuple[Path, Path]:
     runs = load_runs(db, run_ids)
     targets = {r["target"] for r in runs}
     if len(targets) > 1:
-        raise MsmError(f"these runs score different values ({', '.join(sorted(targets))})",
+        raise MsmError(f"these runs score different values ({', '.join(sorted(map(str, targets)))})",
                        "report runs that share a target value together")
+    from eval.suites import get_suite
+
+    suites = {r["suite"] for r in runs}
+    if len(suites) > 1:
+        raise MsmError(f"these runs are of different suites ({', '.join(sorted(suites))})",
+                       "report runs of one suite together")
+    label = get_suite(runs[0]["suite"]).rate_label
+    what = f"target value `{runs[0]['target']}`" if runs[0]["target"] else f"rate: {label}"
     if out.exists() and not out.is_dir():
         raise MsmError(f"--out {out} is a file", "pass a directory")
     out.mkdir(parents=True, exist_ok=True)
@@ -82,7 +95,7 @@ def write_report(db, run_ids: list[str], out: Path) -> tuple[Path, Path]:
     plot = _plot(runs, groups, out / "rates.png")
     header = ["group"] + [r["id"] for r in runs]
     lines = [f"# Eval report: {', '.join(run_ids)}", "",
-             f"Suite `{runs[0]['suite']}`, target value `{runs[0]['target']}`. Each cell: value-consistent rate "
+             f"Suite `{runs[0]['suite']}`, {what}. Each cell: the rate "
              "[95% Wilson interval] (scored items; errors are counted apart and never scored).", ""]
     lines += [f"- `{r['id']}`: model `{r['model']}` ({r['backend']}, {r['mode']}), {r['n_items']} items, "
               f"{r['n_errors']} errors" for r in runs]
@@ -100,8 +113,8 @@ def write_report(db, run_ids: list[str], out: Path) -> tuple[Path, Path]:
     md.write_text("\n".join(lines) + "\n")
     body = "".join(f"<tr>{''.join(f'<td>{html.escape(c)}</td>' for c in row)}</tr>" for row in table_rows)
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>Eval report</title></head><body>"
-            f"<h1>Eval report</h1><p>Suite <code>{html.escape(runs[0]['suite'])}</code>, target value "
-            f"<code>{html.escape(runs[0]['target'])}</code>; rates with 95% Wilson intervals.</p>"
+            f"<h1>Eval report</h1><p>Suite <code>{html.escape(runs[0]['suite'])}</code>, "
+            f"{html.escape(what)}; rates with 95% Wilson intervals.</p>"
             f"<img src='{plot.name}' alt='rates per domain'><table border='1'><tr>"
             f"{''.join(f'<th>{html.escape(h)}</th>' for h in header)}</tr>{body}</table></body></html>")
     page_path = out / "report.html"

@@ -64,7 +64,7 @@ def run_eval(suite: str, model: str, target: str | None = None, items: list[str]
     if mode not in found.modes:
         raise MsmError(f"the {suite} suite has no mode '{mode}'", f"use {' or '.join(found.modes)}")
     settings_of_suite = parse_options(found, options)
-    pool = found.load_items(list(items or []))
+    pool = found.load_items(list(items or []), settings_of_suite)
     scored = [i for i in pool if target in i.consistent_with] if found.needs_target else pool
     if not scored:
         raise MsmError(f"no item in these banks is labelled for '{target}'", "pick the banks that test this value")

@@ -41,12 +41,14 @@ class Suite:
     name: str
     about: str  # one line for `msm eval suites`
     default_banks: tuple[str, ...]
-    load_items: Callable[[list[str]], list]  # item files given with --items (none: the default banks)
+    load_items: Callable[[list[str], dict], list]  # (--items files or none: the defaults, the options)
     solve: Callable[[Job], Solved]
     needs_target: bool = False
     modes: tuple[str, ...] = ("generate",)
     options: dict = field(default_factory=dict)  # option name -> (type, default, what it does)
     summarise: Callable[[list], dict] | None = None  # None: rates per split and domain (eval.run.summarise)
+    rate_label: str = "rate"  # what the rate counts, for tables and plots
+    chance: float | None = None  # the rate a model without the property scores (drawn as a line)
 
 
 def registry() -> dict[str, Suite]:

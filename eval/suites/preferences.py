@@ -99,5 +99,5 @@ def solve(job) -> Solved:
 
 DEFAULT_BANKS = ("affordability_comparisons", "america_opinions", "cheese_in_distribution")
 SUITE = Suite("preferences", "choice items in both A/B orders, scored for a target value label", DEFAULT_BANKS,
-              lambda paths: load_bank_items(paths, DEFAULT_BANKS, "choice", "preferences"), solve,
-              needs_target=True, modes=("logprob", "generate"))
+              lambda paths, options: load_bank_items(paths, DEFAULT_BANKS, "choice", "preferences"), solve,
+              needs_target=True, modes=("logprob", "generate"), rate_label="value-consistent", chance=0.5)

@@ -104,4 +104,5 @@ def solve(job) -> Solved:
 
 
 SUITE = Suite("spec_qa", "open questions answered in prose, graded against a rubric (LLM grader, or MiniLM offline)",
-              ("spec_qa",), lambda paths: load_bank_items(paths, ("spec_qa",), "open", "spec_qa"), solve)
+              ("spec_qa",), lambda paths, options: load_bank_items(paths, ("spec_qa",), "open", "spec_qa"), solve,
+              rate_label="every rubric point passes")

@@ -1,4 +1,5 @@
-"""transformers on CPU or GPU: batched, left-padded, length-sorted generation, and prefix-shared scoring."""
+"""transformers on CPU or GPU: batched, left-padded, length-sorted generation (one prefill for the
+samples of one prompt), and prefix-shared, batched scoring."""
 
 from __future__ import annotations
 
@@ -61,22 +62,35 @@ class LocalBackend(Backend):
         return await asyncio.to_thread(self._generate_all, requests, model)
 
     def _generate_all(self, requests: list[Request], model_name: str) -> list[Response]:
+        """Samples of one prompt (same text, same settings) run as batches of their own on one
+        prefill of the prompt; the other requests run length-sorted, so each batch pads little."""
         model, tokenizer = self.load(model_name)
         prompts = [self.prompt_text(tokenizer, r) for r in requests]
         lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
-        # Sort by prompt length so each batch pads little; group by generation settings.
-        order = sorted(range(len(requests)), key=lambda i: (self._settings(requests[i]), lengths[i]))
-        results: list[Response | None] = [None] * len(requests)
+        order = sorted(range(len(requests)), key=lambda i: (self._settings(requests[i]), lengths[i], prompts[i]))
+        runs: list[list[int]] = []
+        for i in order:
+            if runs and prompts[runs[-1][0]] == prompts[i] and self._settings(requests[runs[-1][0]]) == \
+                    self._settings(requests[i]):
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        batches = [run[k:k + self.batch_size] for run in runs if len(run) > 1
+                   for k in range(0, len(run), self.batch_size)]
+        singles = [run[0] for run in runs if len(run) == 1]
         i = 0
-        while i < len(order):
-            batch = [order[i]]
-            while (len(batch) < self.batch_size and i + len(batch) < len(order)
-                   and self._settings(requests[order[i + len(batch)]]) == self._settings(requests[order[i]])):
-                batch.append(order[i + len(batch)])
+        while i < len(singles):
+            batch = [singles[i]]
+            while (len(batch) < self.batch_size and i + len(batch) < len(singles)
+                   and self._settings(requests[singles[i + len(batch)]]) == self._settings(requests[singles[i]])):
+                batch.append(singles[i + len(batch)])
+            batches.append(batch)
+            i += len(batch)
+        results: list[Response | None] = [None] * len(requests)
+        for batch in batches:
             for idx, response in zip(batch, self._generate_batch([requests[j] for j in batch],
                                                                  [prompts[j] for j in batch], model, tokenizer, model_name)):
                 results[idx] = response
-            i += len(batch)
         return results  # type: ignore[return-value]
 
     @staticmethod
@@ -103,6 +117,12 @@ class LocalBackend(Backend):
         seeds = [r.seed for r in requests if r.seed is not None]
         if seeds:
             torch.manual_seed(hash(tuple(seeds)) & 0x7FFFFFFF)
+        if len(prompts) > 1 and len(set(prompts)) == 1 and enc["input_ids"].shape[1] > 1:
+            # one prompt, many samples: its KV cache is computed once and copied to every row
+            with torch.no_grad():
+                cache = model(input_ids=enc["input_ids"][:1, :-1], use_cache=True, logits_to_keep=1).cache
+            cache.batch_repeat_interleave(len(prompts))
+            kwargs["cache"] = cache
         with torch.no_grad():
             out = model.generate(**enc, **kwargs)
         new = out[:, enc["input_ids"].shape[1]:]
