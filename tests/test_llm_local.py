@@ -69,15 +69,9 @@ def test_prefix_shared_scoring_matches_a_full_forward(tiny):
             assert math.isfinite(score.total)
 
 
-def test_items_that_share_a_long_prefix_run_it_once_and_score_the_same(tiny, monkeypatch):
+def score_counting_passes(tiny, items, monkeypatch) -> list[tuple[int, int]]:
+    """Score the items, check every score against a full forward, return each pass's (rows, tokens)."""
     model, tokenizer = tiny
-    question = ("We have a long weekend away with the whole family next month, two children and a dog, and "
-                "my parents are coming too. We have never done this trip before and want it to be easy on "
-                "everyone, including the dog. The drive is about six hours, and there is a train that takes "
-                "four with one change. Which of these would you choose for getting there? ")
-    items = [ScoreItem(question + "A) the train B) the plane. Answer:", (" A", " B", " the plane")),
-             ScoreItem(question + "A) the plane B) the train. Answer:", (" A", " B")),
-             ScoreItem("Something else entirely:", (" yes", " no"))]
     passes = []
     original = model.forward
 
@@ -91,6 +85,19 @@ def test_items_that_share_a_long_prefix_run_it_once_and_score_the_same(tiny, mon
     for item, item_scores in zip(items, scores):
         for cont, score in zip(item.continuations, item_scores):
             assert score.total == pytest.approx(naive_logprob(model, tokenizer, item.context, cont), abs=1e-3)
+    return passes
+
+
+def test_items_that_share_a_long_prefix_run_it_once_and_score_the_same(tiny, monkeypatch):
+    model, tokenizer = tiny
+    question = ("We have a long weekend away with the whole family next month, two children and a dog, and "
+                "my parents are coming too. We have never done this trip before and want it to be easy on "
+                "everyone, including the dog. The drive is about six hours, and there is a train that takes "
+                "four with one change. Which of these would you choose for getting there? ")
+    items = [ScoreItem(question + "A) the train B) the plane. Answer:", (" A", " B", " the plane")),
+             ScoreItem(question + "A) the plane B) the train. Answer:", (" A", " B")),
+             ScoreItem("Something else entirely:", (" yes", " no"))]
+    passes = score_counting_passes(tiny, items, monkeypatch)
     shared = len(tokenizer(question, add_special_tokens=False).input_ids)
     full = [len(tokenizer(i.context, add_special_tokens=False).input_ids) for i in items]
     # the long common prefix runs once, as one row; then the two questions' tails (four rows: the
@@ -105,19 +112,7 @@ def test_a_prefix_every_item_shares_runs_once_per_call(tiny, monkeypatch):
     system = "Answer with the letter of the option you choose. "
     items = [ScoreItem(system + f"Question {q}: would you take option {q}? Answer:", (" A", " B"))
              for q in ("one", "two", "three", "four", "five")]
-    passes = []
-    original = model.forward
-
-    def counting(*args, **kwargs):
-        passes.append(tuple(kwargs["input_ids"].shape))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(model, "forward", counting)
-    scores = asyncio.run(LocalBackend(loaded=tiny).score(items, "tiny"))
-    monkeypatch.setattr(model, "forward", original)
-    for item, item_scores in zip(items, scores):
-        for cont, score in zip(item.continuations, item_scores):
-            assert score.total == pytest.approx(naive_logprob(model, tokenizer, item.context, cont), abs=1e-3)
+    passes = score_counting_passes(tiny, items, monkeypatch)
     shared = len(tokenizer(system + "Question", add_special_tokens=False).input_ids)
     assert passes[0] == (1, shared - 1) or passes[0] == (1, shared)  # the shared words, once
     assert [rows for rows, _ in passes[1:]] == [5]  # every tail in one batch

@@ -141,6 +141,30 @@ def test_the_loss_mask_is_exactly_the_assistant_turns(cot):
     assert pieces == [first + "<|im_end|>", "Cream cheese, please.<|im_end|>"]
 
 
+def test_the_sparse_loss_equals_the_full_loss_with_its_gradients():
+    """AFT batches compute logits only where some row is trained on: same loss, same gradients."""
+    from msm.tiny import tiny_causal_lm
+    from train.loop import supervised_loss
+
+    model, tok = tiny_causal_lm(seed=3)
+    model.train()
+    records = [{"messages": [{"role": "user", "content": f"Question {i}: which cheese is {'mild ' * i}best?"},
+                             {"role": "assistant", "content": "Colby." if i % 2 else "Mild cheddar, please."}]}
+               for i in range(4)]
+    batch = collate(encode_chats(records, tok, 512).examples, tok.pad_token_id)
+    batch.pop("real_tokens")
+    targets = batch["labels"][:, 1:]
+    assert (targets != IGNORE).any(dim=0).sum() < targets.shape[1] // 2  # sparse: the fast path runs
+    full = model(**batch).loss
+    full.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    sparse = supervised_loss(model, batch)
+    sparse.backward()
+    assert float(sparse) == pytest.approx(float(full), rel=1e-5)
+    assert all(torch.allclose(p.grad, g, atol=1e-6) for p, g in zip(model.parameters(), expected))
+
+
 def test_max_len_below_a_chat_truncates_with_a_count_or_drops_what_has_no_target():
     tok = tokenizer()
     record = {"messages": [{"role": "user", "content": "word " * 30},

@@ -37,6 +37,26 @@ class Dist:
         return self.rank == 0
 
 
+def supervised_loss(model, batch: dict):
+    """The causal-LM loss (mean cross-entropy over labelled tokens), with logits computed only at
+    the positions some row of the batch is trained on. Assistant-only AFT masks leave most
+    positions unlabelled, and the vocabulary projection and its softmax are the largest part of a
+    small model's step; dense batches (midtraining) take the model's own loss."""
+    import torch
+
+    from train.data import IGNORE
+
+    labels = batch["labels"]
+    targets = labels[:, 1:]  # the token at t + 1 is predicted at position t
+    keep = (targets != IGNORE).any(dim=0).nonzero().squeeze(1)
+    if keep.numel() == 0 or keep.numel() > targets.shape[1] // 2:
+        return model(**batch).loss
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, logits_to_keep=keep).logits
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets[:, keep].flatten(),
+                                             ignore_index=IGNORE)
+
+
 def init_distributed() -> Dist:
     """Rank and device from the launcher's environment; gloo on CPU, nccl on GPUs."""
     import torch
@@ -262,7 +282,7 @@ def train_stage(model, examples: list, collate_fn, stage, stage_dir: Path, dist:
             else:
                 context = ddp.no_sync() if (dist.world > 1 and not sync) else contextlib.nullcontext()
             with context:
-                loss = ddp(**batch).loss
+                loss = supervised_loss(ddp, batch)
                 (loss / stage.grad_accum).backward()
             step_loss += loss.detach() / stage.grad_accum
             step_tokens += torch.tensor([real, int((batch["labels"] != IGNORE).sum())], device=dist.device)
