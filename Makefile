@@ -32,10 +32,10 @@ demo: models
 	$(BIN)/msm warehouse sql "SELECT reason, plan_rows FROM drops_by_reason ORDER BY plan_rows DESC"
 
 test: install
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow and not heavy" -q
 
 smoke: models
-	$(BIN)/python -m pytest -m smoke -q
+	$(BIN)/python -m pytest -m "smoke or heavy" -q
 
 clean-venv:
 	rm -rf $(VENV)

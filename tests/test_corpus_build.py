@@ -230,6 +230,7 @@ def test_build_bad_input(tmp_path, api):
                           "--max-cost must be positive")
 
 
+@pytest.mark.heavy
 def test_kill_9_during_generation_then_resume(api, isolated_home):
     """A build killed mid-generation resumes; finished calls are not made again; every row ends once."""
     import os
@@ -318,6 +319,7 @@ def test_token_target_bad_input(api):
                           "is not a number of tokens")
 
 
+@pytest.mark.heavy
 def test_slurm_dry_run_script_runs_as_array_tasks_then_loads(api, isolated_home, tmp_path):
     """The sbatch script is checked line by line; its array tasks are then run here the way a
     Slurm node would (SLURM_ARRAY_TASK_ID set), and the same command loads the result."""
@@ -403,6 +405,7 @@ def test_import_bad_input(tmp_path):
     assert_one_line_error(run_msm("corpus", "import", str(odd)), "cannot tell the format")
 
 
+@pytest.mark.heavy
 def test_ray_executor_runs_a_small_build_on_a_local_instance(api, isolated_home):
     pytest.importorskip("ray")
     env = {"ANTHROPIC_API_KEY": LOOPBACK_KEY, "RAY_ADDRESS": ""}

@@ -200,6 +200,7 @@ def test_packed_documents_do_not_attend_across_boundaries():
     assert wide.efficiency > 0.95
 
 
+@pytest.mark.heavy
 def test_kill_minus_nine_then_resume_matches_an_uninterrupted_run(tmp_path):
     raw = config(tmp_path, checkpoint_every=40)
     raw["stages"] = [{**raw["stages"][0], "max_steps": 240, "epochs": 100, "lr": 1e-3, "batch_size": 2}]
@@ -327,6 +328,7 @@ def test_smollm2_lora_midtrain_then_aft_on_the_cpu(tmp_path):
     assert (tmp_path / "run" / "aft" / "adapter" / "adapter_model.safetensors").stat().st_size > 0
 
 
+@pytest.mark.heavy
 def test_fsdp_on_two_cpu_processes_matches_one_process_and_resumes_from_its_shards(tmp_path):
     raw = config(tmp_path, checkpoint_every=3)
     raw["stages"][0].update({"corpus": str(write_corpus(tmp_path / "big.jsonl", n=120)), "max_steps": 5, "batch_size": 4})
