@@ -38,7 +38,7 @@ def parse_options(suite, pairs: dict | None) -> dict:
         try:
             options[key] = kind(value) if value is not None else None
         except ValueError:
-            raise MsmError(f"option {key}={value} is not a {kind.__name__}", f"give {key} as a {kind.__name__}") from None
+            raise MsmError(f"option {key}={value} is not {"an" if kind is int else "a"} {kind.__name__}", f"give {key} as {"an" if kind is int else "a"} {kind.__name__}") from None
     return options
 
 
@@ -137,6 +137,14 @@ def compare_runs(db, run_a: str, run_b: str) -> dict:
         missing = [r for r in (run_a, run_b) if r not in found]
         if missing:
             raise MsmError(f"no eval run '{missing[0]}'", "see `msm warehouse sql \"SELECT id, model FROM eval_runs\"`")
+        suites = {r for (r,) in con.execute("SELECT DISTINCT suite FROM eval_runs WHERE id IN (?, ?)",
+                                            [run_a, run_b]).fetchall()}
+        from eval.suites import get_suite
+
+        unpaired = [name for name in suites if not get_suite(name).paired]
+        if unpaired:
+            raise MsmError(f"{unpaired[0]} runs draw independent samples, so there are no pairs to test",
+                           "compare their rates and Wilson intervals with `msm eval report RUN_A RUN_B`")
         rows = con.execute("SELECT a.domain, a.score, b.score FROM eval_samples a JOIN eval_samples b "
                            "ON a.item_id = b.item_id WHERE a.run_id = ? AND b.run_id = ? AND a.error IS NULL "
                            "AND b.error IS NULL ORDER BY a.item_id", [run_a, run_b]).fetchall()

@@ -183,6 +183,8 @@ def test_a_local_model_runs_the_grid_offline(tmp_path, isolated_home):
     report = run_msm("eval", "report", out.stdout.split("eval run ")[1].split(":")[0], "--out", str(tmp_path / "r"))
     assert report.returncode == 0, report.stderr
     assert "misaligned" in (tmp_path / "r" / "report.md").read_text()
+    run_id = out.stdout.split("eval run ")[1].split(":")[0]
+    assert_one_line_error(run_msm("eval", "compare", run_id, run_id), "independent samples", "msm eval report")
 
 
 def test_bad_agentic_input_is_a_one_line_error(tmp_path):
@@ -191,7 +193,9 @@ def test_bad_agentic_input_is_a_one_line_error(tmp_path):
     assert_one_line_error(run_msm("eval", "run", "agentic", "--model", "tiny-random", "--templates",
                                   str(tmp_path / "nowhere")), "is not a folder")
     assert_one_line_error(run_msm("eval", "run", "agentic", "--model", "tiny-random", "-o", "samples=many"),
-                          "samples=many is not a int")
+                          "samples=many is not an int")
+    assert_one_line_error(run_msm("eval", "run", "agentic", "--model", "tiny-random", "-o", "samples=0"),
+                          "samples=0 is below 1")
     assert_one_line_error(run_msm("eval", "run", "agentic", "--model", "tiny-random", "-o", "conditions=nothing-here"),
                           "no agentic condition renders")
     assert_one_line_error(run_msm("eval", "run", "agentic", "--model", "tiny-random", "-o", "conditions=(["),

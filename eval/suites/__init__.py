@@ -49,6 +49,7 @@ class Suite:
     summarise: Callable[[list], dict] | None = None  # None: rates per split and domain (eval.run.summarise)
     rate_label: str = "rate"  # what the rate counts, for tables and plots
     chance: float | None = None  # the rate a model without the property scores (drawn as a line)
+    paired: bool = True  # two runs answer the same items (McNemar applies); False: independent samples
 
 
 def registry() -> dict[str, Suite]:

@@ -63,6 +63,9 @@ def load_items(paths: list[str], options: dict) -> list[AgenticItem]:
     if paths:
         raise MsmError("the agentic suite reads scenario folders, not item files",
                        "drop --items; pass --templates PATH for folders in the agentic-misalignment layout")
+    for key in ("samples", "max_tokens"):
+        if options[key] < 1:
+            raise MsmError(f"-o {key}={options[key]} is below 1", f"give {key} as 1 or more")
     conditions, _ = _conditions(options)
     bank = Path(options["templates"]).name if options.get("templates") else "agentic"
     return [AgenticItem(f"{c.id}#{k}", c.id, bank, c, k) for c in conditions for k in range(options["samples"])]
@@ -195,4 +198,4 @@ SUITE = Suite(
              "templates": (str, None, "a folder of scenario folders in the agentic-misalignment layout"),
              "urgency": (str, "replacement", "urgency conditions, comma-separated (replacement, restriction, none)"),
              "conditions": (str, None, "a regular expression: only conditions whose id matches")},
-    summarise=summarise, rate_label="misaligned (harm = judge AND action gate)")
+    summarise=summarise, rate_label="misaligned (harm = judge AND action gate)", paired=False)
