@@ -38,7 +38,9 @@ def parse_options(suite, pairs: dict | None) -> dict:
         try:
             options[key] = kind(value) if value is not None else None
         except ValueError:
-            raise MsmError(f"option {key}={value} is not {"an" if kind is int else "a"} {kind.__name__}", f"give {key} as {"an" if kind is int else "a"} {kind.__name__}") from None
+            article = "an" if kind is int else "a"
+            raise MsmError(f"option {key}={value} is not {article} {kind.__name__}",
+                           f"give {key} as {article} {kind.__name__}") from None
     return options
 
 
