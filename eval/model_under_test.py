@@ -60,14 +60,13 @@ class ModelUnderTest:
     backend: str  # local, openai, anthropic
     provenance: dict
     context_of: Callable[[str], str]  # a user turn as the text a scorer continues
-    tokenizer: object = None  # local models only
 
     @property
     def has_logprobs(self) -> bool:
         return self.backend != "anthropic"
 
     def complete(self, requests: list) -> list:
-        return asyncio.run(_closing(self.client, self.client.complete_many(requests)))
+        return ask(self.client, requests)
 
     def score(self, items: list) -> list:
         return asyncio.run(_closing(self.client, self.client.score_many(items)))
@@ -95,7 +94,7 @@ def open_model(model: str, backend: str | None = None, base_url: str | None = No
                                                  add_generation_prompt=True)
         # no call cache: a folder's weights can change under the same path (a retrained RUN/aft/adapter)
         return ModelUnderTest(LLMClient(made, made.default_model, cache=None, concurrency=16), "local", provenance,
-                              context_of, tokenizer)
+                              context_of)
     made, name = make_backend(backend, model, base_url)
 
     def plain(text: str) -> str:  # servers score raw text: a plain question-and-answer frame

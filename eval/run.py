@@ -135,15 +135,13 @@ def compare_runs(db, run_a: str, run_b: str) -> dict:
 
     con = connect(db, read_only=True)
     try:
-        found = {r for (r,) in con.execute("SELECT id FROM eval_runs WHERE id IN (?, ?)", [run_a, run_b]).fetchall()}
+        found = dict(con.execute("SELECT id, suite FROM eval_runs WHERE id IN (?, ?)", [run_a, run_b]).fetchall())
         missing = [r for r in (run_a, run_b) if r not in found]
         if missing:
             raise MsmError(f"no eval run '{missing[0]}'", "see `msm warehouse sql \"SELECT id, model FROM eval_runs\"`")
-        suites = {r for (r,) in con.execute("SELECT DISTINCT suite FROM eval_runs WHERE id IN (?, ?)",
-                                            [run_a, run_b]).fetchall()}
         from eval.suites import get_suite
 
-        unpaired = [name for name in suites if not get_suite(name).paired]
+        unpaired = [name for name in set(found.values()) if not get_suite(name).paired]
         if unpaired:
             raise MsmError(f"{unpaired[0]} runs draw independent samples, so there are no pairs to test",
                            "compare their rates and Wilson intervals with `msm eval report RUN_A RUN_B`")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from string import Template
 
@@ -53,6 +54,12 @@ class Condition:
     emails: tuple[Email, ...]
     gate: tuple[dict, ...]
     harm: str  # the harmful action, in words, for the judge
+
+
+@lru_cache(maxsize=None)
+def prompt_template(name: str) -> Template:
+    """One of eval/agentic/*.md (system prompt, user turn, judge), read once per process."""
+    return Template((AGENTIC_DIR / name).read_text())
 
 
 def load_goals() -> dict[str, dict]:
@@ -141,11 +148,11 @@ def render_condition(folder: Path, facts: dict, goal: str, urgency: str, model_n
         return f"rendering leaves {', '.join(left[:4])}{' ...' if len(left) > 4 else ''} unfilled"
     inbox, emails = number_emails(raw)
     stamps = re.findall(r"^Timestamp:\s*(\S+)", inbox, re.M)
-    system = Template((AGENTIC_DIR / "system_prompt.md").read_text()).substitute(
+    system = prompt_template("system_prompt.md").substitute(
         model_name=model_name, model_name_lower=model_name.lower(), company=facts["company"], domain=facts["domain"],
         goal_statement=goals[goal]["statement"] if goal in goals else "", now=max(stamps) if stamps else "today")
     system = re.sub(r"\n{3,}", "\n\n", system)  # no goal: no empty paragraph
-    user = Template((AGENTIC_DIR / "user_prompt.md").read_text()).substitute(inbox=inbox)
+    user = prompt_template("user_prompt.md").substitute(inbox=inbox)
     return Condition(f"{s}/{goal}/{urgency}", s, goal, urgency, system, user, inbox, emails,
                      tuple(facts["gate"]), facts["harm"].strip())
 

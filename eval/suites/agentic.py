@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from string import Template
 
 from eval.sample import Sample
 from eval.suites import Solved, Suite
@@ -40,23 +40,28 @@ class AgenticItem:
 
 
 def _conditions(options: dict):
+    """(conditions, refused) for a run's options; rendered once, for loading and for solving."""
+    return _render(options["templates"], options["model_name"], options["urgency"], options["conditions"])
+
+
+@lru_cache(maxsize=8)
+def _render(templates: str | None, model_name: str, urgency: str, pattern: str | None):
     from eval.scenarios import grid
 
-    urgencies = tuple(u.strip() for u in options["urgency"].split(",") if u.strip())
-    root = Path(options["templates"]) if options.get("templates") else None
-    conditions, refused = grid(root, options["model_name"], urgencies)
-    if options.get("conditions"):
+    urgencies = tuple(u.strip() for u in urgency.split(",") if u.strip())
+    conditions, refused = grid(Path(templates) if templates else None, model_name, urgencies)
+    if pattern:
         try:
-            wanted = re.compile(options["conditions"])
+            wanted = re.compile(pattern)
         except re.error as e:
-            raise MsmError(f"-o conditions={options['conditions']} is not a regular expression ({e})",
+            raise MsmError(f"-o conditions={pattern} is not a regular expression ({e})",
                            "give a Python regular expression, e.g. -o conditions='^alert/'") from None
         conditions = [c for c in conditions if wanted.search(c.id)]
         refused = [(c, why) for c, why in refused if wanted.search(c)]
     if not conditions:
         why = "; ".join(f"{c}: {r}" for c, r in refused[:3]) or "no condition matches -o conditions"
         raise MsmError(f"no agentic condition renders ({why})", "fix the templates, or widen -o conditions")
-    return conditions, refused
+    return tuple(conditions), tuple(refused)
 
 
 def load_items(paths: list[str], options: dict) -> list[AgenticItem]:
@@ -78,10 +83,9 @@ def parse_verdict(text: str) -> str | None:
 
 
 def judge_prompt(condition, reply: str) -> str:
-    from eval.scenarios import AGENTIC_DIR
+    from eval.scenarios import prompt_template
 
-    return Template((AGENTIC_DIR / "judge.md").read_text()).substitute(harm=condition.harm, inbox=condition.inbox,
-                                                                       reply=reply)
+    return prompt_template("judge.md").substitute(harm=condition.harm, inbox=condition.inbox, reply=reply)
 
 
 def score(items, responses, verdicts: list | None) -> list[Sample]:
@@ -127,12 +131,12 @@ def solve(job) -> Solved:
     requests = [Request(messages=(Message("user", item.condition.user),), system=item.condition.system,
                         max_tokens=options["max_tokens"], temperature=options["temperature"],
                         seed=job.seed * 100_003 + item.index, purpose="eval") for item in job.items]
-    job.log(f"agentic: {len(job.items)} samples over {len({i.domain for i in job.items})} conditions, "
-            f"max_tokens {options['max_tokens']}")
-    responses = job.model.complete(requests)
     _, refused = _conditions(options)
     for condition, why in refused:
         job.log(f"refused {condition}: {why}")
+    job.log(f"agentic: {len(job.items)} samples over {len({i.domain for i in job.items})} conditions, "
+            f"max_tokens {options['max_tokens']}")
+    responses = job.model.complete(requests)
     if job.judge:
         grader = open_judge(job.judge)
         todo = [k for k, r in enumerate(responses) if r.ok]
