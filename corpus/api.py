@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 from corpus.catalog import load_audiences, load_genres
 from corpus.plan import PlanRow, make_plan
 from corpus.spec import Spec, load_spec
+
+
+@dataclass
+class Corpus:
+    """A named corpus a build registered, with what it cost: the one shape every way of building returns."""
+
+    name: str | None
+    corpus_id: str | None
+    docs: int
+    tokens: int
+    token_counter: str
+    cost_usd: float
+    build_ids: list
+    stop: str
 
 
 def build(spec_path: str, **options):
@@ -14,4 +31,105 @@ def build(spec_path: str, **options):
     return build_corpus(spec_path, BuildOptions(**options))
 
 
-__all__ = ["PlanRow", "Spec", "build", "load_audiences", "load_genres", "load_spec", "make_plan"]
+def build_named(spec_path: str, tokens: int | str | None = None, **options) -> Corpus:
+    """A build of `docs` documents, or one that plans rounds until `tokens` kept tokens (e.g. "40M")."""
+    from pipelines.build import BuildOptions, build_corpus
+    from pipelines.target import build_to_target, parse_tokens
+
+    opts = BuildOptions(**options)
+    if tokens is None:
+        r = build_corpus(spec_path, opts)
+        kept = r.status_counts.get("kept", 0)
+        return Corpus(r.corpus_name, r.corpus_id, kept, r.kept_tokens, r.token_counter, r.cost_usd, [r.build_id],
+                      "complete" if r.complete else "incomplete (rerun to resume)")
+    t = build_to_target(spec_path, dataclasses.replace(opts, docs=None), parse_tokens(tokens))
+    counter = t.rounds[0].token_counter if t.rounds else ""
+    return Corpus(t.corpus_name, t.corpus_id, t.corpus_docs, t.kept_tokens, counter,
+                  sum(r.cost_usd for r in t.rounds), [r.build_id for r in t.rounds], t.stop)
+
+
+def ablate(spec_path: str, conditions: tuple[str, ...], tokens: int | str | None = None, tolerance: float = 0.02,
+           **options) -> dict[str, Corpus]:
+    """Token-matched corpora, one per condition (every cell generated under each): condition -> Corpus."""
+    from pipelines.ablate import build_ablation
+    from pipelines.build import BuildOptions
+    from pipelines.target import parse_tokens
+
+    r = build_ablation(spec_path, BuildOptions(**options), tuple(conditions), tolerance,
+                       target_tokens=parse_tokens(tokens) if tokens is not None else None)
+    counter = r.rounds[0].token_counter if r.rounds else ""
+    share = r.cost_usd / max(1, len(r.reports))
+    return {c.condition: Corpus(c.corpus_name, c.corpus_id, c.matched_docs, c.matched_tokens, counter, share,
+                                list(r.builds), r.stop) for c in r.reports}
+
+
+def demos(spec_path: str, db: str | None = None, log=lambda line: None, **options):
+    """Build a demonstration set; options are corpus.demos.DemoOptions fields."""
+    from corpus.demos import DemoOptions, build_demos
+
+    return build_demos(spec_path, DemoOptions(**options), log=log, db=db)
+
+
+def build_option_names() -> set[str]:
+    """The keyword options `build_named` and `ablate` accept (BuildOptions fields)."""
+    from pipelines.build import BuildOptions
+
+    return {f.name for f in dataclasses.fields(BuildOptions)}
+
+
+def demo_option_names() -> set[str]:
+    """The keyword options `demos` accepts (DemoOptions fields)."""
+    from corpus.demos import DemoOptions
+
+    return {f.name for f in dataclasses.fields(DemoOptions)}
+
+
+def parse_conditions(text: str) -> tuple[str, ...]:
+    """Ablation condition names (corpus/conditions.yaml), checked; an unknown name is a one-line error."""
+    from corpus.conditions import parse_conditions as parse
+
+    return parse(text)
+
+
+def estimate(spec_path: str, docs: int | None = None, tokens: int | str | None = None, backend: str | None = None,
+             model: str | None = None, base_url: str | None = None, batch: bool = False, genres: str | None = None,
+             audiences: str | None = None, variables: dict | None = None, conditions: tuple = (),
+             judge: str | None = None, revise: bool = False, **_ignored) -> dict:
+    """What a build would make and cost, without calling a model: documents, content tokens, USD.
+
+    The price is an upper bound from the price table (every call uses its full max_tokens);
+    with a token target the document count is the first round's guess of kept tokens per document.
+    """
+    from corpus.plan import plan_units
+    from msm.llm.pricing import estimate as price
+    from msm.llm.pricing import load_prices
+    from msm.llm.select import choose, make_backend
+    from pipelines.context import make_context
+    from pipelines.target import first_guess_tokens_per_doc, parse_tokens
+
+    spec = load_spec(spec_path, variables or {})
+    genre_list, audience_list = load_genres(genres), load_audiences(audiences)
+    name, model, base_url = choose(backend, model, base_url)
+    local = name == "local"
+    if model is None:
+        model = make_backend(name, None, base_url)[0].default_model
+    per_doc = first_guess_tokens_per_doc(genre_list, local)
+    if tokens is not None:
+        docs = max(1, round(parse_tokens(tokens) / per_doc))
+    docs = docs if docs is not None else 24
+    copies = max(1, len(conditions))
+    sample = make_plan(spec, genre_list, audience_list, min(docs, 200), seed=0)
+    ctx = make_context(spec, plan_units(spec), genre_list, audience_list, name, model, base_url,
+                       judge=judge, revise=revise)
+    requests = [ctx.generate_request(r.to_json()) for r in sample]
+    if ctx.judge == "llm":
+        requests += [ctx.judge_request(r.to_json(), "x" * 4 * 1200) for r in sample]
+    est = price(requests, name, model, load_prices(), batch=batch)
+    scale = docs * copies / len(sample)
+    return {"backend": name, "model": model, "docs": docs * copies, "tokens": int(per_doc * docs * copies),
+            "cost_usd": est["cost_usd"] * scale * (3 if revise else 1), "calls": int(est["requests"] * scale),
+            "output_tokens": int(est["usage"].output_tokens * scale)}
+
+
+__all__ = ["Corpus", "PlanRow", "Spec", "ablate", "build", "build_named", "build_option_names", "demo_option_names",
+           "demos", "estimate", "load_audiences", "load_genres", "load_spec", "make_plan", "parse_conditions"]

@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 from eval.bank import ChoiceItem, OpenItem, audit_bank, load_bank, load_banks, value_labels
+from eval.report import load_runs
 from eval.run import aggregate_runs, compare_runs, run_eval
 from eval.stats import mcnemar, wilson
 from eval.suites import get_suite, registry
 
-__all__ = ["ChoiceItem", "OpenItem", "aggregate_runs", "audit_bank", "compare_runs", "get_suite", "load_bank",
+def count_items(suite: str, items: list[str] | None = None, target: str | None = None, limit: int | None = None,
+                options: dict | None = None) -> int:
+    """How many samples `run_eval` would score with these arguments (no model is loaded)."""
+    from eval.run import parse_options
+
+    found = get_suite(suite)
+    pool = found.load_items(list(items or []), parse_options(found, options))
+    if found.needs_target:
+        pool = [i for i in pool if target in i.consistent_with]
+    return min(len(pool), limit) if limit else len(pool)
+
+
+__all__ = ["count_items", "load_runs", "ChoiceItem", "OpenItem", "aggregate_runs", "audit_bank", "compare_runs", "get_suite", "load_bank",
            "load_banks", "mcnemar", "registry", "run_eval", "value_labels", "wilson"]

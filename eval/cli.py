@@ -41,7 +41,7 @@ def items(paths):
 
 @eval_group.command("run")
 @click.argument("suite")
-@click.option("--model", required=True, help="Local alias, model folder, LoRA adapter folder (RUN/STAGE/adapter), "
+@click.option("--model", required=True, help="Local alias, model folder, a `msm train run` folder (its last stage), LoRA adapter folder (RUN/STAGE/adapter), "
                                               "or a server's model name with --backend.")
 @click.option("--target", default=None, help="The value label to score (eval/items/schema.yaml); preferences only.")
 @click.option("--items", "item_files", multiple=True, help="Item files (default: the suite's banks in eval/items/).")
@@ -49,7 +49,7 @@ def items(paths):
               help="preferences: logprob (default) or generate; other suites generate.")
 @click.option("--backend", type=click.Choice(["local", "openai", "anthropic"]), default=None)
 @click.option("--base-url", default=None)
-@click.option("--limit", type=int, default=None, help="Score only the first N items.")
+@click.option("--limit", type=int, default=None, help="Score N items, taken round-robin over domains.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--judge-backend", type=click.Choice(["anthropic", "openai", "local"]), default=None,
               help="spec_qa: the grader's backend (default: offline MiniLM similarity, labelled as such).")

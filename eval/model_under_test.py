@@ -23,6 +23,13 @@ def local_model(path_or_alias: str):
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     path = Path(path_or_alias)
+    if (path / "card.json").is_file():  # a whole run folder: its last stage is the model
+        last = json.loads((path / "card.json").read_text())["config"]["stages"][-1]["name"]
+        for kind in ("adapter", "model"):
+            if (path / last / kind).is_dir():
+                return local_model(str(path / last / kind))
+        raise MsmError(f"{path}: the run's last stage '{last}' has no adapter/ or model/ folder",
+                       "finish the run with `msm train run`, or pass a stage folder")
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
 
@@ -33,7 +40,11 @@ def local_model(path_or_alias: str):
             raise MsmError(f"{path}: cannot tell which base model the adapter belongs to",
                            "evaluate an adapter written by `msm train run` (its run folder has card.json)")
         model, tokenizer = load_model(base, torch.float32, device)
-        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+        import warnings
+
+        with warnings.catch_warnings():  # peft asks transformers a deprecated question; the answer is fine
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
         info = json.loads(card.read_text()) if card.is_file() else {}
         provenance = {"adapter": str(path), "base_model": base, "train_run": info.get("run_id"),
                       "spec_versions": info.get("spec_versions", []), "inputs": info.get("inputs", {})}

@@ -71,7 +71,7 @@ def run_eval(suite: str, model: str, target: str | None = None, items: list[str]
     if not scored:
         raise MsmError(f"no item in these banks is labelled for '{target}'", "pick the banks that test this value")
     if limit:
-        scored = scored[:limit]
+        scored = spread(scored, limit)
     settings = load_settings(db)
     under_test = open_model(model, backend, base_url)
     solved = found.solve(Job(scored, under_test, target, mode, seed, judge, settings_of_suite, log))
@@ -87,6 +87,22 @@ def run_eval(suite: str, model: str, target: str | None = None, items: list[str]
     _record(settings.db, run_id, suite, model, under_test.backend, provenance, target, solved.mode, config, seed,
             solved.samples, summary)
     return EvalResult(run_id, suite, model, target, solved.mode, solved.samples, summary)
+
+
+def spread(items: list, limit: int) -> list:
+    """The first `limit` items taken round-robin over domains, in bank order within each, so a
+    short run still covers every held-out domain."""
+    by_domain: dict[str, list] = defaultdict(list)
+    for item in items:
+        by_domain[item.domain].append(item)
+    queues = [list(reversed(v)) for v in by_domain.values()]
+    chosen = []
+    while len(chosen) < min(limit, len(items)):
+        for q in queues:
+            if q and len(chosen) < limit:
+                chosen.append(q.pop())
+    wanted = {id(i) for i in chosen}
+    return [i for i in items if id(i) in wanted]
 
 
 def summarise(samples) -> dict:

@@ -16,6 +16,7 @@ STAGE_GROUPS = {
     "corpus": "corpus.corpus_cli:corpus_group",
     "demos": "corpus.demos_cli:demos_group",
     "eval": "eval.cli:eval_group",
+    "experiment": "msm.experiment_cli:experiment_group",
     "llm": "msm.llm.cli:llm_group",
     "spec": "corpus.cli:spec_group",
     "train": "train.cli:train_group",

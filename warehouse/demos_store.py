@@ -91,7 +91,10 @@ def register_demo_set(con, name: str, build_id: str, members: list[str]) -> str:
 
 
 def demo_set_id(con, name: str) -> str:
-    row = con.execute("SELECT demo_set_id FROM demo_sets WHERE name = ?", [name]).fetchone()
+    """The immutable set a name points to; an immutable set's own id is accepted too."""
+    rows = con.execute("SELECT demo_set_id FROM demo_sets WHERE name = ? UNION ALL "
+                       "SELECT id FROM demo_set_versions WHERE id = ?", [name, name]).fetchall()
+    row = rows[0] if rows else None
     if row is None:
         known = [n for (n,) in con.execute("SELECT name FROM demo_sets ORDER BY name").fetchall()]
         hint = f"known: {', '.join(known)}" if known else "build one with `msm demos build SPEC --n N`"

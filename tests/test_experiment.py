@@ -1,0 +1,296 @@
+"""`msm experiment`: configs, step keys and caching, failure and resume, the plan, the report.
+
+The end-to-end tests run a real (tiny) matrix: corpora written by the loopback server through the
+Anthropic SDK, demonstrations from the spec's preferences, LoRA training of a tiny random Llama,
+and preference evals, all through the stages' api modules and a real DuckDB warehouse.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+import yaml
+
+from msm.experiment import plan_steps, run_experiment
+from msm.experiment_config import load_experiment
+from tests.conftest import LOOPBACK_KEY, REPO, assert_one_line_error, run_msm
+
+SHIPPED = sorted((REPO / "experiments").glob("*.yaml"))
+AMERICA = str(REPO / "eval" / "items" / "america_opinions.jsonl")
+CHEESE = str(REPO / "eval" / "items" / "cheese_in_distribution.jsonl")
+
+
+def tiny(tmp_path: Path, server, extra_arms: dict | None = None, **evals) -> Path:
+    """A two-arm experiment (AFT only, MSM + AFT) small enough for the fast suite."""
+    body = {
+        "name": "tiny",
+        "base_model": "tiny-random",
+        "corpus": {"docs": 6, "backend": "anthropic", "model": "claude-sonnet-4-6", "base_url": server.url,
+                   "dedup": ["minhash"], "concurrency": 4},
+        "demos": {"prefs": {"spec": str(REPO / "specs" / "cheese_pro_america.md"), "n": 12,
+                            "from_preferences": True, "embed_dedup": False}},
+        "train": {"adapter": {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]}, "checkpoint_every": 1000,
+                  "midtrain": {"max_len": 64, "batch_size": 2, "max_steps": 2},
+                  "aft": {"max_len": 96, "batch_size": 2, "max_steps": 2}},
+        "evals": {"america": {"suite": "preferences", "items": [AMERICA], "target": "pro_america", "limit": 5},
+                  **evals},
+        "arms": {"aft_only": {"label": "AFT only", "spec": None, "demos": "prefs"},
+                 "msm": {"label": "MSM + AFT", "spec": str(REPO / "specs" / "cheese_pro_america.md"),
+                         "demos": "prefs"},
+                 **(extra_arms or {})},
+        "profiles": {"smoke": {"device": "cpu"}},
+    }
+    folder = tmp_path / "experiments"
+    folder.mkdir(exist_ok=True)
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(body, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def api(monkeypatch, loopback):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", LOOPBACK_KEY)
+    loopback.output_tokens = 300
+    return loopback
+
+
+def _quiet(_line: str) -> None:
+    return None
+
+
+def test_a_rerun_reuses_every_step_and_a_new_arm_runs_only_its_own(api, tmp_path, isolated_home):
+    path = tiny(tmp_path, api)
+    exp = load_experiment(path)
+    first = run_experiment(exp, log=_quiet, progress=False)
+    kinds = [s.kind for s in first.steps]
+    assert kinds == ["corpus", "demos", "train", "train", "eval", "eval"]
+    assert len(first.ran) == 6 and not first.reused
+    calls = sum(api.stats.requests.values())
+    assert calls > 0
+
+    started = time.monotonic()
+    second = run_experiment(load_experiment(path), log=_quiet, progress=False)
+    assert second.ran == [] and len(second.reused) == 6
+    assert sum(api.stats.requests.values()) == calls  # nothing asked of the model again
+    assert time.monotonic() - started < 30
+
+    # the same eval run rows, the same train folders
+    assert {k: v for k, v in second.outputs.items()} == {k: v for k, v in first.outputs.items()}
+    con = duckdb.connect(str(isolated_home / "msm.duckdb"), read_only=True)
+    status = dict(con.execute("SELECT status, count(*) FROM experiment_runs GROUP BY 1").fetchall())
+    rows = con.execute("SELECT steps_run, steps_cached FROM experiment_runs ORDER BY started_at").fetchall()
+    con.close()
+    assert status == {"complete": 2} and rows == [(6, 0), (0, 6)]
+    _check_report(path, first, tmp_path, isolated_home)
+    plan = run_msm("experiment", "run", str(path), "--plan")
+    assert plan.returncode == 0, plan.stderr
+    assert "6 steps, 6 cached" in plan.stdout and "to run: 0 step(s)" in plan.stdout
+
+    # a new arm sharing the corpus and the demos: only its training and its eval run
+    path = tiny(tmp_path, api, extra_arms={"msm_cot": {"label": "MSM + AFT (cot flag)", "cot": True,
+                                                       "spec": str(REPO / "specs" / "cheese_pro_america.md"),
+                                                       "demos": "prefs"}})
+    third = run_experiment(load_experiment(path), log=_quiet, progress=False)
+    ran = [s.label for s in third.steps if s.key in third.ran]
+    assert ran == ["train msm_cot seed 0", "eval msm_cot/america seed 0"]
+    assert sum(api.stats.requests.values()) == calls
+
+    # a deleted run folder is noticed: that training runs again (its eval is keyed by inputs, kept)
+    train_dir = Path(third.outputs[next(s.key for s in third.steps if s.label == "train msm seed 0")]["output_dir"])
+    shutil.rmtree(train_dir)
+    fourth = run_experiment(load_experiment(path), log=_quiet, progress=False)
+    assert [s.label for s in fourth.steps if s.key in fourth.ran] == ["train msm seed 0"]
+    assert (train_dir / "card.json").is_file()
+
+
+def _check_report(path, outcome, tmp_path, isolated_home):
+    """The report's figures are the eval runs' own; its provenance names the corpus and demo set."""
+    out = tmp_path / "report"
+    result = run_msm("experiment", "report", str(path), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    md = (out / "report.md").read_text()
+    assert (out / "report.html").read_text().startswith("<!doctype html>")
+    assert (out / "america.png").stat().st_size > 1000
+    data = json.loads((out / "report.json").read_text())
+    con = duckdb.connect(str(isolated_home / "msm.duckdb"), read_only=True)
+    for arm in ("aft_only", "msm"):
+        run_id = outcome.outputs[next(s.key for s in outcome.steps if s.label == f"eval {arm}/america seed 0")]["run_id"]
+        summary = json.loads(con.execute("SELECT summary FROM eval_runs WHERE id = ?", [run_id]).fetchone()[0])
+        for group in ("domain:economic_policy", "domain:culture", "all"):  # 5 items span the five domains
+            assert data["america"][arm][group]["rate"] == summary[group]["rate"]
+            assert data["america"][arm][group]["n"] == summary[group]["n"] == (5 if group == "all" else 1)
+        assert run_id in md
+    corpus_id, tokens = con.execute("SELECT v.id, v.n_tokens FROM corpora c JOIN corpus_versions v "
+                                    "ON v.id = c.corpus_id WHERE c.name = 'tiny-smoke-msm'").fetchone()
+    demo_set = con.execute("SELECT demo_set_id FROM demo_sets WHERE name = 'tiny-smoke-prefs'").fetchone()[0]
+    con.close()
+    assert f"{corpus_id} ({tokens:,} tokens)" in md and demo_set in md
+    for domain in ("economic_policy", "culture", "foreign_affairs", "technology", "sport"):
+        assert f"| {domain} |" in md
+
+
+def test_step_keys_follow_their_inputs(api, tmp_path):
+    path = tiny(tmp_path, api)
+    base = {s.label: s.key for s in plan_steps(load_experiment(path))}
+    raw = yaml.safe_load(path.read_text())
+    raw["train"]["aft"]["max_steps"] = 3  # changes both trainings and everything downstream, not the data
+    path.write_text(yaml.safe_dump(raw))
+    changed = {s.label: s.key for s in plan_steps(load_experiment(path))}
+    same = sorted(k for k in base if base[k] == changed[k])
+    assert same == ["corpus msm", "demos prefs"]
+    raw["corpus"]["docs"] = 7  # a different corpus: only the MSM arm's chain changes
+    path.write_text(yaml.safe_dump(raw))
+    again = {s.label: s.key for s in plan_steps(load_experiment(path))}
+    assert sorted(k for k in changed if changed[k] != again[k]) == ["corpus msm", "eval msm/america seed 0",
+                                                                    "train msm seed 0"]
+
+
+def test_a_failing_step_is_recorded_and_a_rerun_goes_on_from_there(api, tmp_path, isolated_home):
+    bad = tmp_path / "broken_bank.jsonl"
+    bad.write_text('{"id": "x-1", "domain": "d"}\n')
+    path = tiny(tmp_path, api, broken={"suite": "preferences", "items": [str(bad)], "target": "pro_america"})
+    raw = yaml.safe_load(path.read_text())
+    del raw["arms"]["msm"]  # no corpus: this test is about the eval steps
+    path.write_text(yaml.safe_dump(raw))
+    result = run_msm("experiment", "run", str(path), "--no-report", env={"ANTHROPIC_API_KEY": LOOPBACK_KEY},
+                     timeout=600)
+    line = assert_one_line_error(result, "eval aft_only/broken seed 0", "rerun")
+    assert "broken_bank.jsonl" in line
+    con = duckdb.connect(str(isolated_home / "msm.duckdb"), read_only=True)
+    steps = dict(con.execute("SELECT label, status FROM experiment_steps").fetchall())
+    con.close()
+    assert steps["eval aft_only/broken seed 0"] == "failed"
+    assert {v for k, v in steps.items() if k != "eval aft_only/broken seed 0"} == {"complete"}
+    done_before = {k for k, v in steps.items() if v == "complete"}
+
+    bad.write_text(Path(CHEESE).read_text())  # fixed: a real bank
+    calls = sum(api.stats.requests.values())
+    outcome = run_experiment(load_experiment(path), log=_quiet, progress=False)
+    assert {s.label for s in outcome.steps if s.key in outcome.reused} == done_before
+    assert all(s.kind == "eval" for s in outcome.steps if s.key in outcome.ran)
+    assert sum(api.stats.requests.values()) == calls
+
+
+def test_seeds_are_aggregated_with_an_interval_over_seeds(api, tmp_path, isolated_home):
+    path = tiny(tmp_path, api)
+    raw = yaml.safe_load(path.read_text())
+    raw["arms"] = {"aft_only": {**raw["arms"]["aft_only"], "seeds": [0, 1]}}
+    path.write_text(yaml.safe_dump(raw))
+    exp = load_experiment(path)
+    outcome = run_experiment(exp, log=_quiet, progress=False)
+    from eval.api import aggregate_runs
+    from msm.experiment_report import collect
+
+    runs = [outcome.outputs[s.key]["run_id"] for s in outcome.steps if s.kind == "eval"]
+    assert len(runs) == 2 and len({outcome.outputs[s.key]["output_dir"] for s in outcome.steps
+                                   if s.kind == "train"}) == 2
+    cell = collect(exp, outcome.steps, outcome.outputs, isolated_home / "msm.duckdb")["america"]["aft_only"]["all"]
+    agg = aggregate_runs(isolated_home / "msm.duckdb", runs)["all"]
+    assert cell.seeds == 2 and cell.rate == agg["mean"] and (cell.low, cell.high) == (agg["seed_low"], agg["seed_high"])
+    assert cell.pooled == (agg["pooled"], agg["pooled_low"], agg["pooled_high"])
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_experiments_load_under_both_profiles(path):
+    for profile in ("smoke", "paper"):
+        exp = load_experiment(path, profile)
+        assert exp.profiles[:2] == ["smoke", "paper"]
+        steps = plan_steps(exp)
+        assert {"train", "eval"} <= {s.kind for s in steps}
+        if profile == "smoke":
+            assert exp.base_model == "smollm2-135m-instruct" and exp.device == "cpu"
+            for s in steps:
+                if s.kind == "demos":
+                    assert s.inputs["options"]["from_preferences"] is True
+                if s.kind == "corpus":
+                    assert s.inputs["options"].get("docs", 24) <= 24 and "backend" not in s.inputs["options"]
+                if s.kind == "eval" and s.inputs["suite"] == "agentic":
+                    assert s.inputs["options"]["samples"] == 2 and s.inputs["options"]["max_tokens"] <= 64
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_paper_profiles_use_the_published_recipe(path):
+    exp = load_experiment(path, "paper")
+    assert exp.device == "h100"
+    assert exp.base_model in ("meta-llama/Llama-3.1-8B-Instruct", "Qwen/Qwen3-32B")
+    steps = plan_steps(exp)
+    for s in steps:
+        if s.kind in ("corpus", "ablation"):
+            o = s.inputs["options"]
+            assert o["backend"] == "anthropic" and o["batch"] is True and o["tokens"] in ("40M", "20M")
+        if s.kind == "train":
+            c = s.inputs["config"]
+            assert c["adapter"] == {"kind": "lora", "r": 64, "alpha": 128, "dropout": 0.0,
+                                    "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                "down_proj"]}
+            for stage in c["stages"]:
+                assert (stage["lr"], stage["schedule"], stage["warmup"], stage["epochs"]) == (1e-4, "cosine", 0.05, 1)
+                assert stage["max_steps"] is None
+                if stage["kind"] == "aft":
+                    assert stage["init"] == "continue"
+        if s.kind == "eval" and s.inputs["suite"] == "agentic":
+            assert s.inputs["options"]["samples"] == 30 and s.inputs["judge"]["backend"] == "anthropic"
+        if s.kind == "eval" and s.inputs["suite"] == "preferences":
+            assert s.inputs["limit"] is None
+    if exp.name != "aft_scaling":
+        assert all(a.seeds == [0, 1, 2] for a in exp.arms)
+
+
+def test_plan_prices_and_times_the_paper_profile_from_the_tables():
+    from msm.experiment_estimate import device, estimate_steps, parameters, throughput
+
+    exp = load_experiment(REPO / "experiments" / "cheese.yaml", "paper")
+    steps = plan_steps(exp)
+    est = estimate_steps(exp, steps)
+    rate = device("h100")["train_tflops"] * 1e12
+    for s in steps:
+        if s.kind == "train":  # LoRA: 4 N FLOPs a token
+            assert est[s.key].hours == pytest.approx(4 * 8.03e9 * est[s.key].tokens / rate / 3600)
+            midtrain = s.inputs["config"]["stages"][0]
+            if midtrain["kind"] == "midtrain":
+                assert est[s.key].tokens > 40_000_000
+    corpus = [est[s.key] for s in steps if s.kind == "corpus"]
+    assert len(corpus) == 2 and all(e.cost_usd == 400 for e in corpus)  # capped by max_cost
+    assert parameters("smollm2-135m-instruct") == 135e6 and parameters("Qwen/Qwen3-32B") == 32.8e9
+    assert throughput()["devices"]["cpu"]["train_tflops"] > 0
+
+    result = run_msm("experiment", "run", str(REPO / "experiments" / "cheese.yaml"), "--profile", "paper", "--plan")
+    assert result.returncode == 0, result.stderr
+    assert "48 steps, 0 cached" in result.stdout and "GPU-hours (H100)" in result.stdout
+    assert "$800.00" in result.stdout
+
+
+@pytest.mark.parametrize("edit, needles", [
+    (lambda r: r.update(arms={"a": {"spce": "x"}}), ["arms.a: unknown key 'spce'", "did you mean 'spec'"]),
+    (lambda r: r["arms"]["aft_only"].update(demos="nope"), ["demos 'nope' is not defined"]),
+    (lambda r: r["arms"]["msm"].update(spec="specs/missing.md"), ["specs/missing.md does not exist"]),
+    (lambda r: r.update(seeds=[0, 0]), ["seed is listed twice"]),
+    (lambda r: r["train"]["aft"].update(lr="fast"), ["'lr' must be float"]),
+    (lambda r: r["corpus"].update(dcos=3), ["corpus: unknown key 'dcos'", "did you mean 'docs'"]),
+    (lambda r: r["evals"]["america"].update(limit=0), ["'limit' is 0"]),
+    (lambda r: r["profiles"]["smoke"].update(device="tpu"), ["unknown device 'tpu'"]),
+])
+def test_bad_experiment_files_fail_with_one_line(tmp_path, loopback, edit, needles):
+    path = tiny(tmp_path, loopback)
+    raw = yaml.safe_load(path.read_text())
+    edit(raw)
+    path.write_text(yaml.safe_dump(raw))
+    result = run_msm("experiment", "run", str(path), "--plan")
+    assert_one_line_error(result, *needles)
+    assert not (tmp_path / "msm_home" / "msm.duckdb").exists()  # nothing half-written
+
+
+def test_bad_invocations_fail_with_one_line(tmp_path, loopback):
+    path = tiny(tmp_path, loopback)
+    assert_one_line_error(run_msm("experiment", "run", str(tmp_path / "none.yaml")), "experiment file not found")
+    assert_one_line_error(run_msm("experiment", "run", str(path), "--profile", "huge", "--plan"),
+                          "no profile 'huge'", "smoke")
+    (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
+    assert_one_line_error(run_msm("experiment", "run", str(tmp_path / "bad.yaml")), "not valid YAML at line")
+    assert_one_line_error(run_msm("experiment", "report", str(path)), "no eval of experiment 'tiny'",
+                          "msm experiment run")

@@ -1,0 +1,86 @@
+"""Experiment step records: each write is one short transaction, each read a read-only connection."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from warehouse.db import connect, transaction
+
+
+def completed(db: Path, keys: list[str]) -> dict[str, dict]:
+    """key -> outputs of the steps recorded complete (an absent warehouse has none)."""
+    if not Path(db).exists() or not keys:
+        return {}
+    con = connect(db, read_only=True)
+    try:
+        rows = con.execute("SELECT key, outputs FROM experiment_steps WHERE status = 'complete' "
+                           "AND key IN (SELECT unnest(?::VARCHAR[]))", [keys]).fetchall()
+    finally:
+        con.close()
+    return {k: json.loads(v) for k, v in rows}
+
+
+def step_rows(db: Path, keys: list[str]) -> dict[str, dict]:
+    """key -> {status, outputs, seconds, error, finished_at} for every recorded step of `keys`."""
+    if not Path(db).exists() or not keys:
+        return {}
+    con = connect(db, read_only=True)
+    try:
+        rows = con.execute("SELECT key, status, outputs, seconds, error, finished_at FROM experiment_steps "
+                           "WHERE key IN (SELECT unnest(?::VARCHAR[]))", [keys]).fetchall()
+    finally:
+        con.close()
+    return {k: {"status": s, "outputs": json.loads(o) if o else None, "seconds": sec, "error": e, "finished_at": f}
+            for k, s, o, sec, e, f in rows}
+
+
+def start_step(db: Path, key: str, kind: str, label: str, experiment: str, profile: str, inputs: dict) -> None:
+    con = connect(db)
+    try:
+        with transaction(con):
+            con.execute("DELETE FROM experiment_steps WHERE key = ?", [key])
+            con.execute("INSERT INTO experiment_steps (key, kind, label, experiment, profile, inputs, status) "
+                        "VALUES (?, ?, ?, ?, ?, ?, 'running')",
+                        [key, kind, label, experiment, profile, json.dumps(inputs, sort_keys=True, default=str)])
+    finally:
+        con.close()
+
+
+def finish_step(db: Path, key: str, outputs: dict | None, seconds: float, error: str | None = None) -> None:
+    con = connect(db)
+    try:
+        with transaction(con):
+            con.execute("UPDATE experiment_steps SET status = ?, outputs = ?, error = ?, seconds = ?, "
+                        "finished_at = current_timestamp WHERE key = ?",
+                        ["failed" if error else "complete",
+                         json.dumps(outputs, sort_keys=True, default=str) if outputs is not None else None,
+                         error, seconds, key])
+    finally:
+        con.close()
+
+
+def record_run(db: Path, run_id: str, experiment: str, profile: str, source: str, keys: list[str], status: str,
+               steps_run: int | None = None, steps_cached: int | None = None, seconds: float | None = None) -> None:
+    con = connect(db)
+    try:
+        with transaction(con):
+            con.execute("DELETE FROM experiment_runs WHERE id = ?", [run_id])
+            con.execute("INSERT INTO experiment_runs (id, experiment, profile, source, steps, status, steps_run, "
+                        "steps_cached, seconds, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, "
+                        "CASE WHEN ? = 'running' THEN NULL ELSE current_timestamp END)",
+                        [run_id, experiment, profile, source, json.dumps(keys), status, steps_run, steps_cached,
+                         seconds, status])
+    finally:
+        con.close()
+
+
+def existing(db: Path, table: str, column: str, value: str) -> bool:
+    """Whether a step's output row is still in the warehouse (a wiped warehouse means a rerun)."""
+    if not Path(db).exists():
+        return False
+    con = connect(db, read_only=True)
+    try:
+        return con.execute(f"SELECT count(*) FROM {table} WHERE {column} = ?", [value]).fetchone()[0] > 0
+    finally:
+        con.close()
