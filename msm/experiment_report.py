@@ -57,7 +57,8 @@ def collect(exp, steps, outputs, db) -> dict:
     return out
 
 
-def _plot_groups(title: str, arms: list, cells: dict, groups: list[str], label: str, path: Path) -> None:
+def _plot_groups(title: str, arms: list, cells: dict, groups: list[str], label: str, path: Path,
+                 chance: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -76,6 +77,8 @@ def _plot_groups(title: str, arms: list, cells: dict, groups: list[str], label: 
             lo.append(c.rate - (c.low if c.low is not None else c.rate))
             hi.append((c.high if c.high is not None else c.rate) - c.rate)
         ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=arm.label)
+    if chance is not None:
+        ax.axhline(chance, color="grey", linestyle="--", linewidth=1)
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels([g.split(":", 1)[-1] for g in groups], rotation=30, ha="right", fontsize=8)
     ax.set_ylim(0, 1)
@@ -186,7 +189,10 @@ def write_report(exp, steps, outputs, db, out: Path) -> Path:
             md += ["", "Pooled over seeds (Wilson over every item): " + "; ".join(
                 f"{a.label} {c.pooled[0]:.2f} [{c.pooled[1]:.2f}, {c.pooled[2]:.2f}]" for a, c in pooled)]
         png = out / f"{ename}.png"
-        _plot_groups(f"{ename} ({spec.suite})", arms, by_arm, [*groups, overall], label, png)
+        from eval.api import get_suite
+
+        _plot_groups(f"{ename} ({spec.suite})", arms, by_arm, [*groups, overall], label, png,
+                     get_suite(spec.suite).chance)
         figures.append(png.name)
         md += ["", f"![{ename}]({png.name})", ""]
     curves = _scaling(exp, collected)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import duckdb
@@ -73,11 +72,9 @@ def test_a_rerun_reuses_every_step_and_a_new_arm_runs_only_its_own(api, tmp_path
     calls = sum(api.stats.requests.values())
     assert calls > 0
 
-    started = time.monotonic()
     second = run_experiment(load_experiment(path), log=_quiet, progress=False)
     assert second.ran == [] and len(second.reused) == 6
     assert sum(api.stats.requests.values()) == calls  # nothing asked of the model again
-    assert time.monotonic() - started < 30
 
     # the same eval run rows, the same train folders
     assert {k: v for k, v in second.outputs.items()} == {k: v for k, v in first.outputs.items()}
@@ -294,3 +291,20 @@ def test_bad_invocations_fail_with_one_line(tmp_path, loopback):
     assert_one_line_error(run_msm("experiment", "run", str(tmp_path / "bad.yaml")), "not valid YAML at line")
     assert_one_line_error(run_msm("experiment", "report", str(path)), "no eval of experiment 'tiny'",
                           "msm experiment run")
+
+
+@pytest.mark.slow
+def test_the_cheese_smoke_runs_from_clean_and_reruns_from_cache(isolated_home):
+    """The shipped smoke on the real SmolLM2 (about 15 minutes on 2 cores; see the issue note)."""
+    path = REPO / "experiments" / "cheese.yaml"
+    first = run_msm("experiment", "run", str(path), "--profile", "smoke", timeout=1800)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "18 step(s) run, 0 cached" in first.stdout
+    report = isolated_home / "experiments" / "cheese" / "smoke" / "report"
+    md = (report / "report.md").read_text()
+    for name in ("america.png", "affordability.png", "cheese.png", "report.html"):
+        assert (report / name).is_file()
+    assert "| sport |" in md and "| art |" in md and "MSM pro-America + AFT" in md
+    second = run_msm("experiment", "run", str(path), "--profile", "smoke", timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "0 step(s) run, 18 cached" in second.stdout
