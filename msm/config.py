@@ -51,3 +51,20 @@ def cache_dir() -> Path:
     """msm's model cache: $XDG_CACHE_HOME/msm, else ~/.cache/msm."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "msm"
+
+
+def read_yaml(path, what: str, where_to_look: str, error=None):
+    """A YAML config file's contents, or a one-line error: missing file, or bad YAML with its line."""
+    import yaml
+
+    from msm.errors import MsmError
+
+    error = error or MsmError
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} not found: {path}", f"pass a YAML file (see {where_to_look})")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise error(f"{path} is not valid YAML{f' at line {mark.line + 1}' if mark else ''}", "fix the file") from None

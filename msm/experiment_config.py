@@ -13,7 +13,6 @@ import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
 from msm.errors import MsmError
 
@@ -135,15 +134,10 @@ def _seeds(where: str, value) -> list:
 
 def load_experiment(path: str | Path, profile: str | None = None) -> Experiment:
     """The file at `path` under `profile` (default: the first profile listed), validated."""
+    from msm.config import read_yaml
+
     path = Path(path)
-    if not path.is_file():
-        raise ExperimentError(f"experiment file not found: {path}", "pass a YAML file (see experiments/)")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise ExperimentError(f"{path} is not valid YAML{f' at line {mark.line + 1}' if mark else ''}",
-                              "fix the file") from None
+    raw = read_yaml(path, "experiment file", "experiments/", ExperimentError)
     raw = _mapping(str(path), raw)
     _unknown(str(path), raw, TOP)
     profiles = _mapping(f"{path}: profiles", raw.get("profiles"))
@@ -175,7 +169,10 @@ def parse_experiment(raw: dict, source: Path, profile: str, profiles: list) -> E
     recipe: dict = {}
     if "recipe" in train:
         recipe_path = _path(root, f"{where}: train.recipe", train["recipe"], "training config")
-        recipe = _mapping(str(recipe_path), yaml.safe_load(recipe_path.read_text(encoding="utf-8")))
+        from msm.config import read_yaml
+
+        recipe = _mapping(str(recipe_path), read_yaml(recipe_path, "training recipe", "train/configs/",
+                                                      ExperimentError))
     recipe_stages = {s.get("kind"): s for s in recipe.pop("stages", []) if isinstance(s, dict)}
     stage_defaults = {}
     for kind in ("midtrain", "aft"):

@@ -10,7 +10,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
 from msm.errors import MsmError
 
@@ -174,15 +173,10 @@ def _check_numbers(where: str, values: dict) -> None:
 
 
 def load_config(path: str | Path) -> TrainConfig:
+    from msm.config import read_yaml
+
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"training config not found: {path}", "pass a YAML file (see train/configs/)")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path} is not valid YAML{at}", "fix the file") from None
+    raw = read_yaml(path, "training config", "train/configs/", ConfigError)
     config = parse_config(raw, str(path))
     out = Path(config.output_dir)
     if not out.is_absolute():  # everything msm writes lives under $MSM_HOME

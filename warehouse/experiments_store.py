@@ -21,20 +21,6 @@ def completed(db: Path, keys: list[str]) -> dict[str, dict]:
     return {k: json.loads(v) for k, v in rows}
 
 
-def step_rows(db: Path, keys: list[str]) -> dict[str, dict]:
-    """key -> {status, outputs, seconds, error, finished_at} for every recorded step of `keys`."""
-    if not Path(db).exists() or not keys:
-        return {}
-    con = connect(db, read_only=True)
-    try:
-        rows = con.execute("SELECT key, status, outputs, seconds, error, finished_at FROM experiment_steps "
-                           "WHERE key IN (SELECT unnest(?::VARCHAR[]))", [keys]).fetchall()
-    finally:
-        con.close()
-    return {k: {"status": s, "outputs": json.loads(o) if o else None, "seconds": sec, "error": e, "finished_at": f}
-            for k, s, o, sec, e, f in rows}
-
-
 def start_step(db: Path, key: str, kind: str, label: str, experiment: str, profile: str, inputs: dict) -> None:
     con = connect(db)
     try:
