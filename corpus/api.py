@@ -84,6 +84,13 @@ def demo_option_names() -> set[str]:
     return {f.name for f in dataclasses.fields(DemoOptions)}
 
 
+def check_demo_options(**options) -> None:
+    """Refuse impossible demo settings (e.g. cot with from_preferences) before any work starts."""
+    from corpus.demos import DemoOptions
+
+    DemoOptions(**options).validate()
+
+
 def parse_conditions(text: str) -> tuple[str, ...]:
     """Ablation condition names (corpus/conditions.yaml), checked; an unknown name is a one-line error."""
     from corpus.conditions import parse_conditions as parse
@@ -131,5 +138,6 @@ def estimate(spec_path: str, docs: int | None = None, tokens: int | str | None =
             "output_tokens": int(est["usage"].output_tokens * scale)}
 
 
-__all__ = ["Corpus", "PlanRow", "Spec", "ablate", "build", "build_named", "build_option_names", "demo_option_names",
+__all__ = ["Corpus", "PlanRow", "Spec", "ablate", "build", "build_named", "build_option_names", "check_demo_options",
+           "demo_option_names",
            "demos", "estimate", "load_audiences", "load_genres", "load_spec", "make_plan", "parse_conditions"]

@@ -194,6 +194,12 @@ def parse_experiment(raw: dict, source: Path, profile: str, profiles: list) -> E
         if "against" in body:
             body["against"] = [str(_path(root, f"{where}: demos.{dname}.against", a, "item bank"))
                                for a in body["against"]]
+        from corpus.api import check_demo_options
+
+        try:
+            check_demo_options(**body)
+        except MsmError as exc:
+            raise ExperimentError(f"{where}: demos.{dname}: {exc.problem}", exc.fix) from None
         demos[dname] = DemoSet(str(dname), spec, body)
 
     evals = {}

@@ -140,7 +140,7 @@ def evaluation(step, exp, model_name: str) -> Estimate:
     if spec.suite == "preferences" and (spec.mode or "logprob") == "logprob":
         read, written = items * 2 * prompt, 0  # both orders, one pass each
     else:
-        written = items * int(spec.options.get("max_tokens", 512))
+        written = items * int(spec.options.get("max_tokens", sizes["answer_tokens"].get(spec.suite, 512)))
         read = items * prompt
     hours = _hours(2 * n * read, rate["prefill_tflops"]) + _hours(2 * n * written, rate["decode_tflops"])
     cost = 0.0

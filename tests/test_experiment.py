@@ -271,6 +271,7 @@ def test_plan_prices_and_times_the_paper_profile_from_the_tables():
     (lambda r: r["corpus"].update(dcos=3), ["corpus: unknown key 'dcos'", "did you mean 'docs'"]),
     (lambda r: r["evals"]["america"].update(limit=0), ["'limit' is 0"]),
     (lambda r: r["profiles"]["smoke"].update(device="tpu"), ["unknown device 'tpu'"]),
+    (lambda r: r["demos"]["prefs"].update(cot=True), ["demos.prefs: --from-preferences writes fixed answers"]),
 ])
 def test_bad_experiment_files_fail_with_one_line(tmp_path, loopback, edit, needles):
     path = tiny(tmp_path, loopback)
