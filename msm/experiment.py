@@ -272,7 +272,11 @@ def _run_corpus(exp, step, outputs, log, progress) -> dict:
     c = build_named(str(step.work["spec"]), tokens=tokens, name=step.work["name"],
                     progress=bool(progress) if progress is not None else True, **opts)
     if not c.corpus_id:
-        raise MsmError(f"the corpus build registered no corpus ({c.stop})", "see `msm corpus builds` and rerun")
+        raise MsmError(f"the corpus build registered no corpus ({c.stop})",
+                       "rerun when its tasks have finished (a Slurm array), or give the build more documents or budget")
+    if c.stop.startswith("incomplete") and opts.get("max_cost") is None:  # errors, not a budget: resume later
+        raise MsmError(f"the corpus build {c.build_ids[-1]} is incomplete (some plan rows are pending or failed)",
+                       "rerun: the build resumes where it stopped")
     log(f"  corpus '{c.name}' -> {c.corpus_id}: {c.docs} documents, {c.tokens:,} tokens ({c.token_counter}), "
         f"${c.cost_usd:.4f}")
     return {"corpus_name": c.name, "corpus_id": c.corpus_id, "docs": c.docs, "tokens": c.tokens,
@@ -289,7 +293,7 @@ def _run_ablation(exp, step, outputs, log, progress) -> dict:
     for condition, c in made.items():
         if not c.corpus_id:
             raise MsmError(f"the ablation registered no corpus for '{condition}' ({c.stop})",
-                           "see `msm corpus ablations` and rerun with more cells")
+                           "give the ablation more cells (docs) or budget, then rerun")
         log(f"  {condition}: corpus '{c.name}' -> {c.corpus_id}: {c.docs} documents, {c.tokens:,} tokens")
         out[condition] = {"corpus_name": c.name, "corpus_id": c.corpus_id, "docs": c.docs, "tokens": c.tokens,
                           "token_counter": c.token_counter, "cost_usd": c.cost_usd, "build_ids": c.build_ids,

@@ -309,3 +309,16 @@ def test_the_cheese_smoke_runs_from_clean_and_reruns_from_cache(isolated_home):
     second = run_msm("experiment", "run", str(path), "--profile", "smoke", timeout=300)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "0 step(s) run, 18 cached" in second.stdout
+
+
+def test_the_runner_calls_only_the_stages_api_modules():
+    import ast
+
+    stages = {"corpus", "pipelines", "train", "eval"}
+    for path in sorted((REPO / "msm").glob("experiment*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            for name in names:
+                if name.split(".")[0] in stages:
+                    assert name.endswith(".api") and name.count(".") == 1, f"{path.name} imports {name}"
