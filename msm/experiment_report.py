@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,6 +218,12 @@ def write_report(exp, steps, outputs, db, out: Path) -> Path:
     return out / "report.md"
 
 
+def _inline(text: str) -> str:
+    out = html.escape(text.strip())
+    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", out)
+
+
 def _html(md: list[str], exp) -> str:
     """The Markdown page as plain HTML: headings, tables, images and paragraphs."""
     body, table = [], []
@@ -225,8 +232,8 @@ def _html(md: list[str], exp) -> str:
         if table:
             rows = [r.strip("|").split(" | ") for r in table if not set(r) <= set("|-")]
             head, *rest = rows
-            body.append("<table><tr>" + "".join(f"<th>{html.escape(c.strip())}</th>" for c in head) + "</tr>"
-                        + "".join("<tr>" + "".join(f"<td>{html.escape(c.strip().strip('*'))}</td>" for c in r)
+            body.append("<table><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr>"
+                        + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r)
                                   + "</tr>" for r in rest) + "</table>")
             table.clear()
 
@@ -237,12 +244,12 @@ def _html(md: list[str], exp) -> str:
         flush()
         if line.startswith("#"):
             level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{html.escape(line.lstrip('# '))}</h{level}>")
+            body.append(f"<h{level}>{_inline(line.lstrip('# '))}</h{level}>")
         elif line.startswith("!["):
             src = line[line.index("(") + 1:-1]
             body.append(f'<img src="{html.escape(src)}" alt="{html.escape(src)}">')
         elif line.strip():
-            body.append(f"<p>{html.escape(line)}</p>")
+            body.append(f"<p>{_inline(line)}</p>")
     flush()
     style = ("body{font-family:sans-serif;max-width:70em;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:3px 8px;font-size:90%}img{max-width:100%}")
