@@ -28,6 +28,13 @@ class Cell:
     seeds: int
     pooled: tuple | None = None  # (rate, low, high) over every item, when seeds > 1
 
+    def err(self) -> tuple[float, float]:
+        """Distances to the interval's ends for an error bar (never negative: Wilson's end at a
+        rate of 0 or 1 can sit a rounding error past it)."""
+        low = self.rate if self.low is None else self.low
+        high = self.rate if self.high is None else self.high
+        return max(0.0, self.rate - low), max(0.0, high - self.rate)
+
     def text(self) -> str:
         band = f" [{self.low:.2f}, {self.high:.2f}]" if self.low is not None else ""
         extra = f", {self.seeds} seeds" if self.seeds > 1 else ""
@@ -75,8 +82,8 @@ def _plot_groups(title: str, arms: list, cells: dict, groups: list[str], label: 
                 continue
             xs.append(j + (i - (len(arms) - 1) / 2) * width)
             ys.append(c.rate)
-            lo.append(c.rate - (c.low if c.low is not None else c.rate))
-            hi.append((c.high if c.high is not None else c.rate) - c.rate)
+            lo.append(c.err()[0])
+            hi.append(c.err()[1])
         ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=arm.label)
     if chance is not None:
         ax.axhline(chance, color="grey", linestyle="--", linewidth=1)
@@ -118,8 +125,8 @@ def _plot_scaling(curves: list, ename: str, label: str, path: Path) -> None:
     for _, name, points in [c for c in curves if c[0] == ename]:
         xs = [n for n, _ in points]
         ys = [c.rate for _, c in points]
-        lo = [c.rate - (c.low if c.low is not None else c.rate) for _, c in points]
-        hi = [(c.high if c.high is not None else c.rate) - c.rate for _, c in points]
+        lo = [c.err()[0] for _, c in points]
+        hi = [c.err()[1] for _, c in points]
         ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=name)
     ax.set_xscale("log")
     ax.set_xlabel("AFT demonstrations")

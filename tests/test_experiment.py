@@ -322,3 +322,10 @@ def test_the_runner_calls_only_the_stages_api_modules():
             for name in names:
                 if name.split(".")[0] in stages:
                     assert name.endswith(".api") and name.count(".") == 1, f"{path.name} imports {name}"
+
+
+def test_error_bars_never_go_negative():
+    from msm.experiment_report import Cell
+
+    assert Cell(0.0, 1e-17, 0.43, 5, 1).err() == (0.0, 0.43)
+    assert Cell(0.5, None, None, 5, 1).err() == (0.0, 0.0)
