@@ -31,8 +31,10 @@ def build(spec_path: str, **options):
     return build_corpus(spec_path, BuildOptions(**options))
 
 
-def build_named(spec_path: str, tokens: int | str | None = None, **options) -> Corpus:
-    """A build of `docs` documents, or one that plans rounds until `tokens` kept tokens (e.g. "40M")."""
+def build_named(spec_path: str, tokens: int | str | None = None, tolerance: float | None = None,
+                **options) -> Corpus:
+    """A build of `docs` documents, or one that plans rounds until `tokens` kept tokens (e.g. "40M");
+    with `tolerance`, the corpus must land within tokens * (1 +- tolerance) (token matching)."""
     from pipelines.build import BuildOptions, build_corpus
     from pipelines.target import build_to_target, parse_tokens
 
@@ -42,7 +44,7 @@ def build_named(spec_path: str, tokens: int | str | None = None, **options) -> C
         kept = r.status_counts.get("kept", 0)
         return Corpus(r.corpus_name, r.corpus_id, kept, r.kept_tokens, r.token_counter, r.cost_usd, [r.build_id],
                       "complete" if r.complete else "incomplete (rerun to resume)")
-    t = build_to_target(spec_path, dataclasses.replace(opts, docs=None), parse_tokens(tokens))
+    t = build_to_target(spec_path, dataclasses.replace(opts, docs=None), parse_tokens(tokens), tolerance=tolerance)
     counter = t.rounds[0].token_counter if t.rounds else ""
     return Corpus(t.corpus_name, t.corpus_id, t.corpus_docs, t.kept_tokens, counter,
                   sum(r.cost_usd for r in t.rounds), [r.build_id for r in t.rounds], t.stop)

@@ -91,6 +91,7 @@ def plan_steps(exp: Experiment) -> list[Step]:
     prefix = f"{exp.name}-{exp.profile}"
     corpus_of: dict[str, tuple[str, str | None]] = {}  # arm -> (step key, condition)
     ablations: dict[str, list[Arm]] = {}
+    matched: list = []
     for arm in exp.arms:
         if not arm.midtrain:
             continue
@@ -100,8 +101,17 @@ def plan_steps(exp: Experiment) -> list[Step]:
             group = digest([version, options])
             ablations.setdefault(group, []).append(arm)
             continue
+        if options.get("match_tokens_of"):
+            matched.append((arm, version, options))
+            continue
         key = add(_make("corpus", f"corpus {arm.name}", {"spec": version, "options": options}, arm=arm.name,
                         work={"spec": arm.spec, "name": f"{prefix}-{arm.name}"}))
+        corpus_of[arm.name] = (key, None)
+    for arm, version, options in matched:  # after their reference: their target is its kept tokens
+        ref = corpus_of[options["match_tokens_of"]][0]
+        key = add(_make("corpus", f"corpus {arm.name} (matching {options['match_tokens_of']})",
+                        {"spec": version, "options": options}, [ref], arm=arm.name,
+                        work={"spec": arm.spec, "name": f"{prefix}-{arm.name}", "match": ref}))
         corpus_of[arm.name] = (key, None)
     for members in ablations.values():
         first = members[0]
@@ -257,6 +267,7 @@ def _corpus_options(options: dict) -> tuple[dict, object, float]:
     opts = dict(options)
     tokens = opts.pop("tokens", None)
     tolerance = opts.pop("tolerance", 0.02)
+    opts.pop("match_tokens_of", None)
     if tokens is not None:
         opts.pop("docs", None)
     for key in ("dedup", "against", "conditions"):
@@ -268,8 +279,13 @@ def _corpus_options(options: dict) -> tuple[dict, object, float]:
 def _run_corpus(exp, step, outputs, log, progress) -> dict:
     from corpus.api import build_named
 
-    opts, tokens, _ = _corpus_options(step.inputs["options"])
-    c = build_named(str(step.work["spec"]), tokens=tokens, name=step.work["name"],
+    opts, tokens, tolerance = _corpus_options(step.inputs["options"])
+    if step.work.get("match"):  # token-matched to the reference arm's corpus
+        tokens = outputs[step.work["match"]]["tokens"]
+        log(f"  matching {tokens:,} tokens within {tolerance:.0%}")
+    else:
+        tolerance = None
+    c = build_named(str(step.work["spec"]), tokens=tokens, tolerance=tolerance, name=step.work["name"],
                     progress=bool(progress) if progress is not None else True, **opts)
     if not c.corpus_id:
         raise MsmError(f"the corpus build registered no corpus ({c.stop})",

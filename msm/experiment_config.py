@@ -250,6 +250,20 @@ def parse_experiment(raw: dict, source: Path, profile: str, profiles: list) -> E
         arms.append(Arm(str(aname), str(body.get("label", aname)), spec, body.get("condition"), corpus,
                         bool(midtrain), demo, bool(body.get("cot", False)), arm_train,
                         _seeds(label, body.get("seeds", seeds)), list(wanted), body.get("series")))
+    by_name = {a.name: a for a in arms}
+    for arm in arms:
+        ref = arm.corpus.get("match_tokens_of")
+        if ref is None:
+            continue
+        if ref not in by_name or not by_name[ref].midtrain or by_name[ref].condition:
+            raise ExperimentError(f"{where}: arms.{arm.name}: match_tokens_of '{ref}' is not an arm with its own corpus",
+                                  "name an arm that midtrains on a spec (not an ablation condition)")
+        if by_name[ref].corpus.get("match_tokens_of") or ref == arm.name:
+            raise ExperimentError(f"{where}: arms.{arm.name}: match_tokens_of '{ref}' matches another arm itself",
+                                  "match every arm to one reference arm")
+        if arm.condition:
+            raise ExperimentError(f"{where}: arms.{arm.name}: match_tokens_of does not apply to an ablation arm",
+                                  "ablation corpora are token-matched to each other already")
     if any(a.condition for a in arms):
         from corpus.api import parse_conditions
 
@@ -288,7 +302,7 @@ CORPUS_SET_BY_RUNNER = {"name", "register", "progress", "db", "slurm", "dry_run"
 
 
 def _check_corpus(where: str, corpus: dict) -> None:
-    _unknown(where, corpus, (_build_fields() - CORPUS_SET_BY_RUNNER) | {"tokens", "tolerance"})
+    _unknown(where, corpus, (_build_fields() - CORPUS_SET_BY_RUNNER) | {"tokens", "tolerance", "match_tokens_of"})
     if "docs" in corpus and "tokens" in corpus and corpus["docs"] is not None and corpus["tokens"] is not None:
         raise ExperimentError(f"{where}: both 'docs' and 'tokens' are set", "keep one of them (a profile may set the "
                               "other to null)")

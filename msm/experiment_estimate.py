@@ -155,17 +155,28 @@ def evaluation(step, exp, model_name: str) -> Estimate:
     return Estimate(read + written, cost, hours, f"{items:,} samples" + (" + grader calls" if graded else ""))
 
 
+def _with_tokens(step, tokens: int):
+    import dataclasses
+
+    options = {**step.inputs["options"], "tokens": tokens, "docs": None}
+    return dataclasses.replace(step, inputs={**step.inputs, "options": options})
+
+
 def estimate_steps(exp, steps: list) -> dict:
     """key -> Estimate for every step, upstream figures flowing into the steps that use them."""
     out: dict = {}
     corpus_tokens: dict = {}
     for step in steps:
         if step.kind in ("corpus", "ablation"):
+            if step.work.get("match"):  # as many tokens as the reference corpus
+                step = _with_tokens(step, corpus_tokens[(step.work["match"], None)])
             e = corpus(step, exp)
             if step.kind == "ablation":
                 each = e.tokens // max(1, len(step.inputs["conditions"]))
                 corpus_tokens.update({(step.key, c): each for c in step.inputs["conditions"]})
             corpus_tokens[(step.key, None)] = e.tokens if step.kind == "corpus" else 0
+            out[step.key] = e
+            continue
         elif step.kind == "demos":
             e = demos(step, exp)
         elif step.kind == "train":

@@ -329,3 +329,38 @@ def test_error_bars_never_go_negative():
 
     assert Cell(0.0, 1e-17, 0.43, 5, 1).err() == (0.0, 0.43)
     assert Cell(0.5, None, None, 5, 1).err() == (0.0, 0.0)
+
+
+def test_a_corpus_can_be_token_matched_to_another_arms(api, tmp_path, isolated_home):
+    path = tiny(tmp_path, api, extra_arms={"vplus": {"spec": str(REPO / "specs" / "value_augmented.md"),
+                                                     "demos": None, "evals": [],
+                                                     "corpus": {"match_tokens_of": "msm", "tolerance": 0.2}}})
+    raw = yaml.safe_load(path.read_text())
+    del raw["arms"]["aft_only"]
+    raw["arms"]["msm"].update(demos=None, evals=[])
+    raw["corpus"]["docs"] = 12
+    path.write_text(yaml.safe_dump(raw))
+    api.output_tokens = 600  # the reference must exceed one document of the longest genre (~2k tokens)
+    exp = load_experiment(path)
+    steps = plan_steps(exp)
+    reference = next(s for s in steps if s.label == "corpus msm")
+    matched = next(s for s in steps if s.label == "corpus vplus (matching msm)")
+    assert matched.needs == (reference.key,) and steps.index(matched) > steps.index(reference)
+    outcome = run_experiment(exp, log=_quiet, progress=False)
+    target = outcome.outputs[reference.key]["tokens"]
+    got = outcome.outputs[matched.key]["tokens"]
+    assert target > 2_000 and abs(got - target) <= 0.2 * target
+    con = duckdb.connect(str(isolated_home / "msm.duckdb"), read_only=True)
+    stored = con.execute("SELECT v.n_tokens FROM corpora c JOIN corpus_versions v ON v.id = c.corpus_id "
+                         "WHERE c.name = 'tiny-smoke-vplus'").fetchone()[0]
+    con.close()
+    assert stored == got
+
+
+def test_match_tokens_of_must_name_an_arm_with_a_corpus(tmp_path, loopback):
+    path = tiny(tmp_path, loopback)
+    raw = yaml.safe_load(path.read_text())
+    raw["arms"]["msm"]["corpus"] = {"match_tokens_of": "aft_only"}
+    path.write_text(yaml.safe_dump(raw))
+    assert_one_line_error(run_msm("experiment", "run", str(path), "--plan"),
+                          "match_tokens_of 'aft_only' is not an arm with its own corpus")
