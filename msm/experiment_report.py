@@ -27,6 +27,7 @@ class Cell:
     n: int
     seeds: int
     pooled: tuple | None = None  # (rate, low, high) over every item, when seeds > 1
+    unscored: int = 0  # errors, and agentic replies cut off before any action
 
     def err(self) -> tuple[float, float]:
         """Distances to the interval's ends for an error bar (never negative: Wilson's end at a
@@ -36,8 +37,11 @@ class Cell:
         return max(0.0, self.rate - low), max(0.0, high - self.rate)
 
     def text(self) -> str:
+        if not self.n:
+            return f"none scored ({self.unscored} unscored)"
         band = f" [{self.low:.2f}, {self.high:.2f}]" if self.low is not None else ""
-        extra = f", {self.seeds} seeds" if self.seeds > 1 else ""
+        extra = (f", {self.seeds} seeds" if self.seeds > 1 else "") + (f", {self.unscored} unscored"
+                                                                        if self.unscored else "")
         return f"{self.rate:.2f}{band} (n={self.n}{extra})"
 
 
@@ -46,11 +50,12 @@ def _cells(db, run_ids: list[str]) -> dict[str, Cell]:
 
     if len(run_ids) == 1:
         summary = load_runs(db, run_ids)[0]["summary"]
-        return {g: Cell(v["rate"], v.get("low"), v.get("high"), v["n"], 1) for g, v in summary.items()
-                if v.get("n") and v.get("rate") is not None}
+        return {g: Cell(v["rate"] if v.get("n") else None, v.get("low"), v.get("high"), v.get("n", 0), 1,
+                        unscored=v.get("errors", 0) + v.get("truncated", 0)) for g, v in summary.items()
+                if isinstance(v, dict) and "n" in v}
     agg = aggregate_runs(db, run_ids)
     return {g: Cell(v["mean"], v["seed_low"], v["seed_high"], v["n"], v["runs"],
-                    (v["pooled"], v["pooled_low"], v["pooled_high"])) for g, v in agg.items()}
+                    (v["pooled"], v["pooled_low"], v["pooled_high"]), v.get("errors", 0)) for g, v in agg.items()}
 
 
 def collect(exp, steps, outputs, db) -> dict:
@@ -63,6 +68,14 @@ def collect(exp, steps, outputs, db) -> dict:
             if runs:
                 out.setdefault(ename, {})[arm.name] = _cells(db, runs)
     return out
+
+
+def _scoring(db, exp, steps, outputs, ename) -> list[dict]:
+    """The overall summary rows of an eval's runs (agentic says gate-only or judge AND gate there)."""
+    from eval.api import load_runs
+
+    runs = [outputs[s.key]["run_id"] for s in steps if s.kind == "eval" and s.eval == ename and s.key in outputs]
+    return [r["summary"].get("all", {}) for r in load_runs(db, runs)] if runs else []
 
 
 def _plot_groups(title: str, arms: list, cells: dict, groups: list[str], label: str, path: Path,
@@ -78,7 +91,7 @@ def _plot_groups(title: str, arms: list, cells: dict, groups: list[str], label: 
         xs, ys, lo, hi = [], [], [], []
         for j, g in enumerate(groups):
             c = cells.get(arm.name, {}).get(g)
-            if c is None:
+            if c is None or c.rate is None:
                 continue
             xs.append(j + (i - (len(arms) - 1) / 2) * width)
             ys.append(c.rate)
@@ -108,8 +121,9 @@ def _scaling(exp, collected: dict) -> list[tuple[str, str, list]]:
     for ename, by_arm in collected.items():
         overall = GROUPS.get(exp.evals[ename].suite, ("", "all", ""))[1]
         for name, arms in series.items():
-            points = sorted((int(exp.demos[a.demos].options["n"]), by_arm[a.name][overall])
-                            for a in arms if a.name in by_arm and overall in by_arm[a.name])
+            points = sorted(((int(exp.demos[a.demos].options["n"]), by_arm[a.name][overall])
+                             for a in arms if a.name in by_arm and overall in by_arm[a.name]
+                             and by_arm[a.name][overall].rate is not None), key=lambda p: p[0])
             if len({n for n, _ in points}) >= 2:
                 out.append((ename, name, points))
     return out
@@ -191,6 +205,9 @@ def write_report(exp, steps, outputs, db, out: Path) -> Path:
             md.append("| " + " | ".join([f"**{g}**" if g == overall else g.split(":", 1)[-1]]
                                         + [by_arm[a.name][g].text() if g in by_arm[a.name] else "-" for a in arms])
                       + " |")
+        scoring = {c.get("scoring") for c in _scoring(db, exp, steps, outputs, ename)} - {None}
+        if scoring:
+            md += ["", f"Scoring: {', '.join(sorted(scoring))}."]
         pooled = [(a, by_arm[a.name][overall]) for a in arms if overall in by_arm[a.name]
                   and by_arm[a.name][overall].pooled]
         if pooled:
