@@ -48,10 +48,15 @@ def _file_sha(path: str | Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _spec_version(path: Path, variables: dict) -> str:
+def spec_version(path: Path, variables: dict | None, memo: dict | None = None) -> str:
+    """A spec file's version (its rendered text and variables); `memo` keeps one parse per plan."""
     from corpus.api import load_spec
 
-    return load_spec(str(path), variables or {}).version
+    memo = {} if memo is None else memo
+    key = (str(path), json.dumps(variables or {}, sort_keys=True))
+    if key not in memo:
+        memo[key] = load_spec(str(path), variables or {}).version
+    return memo[key]
 
 
 def _make(kind: str, label: str, inputs: dict, needs=(), **extra) -> Step:
@@ -89,17 +94,17 @@ def plan_steps(exp: Experiment) -> list[Step]:
         return step.key
 
     prefix = f"{exp.name}-{exp.profile}"
+    versions: dict = {}
     corpus_of: dict[str, tuple[str, str | None]] = {}  # arm -> (step key, condition)
     ablations: dict[str, list[Arm]] = {}
     matched: list = []
     for arm in exp.arms:
         if not arm.midtrain:
             continue
-        options = {k: v for k, v in arm.corpus.items()}
-        version = _spec_version(arm.spec, options.get("variables"))
+        options = dict(arm.corpus)
+        version = spec_version(arm.spec, options.get("variables"), versions)
         if arm.condition:
-            group = digest([version, options])
-            ablations.setdefault(group, []).append(arm)
+            ablations.setdefault(digest([version, options]), []).append(arm)
             continue
         if options.get("match_tokens_of"):
             matched.append((arm, version, options))
@@ -117,17 +122,18 @@ def plan_steps(exp: Experiment) -> list[Step]:
         first = members[0]
         conditions = sorted({a.condition for a in members})
         options = dict(first.corpus)
-        version = _spec_version(first.spec, options.get("variables"))
+        version = spec_version(first.spec, options.get("variables"), versions)
         key = add(_make("ablation", f"ablation {first.spec.stem} ({', '.join(conditions)})",
                         {"spec": version, "conditions": conditions, "options": options},
                         work={"spec": first.spec, "name": f"{prefix}-{first.spec.stem}"}))
         for arm in members:
             corpus_of[arm.name] = (key, arm.condition)
+    banks = {name: [_file_sha(p) for p in spec.items] for name, spec in exp.evals.items()}  # read once
     demos_of: dict[str, str] = {}
     for name, demo in exp.demos.items():
         if not any(a.demos == name for a in exp.arms):
             continue
-        version = _spec_version(demo.spec, demo.options.get("variables"))
+        version = spec_version(demo.spec, demo.options.get("variables"), versions)
         demos_of[name] = add(_make("demos", f"demos {name}", {"spec": version, "options": demo.options},
                                    work={"spec": demo.spec, "name": f"{prefix}-{name}"}))
     for arm in exp.arms:
@@ -153,7 +159,7 @@ def plan_steps(exp: Experiment) -> list[Step]:
                 spec = exp.evals[ename]
                 inputs = {"model": model_key or exp.base_model, "suite": spec.suite, "target": spec.target,
                           "mode": spec.mode, "limit": spec.limit, "options": spec.options, "judge": spec.judge,
-                          "items": [_file_sha(p) for p in spec.items], "seed": seed}
+                          "items": banks[ename], "seed": seed}
                 add(_make("eval", f"eval {arm.name}/{ename} seed {seed}", inputs,
                           [model_key] if model_key else [], arm=arm.name, seed=seed, eval=ename))
     order = {k: i for i, k in enumerate(KINDS)}
@@ -176,29 +182,39 @@ def run_folder(step: Step) -> Path:
     return _home() / "experiments" / "runs" / step.key
 
 
-def _still_there(step: Step, outputs: dict) -> bool:
-    """A recorded step counts only while what it made exists (a wiped warehouse or run folder reruns it)."""
-    from warehouse.experiments_store import existing
+ROWS = {"corpus": "corpus_versions.id", "ablation": "corpus_versions.id", "demos": "demo_set_versions.id",
+        "eval": "eval_runs.id"}  # where each kind's output row lives
 
-    db = _db()
+
+def _made(step: Step, outputs: dict) -> list[str]:
+    """The warehouse ids a finished step made."""
     if step.kind == "corpus":
-        return existing(db, "corpus_versions", "id", outputs.get("corpus_id") or "")
+        return [outputs.get("corpus_id") or ""]
     if step.kind == "ablation":
-        return all(existing(db, "corpus_versions", "id", c.get("corpus_id") or "") for c in outputs.values())
-    if step.kind == "demos":
-        return existing(db, "demo_set_versions", "id", outputs.get("demo_set_id") or "")
-    if step.kind == "train":
-        return (Path(outputs.get("output_dir", "")) / "card.json").is_file()
-    return existing(db, "eval_runs", "id", outputs.get("run_id") or "")
+        return [c.get("corpus_id") or "" for c in outputs.values()]
+    return [outputs.get("demo_set_id" if step.kind == "demos" else "run_id") or ""]
 
 
 def cached(steps: list[Step]) -> dict[str, dict]:
-    """key -> outputs of the steps that are done and whose outputs are still in place."""
-    from warehouse.experiments_store import completed
+    """key -> outputs of the steps that are done and whose outputs are still in place (a wiped
+    warehouse or a deleted run folder makes its step run again)."""
+    from warehouse.experiments_store import completed, existing_ids
 
-    done = completed(_db(), [s.key for s in steps])
+    db = _db()
+    done = completed(db, [s.key for s in steps])
     by_key = {s.key: s for s in steps}
-    return {k: v for k, v in done.items() if _still_there(by_key[k], v)}
+    wanted: dict[str, list[str]] = {}
+    for key, outputs in done.items():
+        if by_key[key].kind in ROWS:
+            wanted.setdefault(ROWS[by_key[key].kind], []).extend(_made(by_key[key], outputs))
+    present = existing_ids(db, wanted)
+
+    def still_there(step: Step, outputs: dict) -> bool:
+        if step.kind == "train":
+            return (Path(outputs.get("output_dir", "")) / "card.json").is_file()
+        return all((ROWS[step.kind], made) in present for made in _made(step, outputs))
+
+    return {k: v for k, v in done.items() if still_there(by_key[k], v)}
 
 
 @dataclass

@@ -175,8 +175,6 @@ def estimate_steps(exp, steps: list) -> dict:
                 each = e.tokens // max(1, len(step.inputs["conditions"]))
                 corpus_tokens.update({(step.key, c): each for c in step.inputs["conditions"]})
             corpus_tokens[(step.key, None)] = e.tokens if step.kind == "corpus" else 0
-            out[step.key] = e
-            continue
         elif step.kind == "demos":
             e = demos(step, exp)
         elif step.kind == "train":

@@ -155,10 +155,11 @@ def _plot_scaling(curves: list, ename: str, label: str, path: Path) -> None:
 
 def provenance(exp, steps, outputs) -> list[dict]:
     """One row per arm and seed: what it was trained on and where its results are."""
-    from corpus.api import load_spec
+    from msm.experiment import spec_version
 
     rows = []
     for arm in exp.arms:
+        spec = f"{arm.spec.name} {spec_version(arm.spec, arm.corpus.get('variables'))[:12]}" if arm.spec else "-"
         for seed in arm.seeds:
             train = next((s for s in steps if s.kind == "train" and s.arm == arm.name and s.seed == seed), None)
             made = outputs.get(train.key, {}) if train else {}
@@ -171,8 +172,7 @@ def provenance(exp, steps, outputs) -> list[dict]:
                      if s.kind == "eval" and s.arm == arm.name and s.seed == seed and s.key in outputs]
             rows.append({
                 "arm": arm.name, "seed": seed,
-                "spec": f"{arm.spec.name} {load_spec(str(arm.spec), arm.corpus.get('variables') or {}).version[:12]}"
-                        if arm.spec else "-",
+                "spec": spec,
                 "corpus": f"{corpus.get('corpus_id', '-')} ({corpus.get('tokens', 0):,} tokens)" if corpus else "-",
                 "demos": f"{demos.get('demo_set_id')} ({demos.get('kept')})" if demos else "-",
                 "model": made.get("output_dir", exp.base_model if not train else "(not trained yet)"),

@@ -61,12 +61,19 @@ def record_run(db: Path, run_id: str, experiment: str, profile: str, source: str
         con.close()
 
 
-def existing(db: Path, table: str, column: str, value: str) -> bool:
-    """Whether a step's output row is still in the warehouse (a wiped warehouse means a rerun)."""
-    if not Path(db).exists():
-        return False
+def existing_ids(db: Path, wanted: dict[str, list[str]]) -> set[tuple[str, str]]:
+    """Which of the ids still have their row ({"table.column": [id, ...]} -> {(table.column, id)}),
+    in one read-only connection: a wiped warehouse means the steps that made them run again."""
+    if not Path(db).exists() or not any(wanted.values()):
+        return set()
     con = connect(db, read_only=True)
     try:
-        return con.execute(f"SELECT count(*) FROM {table} WHERE {column} = ?", [value]).fetchone()[0] > 0
+        found = set()
+        for where, ids in wanted.items():
+            table, column = where.split(".")
+            rows = con.execute(f"SELECT {column} FROM {table} WHERE {column} IN (SELECT unnest(?::VARCHAR[]))",
+                               [ids]).fetchall()
+            found |= {(where, r[0]) for r in rows}
+        return found
     finally:
         con.close()
