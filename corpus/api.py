@@ -100,46 +100,59 @@ def parse_conditions(text: str) -> tuple[str, ...]:
     return parse(text)
 
 
-def estimate(spec_path: str, docs: int | None = None, tokens: int | str | None = None, backend: str | None = None,
-             model: str | None = None, base_url: str | None = None, batch: bool = False, genres: str | None = None,
-             audiences: str | None = None, variables: dict | None = None, conditions: tuple = (),
-             judge: str | None = None, revise: bool = False, **_ignored) -> dict:
-    """What a build would make and cost, without calling a model: documents, content tokens, USD.
-
-    The price is an upper bound from the price table (every call uses its full max_tokens);
-    with a token target the document count is the first round's guess of kept tokens per document.
-    """
+def price_rows(spec, rows, genres, audiences, backend: str | None = None, model: str | None = None,
+               base_url: str | None = None, batch: bool = False, judge: str | None = None,
+               revise: bool = False) -> dict:
+    """Upper-bound USD of writing (and, with an LLM judge, judging) these plan rows, from the price
+    table: every call uses its full max_tokens, the spec prefix is paid once. Also says which
+    backend and model the build would use."""
     from corpus.plan import plan_units
     from msm.llm.pricing import estimate as price
     from msm.llm.pricing import load_prices
     from msm.llm.select import choose, make_backend
     from pipelines.context import make_context
+
+    name, model, base_url = choose(backend, model, base_url)
+    if model is None:
+        model = make_backend(name, None, base_url)[0].default_model
+    ctx = make_context(spec, plan_units(spec), genres, audiences, name, model, base_url, judge=judge, revise=revise)
+    table = load_prices()
+    written = price([ctx.generate_request(r.to_json()) for r in rows], name, model, table, batch=batch)
+    judged = price([ctx.judge_request(r.to_json(), "x" * 4 * 1200) for r in rows], name, model, table,
+                   batch=batch) if ctx.judge == "llm" else {"cost_usd": 0.0, "requests": 0, "usage": None}
+    return {"backend": name, "model": model, "cost_usd": written["cost_usd"] + judged["cost_usd"],
+            "calls": written["requests"] + judged["requests"], "output_tokens": written["usage"].output_tokens
+            + (judged["usage"].output_tokens if judged["usage"] else 0)}
+
+
+def estimate(spec_path: str, docs: int | None = None, tokens: int | str | None = None, backend: str | None = None,
+             model: str | None = None, base_url: str | None = None, batch: bool = False, genres: str | None = None,
+             audiences: str | None = None, variables: dict | None = None, conditions: tuple = (),
+             judge: str | None = None, revise: bool = False, **_ignored) -> dict:
+    """What a build would make and cost, without calling a model: documents, kept tokens, USD.
+
+    The price is `price_rows` over a sample of up to 200 planned rows, scaled to the whole build;
+    with a token target the document count is the first round's guess of kept tokens per document.
+    """
+    from msm.llm.select import choose
     from pipelines.target import first_guess_tokens_per_doc, parse_tokens
 
     spec = load_spec(spec_path, variables or {})
     genre_list, audience_list = load_genres(genres), load_audiences(audiences)
-    name, model, base_url = choose(backend, model, base_url)
-    local = name == "local"
-    if model is None:
-        model = make_backend(name, None, base_url)[0].default_model
-    per_doc = first_guess_tokens_per_doc(genre_list, local)
+    per_doc = first_guess_tokens_per_doc(genre_list, choose(backend, model, base_url)[0] == "local")
     if tokens is not None:
         docs = max(1, round(parse_tokens(tokens) / per_doc))
     docs = docs if docs is not None else 24
     copies = max(1, len(conditions))
     sample = make_plan(spec, genre_list, audience_list, min(docs, 200), seed=0)
-    ctx = make_context(spec, plan_units(spec), genre_list, audience_list, name, model, base_url,
-                       judge=judge, revise=revise)
-    requests = [ctx.generate_request(r.to_json()) for r in sample]
-    if ctx.judge == "llm":
-        requests += [ctx.judge_request(r.to_json(), "x" * 4 * 1200) for r in sample]
-    est = price(requests, name, model, load_prices(), batch=batch)
+    priced = price_rows(spec, sample, genre_list, audience_list, backend, model, base_url, batch, judge, revise)
     scale = docs * copies / len(sample)
-    return {"backend": name, "model": model, "docs": docs * copies, "tokens": int(per_doc * docs * copies),
-            "cost_usd": est["cost_usd"] * scale * (3 if revise else 1), "calls": int(est["requests"] * scale),
-            "output_tokens": int(est["usage"].output_tokens * scale)}
+    return {"backend": priced["backend"], "model": priced["model"], "docs": docs * copies,
+            "tokens": int(per_doc * docs * copies), "cost_usd": priced["cost_usd"] * scale * (3 if revise else 1),
+            "calls": int(priced["calls"] * scale), "output_tokens": int(priced["output_tokens"] * scale)}
 
 
 __all__ = ["Corpus", "PlanRow", "Spec", "ablate", "build", "build_named", "build_option_names", "check_demo_options",
            "demo_option_names",
-           "demos", "estimate", "load_audiences", "load_genres", "load_spec", "make_plan", "parse_conditions"]
+           "demos", "estimate", "load_audiences", "load_genres", "load_spec", "make_plan", "parse_conditions",
+           "price_rows"]

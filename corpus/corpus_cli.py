@@ -58,17 +58,11 @@ def plan(spec, variables, docs, genres, audiences, seed, preview, batch, backend
 
 
 def _preview(spec, rows, genres, audiences, batch, backend, model, base_url):
-    from msm.llm.pricing import estimate, load_prices
-    from msm.llm.select import choose
-    from corpus.plan import plan_units
-    from pipelines.context import make_context
+    from corpus.api import price_rows
 
-    name, model, base_url = choose(backend, model, base_url)
+    priced = price_rows(spec, rows, genres, audiences, backend, model, base_url, batch)
+    name, model = priced["backend"], priced["model"]
     local = name == "local"
-    if model is None:
-        from msm.llm.select import make_backend
-
-        model = make_backend(name, None, base_url)[0].default_model
     units = Counter(r.unit_id for r in rows)
     kinds = Counter(r.unit_kind for r in rows)
     click.echo(f"{spec.name} (version {spec.version}): {len(rows)} documents over {len(units)} units "
@@ -82,13 +76,8 @@ def _preview(spec, rows, genres, audiences, batch, backend, model, base_url):
     tokens = 384 * len(rows) if local else int(words * 1.35)
     click.echo(f"projected: {len(rows)} documents, about {tokens:,} tokens of content"
                + (" (local: content capped near 384 tokens)" if local else ""))
-    ctx = make_context(spec, plan_units(spec), genres, audiences, name, model, base_url)
-    requests = [ctx.generate_request(r.to_json()) for r in rows]
-    est = estimate(requests, name, model, load_prices(), batch=batch)
-    judge_est = estimate([ctx.judge_request(r.to_json(), "x" * 4 * 1200) for r in rows], name, model, load_prices(),
-                         batch=batch) if not local else {"cost_usd": 0.0}
     click.echo(f"projected cost on {name}/{model}{' (batch)' if batch else ''}: "
-               f"${est['cost_usd'] + judge_est['cost_usd']:.2f} upper bound (every call uses its full max_tokens; "
+               f"${priced['cost_usd']:.2f} upper bound (every call uses its full max_tokens; "
                f"the spec prefix is paid once, then read from the prompt cache)")
 
 

@@ -20,5 +20,5 @@ def count_items(suite: str, items: list[str] | None = None, target: str | None =
     return min(len(pool), limit) if limit else len(pool)
 
 
-__all__ = ["count_items", "load_runs", "ChoiceItem", "OpenItem", "aggregate_runs", "audit_bank", "compare_runs", "get_suite", "load_bank",
-           "load_banks", "mcnemar", "registry", "run_eval", "value_labels", "wilson"]
+__all__ = ["ChoiceItem", "OpenItem", "aggregate_runs", "audit_bank", "compare_runs", "count_items", "get_suite",
+           "load_bank", "load_banks", "load_runs", "mcnemar", "registry", "run_eval", "value_labels", "wilson"]
