@@ -188,7 +188,9 @@ def parse_experiment(raw: dict, source: Path, profile: str, profiles: list) -> E
         if "spec" not in body:
             raise ExperimentError(f"{where}: demos.{dname}: missing 'spec'", "name the spec the demonstrations follow")
         spec = _path(root, f"{where}: demos.{dname}.spec", body.pop("spec"), "spec")
-        _check_fields(f"{where}: demos.{dname}", body, _demo_fields() - {"name", "progress"})
+        from corpus.api import demo_option_names
+
+        _unknown(f"{where}: demos.{dname}", body, demo_option_names() - {"name", "progress"})
         if "n" not in body:
             raise ExperimentError(f"{where}: demos.{dname}: missing 'n'", "say how many demonstrations to keep")
         if "against" in body:
@@ -282,27 +284,13 @@ def parse_experiment(raw: dict, source: Path, profile: str, profiles: list) -> E
     return experiment
 
 
-def _build_fields() -> set:
-    from corpus.api import build_option_names
-
-    return build_option_names()
-
-
-def _demo_fields() -> set:
-    from corpus.api import demo_option_names
-
-    return demo_option_names()
-
-
-def _check_fields(where: str, body: dict, known: set) -> None:
-    _unknown(where, body, known)
-
-
 CORPUS_SET_BY_RUNNER = {"name", "register", "progress", "db", "slurm", "dry_run", "conditions"}
 
 
 def _check_corpus(where: str, corpus: dict) -> None:
-    _unknown(where, corpus, (_build_fields() - CORPUS_SET_BY_RUNNER) | {"tokens", "tolerance", "match_tokens_of"})
+    from corpus.api import build_option_names
+
+    _unknown(where, corpus, (build_option_names() - CORPUS_SET_BY_RUNNER) | {"tokens", "tolerance", "match_tokens_of"})
     if "docs" in corpus and "tokens" in corpus and corpus["docs"] is not None and corpus["tokens"] is not None:
         raise ExperimentError(f"{where}: both 'docs' and 'tokens' are set", "keep one of them (a profile may set the "
                               "other to null)")

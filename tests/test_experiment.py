@@ -272,6 +272,13 @@ def test_plan_prices_and_times_the_paper_profile_from_the_tables():
     (lambda r: r["evals"]["america"].update(limit=0), ["'limit' is 0"]),
     (lambda r: r["profiles"]["smoke"].update(device="tpu"), ["unknown device 'tpu'"]),
     (lambda r: r["demos"]["prefs"].update(cot=True), ["demos.prefs: --from-preferences writes fixed answers"]),
+    (lambda r: r["corpus"].update(tokens="1M"), ["corpus: both 'docs' and 'tokens' are set"]),
+    (lambda r: r["arms"]["msm"].update(corpus={"match_tokens_of": "msm"}), ["match_tokens_of 'msm' matches"]),
+    (lambda r: r["arms"]["msm"].update(condition="attribution", corpus={"match_tokens_of": "msm"}),
+     ["match_tokens_of 'msm' is not an arm with its own corpus"]),
+    (lambda r: r["arms"].update(abl={"spec": r["arms"]["msm"]["spec"], "condition": "attribution",
+                                     "corpus": {"match_tokens_of": "msm"}}),
+     ["arms.abl: match_tokens_of does not apply to an ablation arm"]),
 ])
 def test_bad_experiment_files_fail_with_one_line(tmp_path, loopback, edit, needles):
     path = tiny(tmp_path, loopback)
