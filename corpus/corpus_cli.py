@@ -152,12 +152,39 @@ def _build_options(variables, tasks, workers, concurrency, max_cost, dedup, agai
               help="Build until the kept tokens match this named corpus within 2% (for R vs V+ vs R+ "
                    "comparisons), instead of --docs or --tokens.")
 @click.option("--name", default=None, help="Corpus name (default: the spec's id).")
+@click.option("--allow-partial", is_flag=True,
+              help="Point the corpus name at the kept documents even when plan rows are left pending or in error "
+                   "(the exit code is still 75).")
 @db_option
 def build(spec, variables, docs, tokens, executor, slurm_partition, slurm_time, slurm_cpus, slurm_mem_gb, venv,
           dry_run, match_tokens, **shared):
-    """Plan, generate, filter, judge, dedup and load a corpus; resumable."""
+    """Plan, generate, filter, judge, dedup and load a corpus; resumable.
+
+    Exit codes: 0 complete; 1 bad input or a fatal error (the build is marked failed); 75 incomplete
+    (rows pending or in error: rerun to resume); 130 or 143 stopped by SIGINT or SIGTERM (marked
+    interrupted: rerun to resume).
+    """
+    from pipelines.build import BuildStopped
+
+    try:
+        _build(spec, variables, docs, tokens, executor, slurm_partition, slurm_time, slurm_cpus, slurm_mem_gb, venv,
+               dry_run, match_tokens, **shared)
+    except BuildStopped as exc:
+        raise _Exit(str(exc), exc.exit_code) from None
+
+
+class _Exit(click.ClickException):
+    """One line on stderr and a chosen exit code."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.exit_code = code
+
+
+def _build(spec, variables, docs, tokens, executor, slurm_partition, slurm_time, slurm_cpus, slurm_mem_gb, venv,
+           dry_run, match_tokens, **shared):
     from msm.errors import MsmError
-    from pipelines.build import build_corpus
+    from pipelines.build import INCOMPLETE_EXIT, build_corpus
     from pipelines.cluster import SlurmSettings
 
     options = _build_options(
@@ -184,7 +211,14 @@ def build(spec, variables, docs, tokens, executor, slurm_partition, slurm_time, 
                    f"corpus '{outcome.corpus_name}' -> {outcome.corpus_id}: {outcome.corpus_docs} documents, "
                    f"{outcome.kept_tokens:,} tokens")
         return
-    _print_summary(build_corpus(spec, options))
+    result = build_corpus(spec, options)
+    _print_summary(result)
+    if not result.complete and "submitted" not in result.status_counts:
+        left = sum(n for status, n in result.status_counts.items() if status not in ("kept", "dropped"))
+        named = (f"corpus '{result.corpus_name}' names the partial corpus (--allow-partial)" if result.corpus_id
+                 else "the corpus name was not moved (--allow-partial moves it)")
+        raise _Exit(f"build {result.build_id} is INCOMPLETE: {left} plan row(s) pending or in error, {named}; "
+                    "rerun the same command to resume", INCOMPLETE_EXIT)
 
 
 @corpus_group.command("ablate")

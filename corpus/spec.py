@@ -122,8 +122,12 @@ def read_spec_text(path: str | os.PathLike) -> str:
             "split the spec, or raise MSM_SPEC_MAX_MB",
         )
     data = p.read_bytes()
+    wide = _wide_encoding(data)
+    if wide is not None:
+        return _decode_wide(p, data, wide)
     if b"\x00" in data[:8192]:
-        raise SpecError(f"{p} looks like a binary file (it contains NUL bytes)", "pass a Markdown or plain-text spec")
+        raise SpecError(f"{p} looks like a binary file (it contains NUL bytes)",
+                        "pass a Markdown or plain-text spec (UTF-8, or UTF-16/32 with a byte-order mark)")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -132,6 +136,45 @@ def read_spec_text(path: str | os.PathLike) -> str:
             f"{p} is not valid UTF-8 (byte {exc.start}, line {line})", "re-save the file as UTF-8"
         ) from None
     return text.removeprefix("\ufeff")
+
+
+_BOMS = ((b"\xff\xfe\x00\x00", "utf-32-le"), (b"\x00\x00\xfe\xff", "utf-32-be"),
+         (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"))
+
+
+def _wide_encoding(data: bytes) -> str | None:
+    """UTF-16 or UTF-32 (what Windows tools often save): by its byte-order mark, or, without one,
+    by where the NUL bytes of mostly-ASCII text fall. None for anything else."""
+    for bom, name in _BOMS:
+        if data.startswith(bom):
+            return name
+    head = data[:8192]
+    if b"\x00" not in head or len(head) < 4:
+        return None
+    zeros = [sum(1 for i in range(k, len(head), 4) if head[i] == 0) for k in range(4)]
+    quads = len(head) // 4 or 1
+    if zeros[1] >= 0.9 * quads and zeros[2] >= 0.9 * quads and zeros[3] >= 0.9 * quads:
+        return "utf-32-le"
+    if zeros[0] >= 0.9 * quads and zeros[1] >= 0.9 * quads and zeros[2] >= 0.9 * quads:
+        return "utf-32-be"
+    if zeros[1] + zeros[3] >= 0.9 * 2 * quads and zeros[0] + zeros[2] <= 0.1 * 2 * quads:
+        return "utf-16-le"
+    if zeros[0] + zeros[2] >= 0.9 * 2 * quads and zeros[1] + zeros[3] <= 0.1 * 2 * quads:
+        return "utf-16-be"
+    return None
+
+
+def _decode_wide(p: Path, data: bytes, encoding: str) -> str:
+    label = encoding.split("-")[0].upper() + "-" + encoding.split("-")[1]  # UTF-16
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{p} is {label} ({encoding.upper()}) but not valid {label} at byte {exc.start}",
+                        "re-save the file as UTF-8") from None
+    text = text.removeprefix("\ufeff")
+    if "\x00" in text:
+        raise SpecError(f"{p} reads as {label} but contains NUL characters", "re-save the file as UTF-8")
+    return text
 
 
 def split_front_matter(lines: list[str], source: str) -> tuple[dict, int]:

@@ -8,14 +8,26 @@ call cache, and tasks whose rows ended pending or in error run again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import os
+import signal
+import sys
+import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from msm.errors import MsmError
+
+# Exit codes of `msm corpus build` (the README lists them): 0 complete, 1 bad input or a fatal
+# error (the build is marked failed), INCOMPLETE_EXIT when plan rows are left pending or in error,
+# 128 + the signal number when SIGINT or SIGTERM stopped it (the build is marked interrupted).
+INCOMPLETE_EXIT = 75  # EX_TEMPFAIL: try again later; the same command resumes
+LOAD_LOCK_WAIT_S = 3600.0  # the load at the end of a paid build waits this long for the warehouse lock
 
 @dataclass
 class BuildOptions:
@@ -52,6 +64,29 @@ class BuildOptions:
     progress: bool = True
     batch_poll_s: float = 30.0
     idle_timeout: float = 120.0
+    allow_partial: bool = False  # name the corpus even when plan rows are left pending or in error
+    load_lock_wait: float | None = None  # seconds; default $MSM_LOAD_LOCK_WAIT, else LOAD_LOCK_WAIT_S
+
+
+class BuildStopped(MsmError):
+    """A build that started and then stopped: interrupted by a signal, or failed. The message is
+    one line; `exit_code` is what `msm corpus build` exits with."""
+
+    def __init__(self, problem: str, fix: str | None = None, exit_code: int = 1):
+        super().__init__(problem, fix)
+        self.exit_code = exit_code
+
+    def __reduce__(self):
+        return (BuildStopped, (self.problem, self.fix, self.exit_code))
+
+
+class _Interrupted(BaseException):
+    """Raised in the main thread by the SIGINT/SIGTERM handler: a BaseException, so no
+    `except Exception` on the way up swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 @dataclass
@@ -107,8 +142,9 @@ def build_corpus(spec_path: str, opts: BuildOptions) -> BuildResult:
 
     started = time.monotonic()
     settings = load_settings(opts.db)
-    _writable_home(settings.home)
+    # Every check that needs no model comes before the first write and the first call.
     spec = load_spec(spec_path, opts.variables)
+    refuse_unfilled_placeholders(spec)
     genres, audiences = load_genres(opts.genres), load_audiences(opts.audiences)
     backend_name, model, base_url = choose(opts.backend, opts.model, opts.base_url)
     local = backend_name == "local"
@@ -123,6 +159,8 @@ def build_corpus(spec_path: str, opts: BuildOptions) -> BuildResult:
     ctx = make_context(spec, plan_units(spec), genres, audiences, backend_name, model, base_url,
                        max_tokens=opts.max_tokens, judge=opts.judge, revise=opts.revise,
                        truncation=opts.truncation, conditions=opts.conditions)
+    check_context_window(ctx, plan, spec_path)
+    _writable_home(settings.home)
     assertions, ideas = [], []
     if opts.plan_mode == "brainstorm":
         plan, assertions, ideas = _brainstorm(plan, ctx, backend_name, model, base_url, local,
@@ -144,49 +182,286 @@ def build_corpus(spec_path: str, opts: BuildOptions) -> BuildResult:
     logs = root / "logs"
     staged.mkdir(parents=True, exist_ok=True)
     plan_path = root / "plan.jsonl"
-    plan_path.write_text("".join(json.dumps(r.to_json()) + "\n" for r in plan), encoding="utf-8")
+    _write_atomic(plan_path, "".join(json.dumps(r.to_json()) + "\n" for r in plan))
     ctx = dataclasses.replace(
         ctx, build_id=build_id, plan_path=str(plan_path), staged_dir=str(staged),
         cache_dir=str(settings.home / "cache"), max_cost=opts.max_cost, concurrency=opts.concurrency,
         workers=opts.workers, batch=opts.batch, batch_poll_s=opts.batch_poll_s, idle_timeout=opts.idle_timeout,
         progress=opts.progress and opts.executor == "local", n_planned=len(plan), executor=opts.executor)
     ctx_path = root / "context.json"
-    ctx.save(str(ctx_path))
+    tmp_ctx = root / "context.json.tmp"
+    ctx.save(str(tmp_ctx))
+    tmp_ctx.replace(ctx_path)
     counter = default_counter()
     _record_start(settings.db, spec, build_id, build_key, backend_name, model, counter.name, plan, assertions, ideas)
 
+    with _stopped_builds_recorded(settings.db, build_id, logs):
+        return _run_build(spec, opts, settings, ctx, str(ctx_path), root, plan, counter, started)
+
+
+def _run_build(spec, opts: BuildOptions, settings, ctx, ctx_path: str, root: Path, plan, counter,
+               started: float) -> BuildResult:
+    build_id, staged, logs = ctx.build_id, root / "staged", root / "logs"
     stages = {"plan": time.monotonic() - started}
     mark = time.monotonic()
+    _stage(logs, "pipeline")
     if opts.executor == "slurm":
-        submitted = _submit_to_slurm(str(ctx_path), staged, logs, opts, plan, build_id)
+        submitted = _submit_to_slurm(ctx_path, staged, logs, opts, plan, build_id)
         if submitted is not None:
             return BuildResult(build_id, None, None, len(plan), {"submitted": len(plan)}, {}, 0, counter.name, 0.0,
                                time.monotonic() - started, {}, False, note=submitted)
     else:
-        _run_pipeline(str(ctx_path), staged, logs, opts.tasks, opts.workers, plan, opts.executor)
+        _run_pipeline(ctx_path, staged, logs, opts.tasks, opts.workers, plan, opts.executor)
     stages["pipeline"] = time.monotonic() - mark
     stages.update(_step_seconds(logs))
     from pipelines.dedup import mark_near_duplicates
     from warehouse.corpus_load import read_staged
 
     rows = read_staged(sorted(staged.glob("*.parquet")))
+    lock_wait = _load_lock_wait(opts)
     mark = time.monotonic()
+    _stage(logs, "near-dup")
+    if "embedding" in opts.dedup:  # reads and keeps vectors in the warehouse
+        _wait_for_warehouse(settings.db, lock_wait, build_id)
     mark_near_duplicates(settings.db, rows, tuple(opts.dedup), root / "dedup", opts.dedup_threshold)
     stages["near-dup"] = time.monotonic() - mark
     mark = time.monotonic()
+    _stage(logs, "decontaminate")
     from corpus.decontam import default_item_dirs, mark_contaminated
 
     against = default_item_dirs() if opts.against is None else [Path(p) for p in opts.against]
+    if "embedding" in opts.dedup and against:
+        _wait_for_warehouse(settings.db, lock_wait, build_id)
     mark_contaminated(rows, against, settings.db, "embedding" in opts.dedup)
     stages["decontaminate"] = time.monotonic() - mark
     mark = time.monotonic()
-    result = _load(settings.db, build_id, rows, counter, ctx, (opts.name or spec.spec_id) if opts.register else None)
+    _stage(logs, "load")
+    name = (opts.name or spec.spec_id) if opts.register else None
+    result = _load(settings.db, build_id, rows, counter, ctx, name, opts.allow_partial, lock_wait)
     stages["load"] = time.monotonic() - mark
+    _stage(logs, "done")
     counts = result["counts"]
     summary = _summarise(settings.db, build_id, opts.name or spec.spec_id, result, len(plan), counter.name,
-                         time.monotonic() - started, counts)
+                         time.monotonic() - started, counts, lock_wait)
     summary.stage_seconds = stages
     return summary
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _stage(logs: Path, stage: str) -> None:
+    """The stage a build is in, for whoever watches it (`cat $MSM_HOME/builds/B/logs/stage`)."""
+    try:
+        logs.mkdir(parents=True, exist_ok=True)
+        (logs / "stage").write_text(stage + "\n")
+    except OSError:
+        pass
+
+
+# ---- checks before any call ----------------------------------------------------------------
+
+def refuse_unfilled_placeholders(spec) -> None:
+    """The `msm spec check` rule: a declared placeholder left unfilled would reach the model
+    literally, so a build refuses it before any work."""
+    unfilled = [p for p in spec.problems if p.severity == "error" and p.message.startswith("unfilled placeholder")]
+    if not unfilled:
+        return
+    first = unfilled[0]
+    more = f" (and {len(unfilled) - 1} more)" if len(unfilled) > 1 else ""
+    name = first.message.split("{", 1)[1].split("}", 1)[0]
+    raise MsmError(f"{spec.path} line {first.line}: declared placeholder {{{name}}} is unfilled{more}",
+                   f"set '{name}' in the front matter or pass --var {name}=VALUE (`msm spec check` lists them)")
+
+
+def context_windows(path: str | os.PathLike | None = None) -> dict[str, int]:
+    """Model name (or prefix) -> context window in tokens, from the data file beside the prices."""
+    import yaml
+
+    source = Path(path or os.environ.get("MSM_CONTEXT_WINDOWS") or
+                  Path(__file__).resolve().parent.parent / "msm" / "llm" / "context_windows.yaml")
+    try:
+        data = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise MsmError(f"context-window file not found: {source}", "set MSM_CONTEXT_WINDOWS to an existing file") from None
+    except yaml.YAMLError as exc:
+        raise MsmError(f"context-window file {source} is not valid YAML ({str(exc).splitlines()[0]})",
+                       "fix the file") from None
+    models = data.get("models") if isinstance(data, dict) else None
+    if not isinstance(models, dict) or not all(isinstance(v, int) and v > 0 for v in models.values()):
+        raise MsmError(f"context-window file {source} needs a 'models:' mapping of names to token counts",
+                       "see msm/llm/context_windows.yaml for the format")
+    return {str(k): int(v) for k, v in models.items()}
+
+
+def context_window(model: str, table: dict[str, int] | None = None) -> int | None:
+    """The model's window: an exact name, else the longest name it starts with; None when unknown."""
+    table = context_windows() if table is None else table
+    if model in table:
+        return table[model]
+    key = model.rsplit("/", 1)[-1].lower()
+    matches = [name for name in table if key.startswith(name.lower())]
+    return table[max(matches, key=len)] if matches else None
+
+
+def check_context_window(ctx, plan, spec_path: str) -> None:
+    """Refuse a spec whose generation prompt (the cached spec prefix plus the request and the room
+    for the answer) does not fit the model's context window, before any call is made."""
+    if ctx.compact or not plan:  # small local models get a short prompt without the whole spec
+        return
+    window = context_window(ctx.model)
+    if window is None:
+        return
+    row = max(plan, key=lambda r: ctx.genres[r.genre]["words"][1]).to_json()
+    request = ctx.generate_request(row)
+    texts = [request.system_prefix or "", request.system or ""] + [m.content for m in request.messages]
+    chars = sum(len(t) for t in texts)
+    prompt = chars // 4
+    if request.max_tokens + chars // 8 <= window < request.max_tokens + prompt * 2:
+        from msm.tokens import default_counter  # close to the limit: count it properly
+
+        prompt = sum(default_counter().count_many([t for t in texts if t]))
+    if prompt + request.max_tokens > window:
+        raise MsmError(f"{spec_path}: the generation prompt is about {prompt:,} tokens (the whole spec is its "
+                       f"cached prefix) plus {request.max_tokens:,} for the answer, over {ctx.model}'s "
+                       f"{window:,}-token context window",
+                       "shorten or split the spec, or use a model with a larger window "
+                       "(msm/llm/context_windows.yaml)")
+
+
+# ---- a build that stops --------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _stopped_builds_recorded(db, build_id: str, logs: Path):
+    """SIGINT and SIGTERM stop the build cleanly and mark it interrupted; any other error marks it
+    failed, puts the full trace in the build's log file and becomes one line naming that file."""
+    handlers = _catch_signals()
+    try:
+        yield
+    except _Interrupted as stop:
+        _restore_signals(handlers)
+        name = signal.Signals(stop.signum).name
+        _mark(db, build_id, "interrupted")
+        raise BuildStopped(f"build {build_id} interrupted by {name}",
+                           "rerun the same command to resume (finished calls come from the cache)",
+                           exit_code=128 + stop.signum) from None
+    except Exception as exc:  # noqa: BLE001 - every fatal error becomes one line and a failed build
+        log = _log_trace(logs, exc)
+        _mark(db, build_id, "failed")
+        raise BuildStopped(*_one_line(exc, build_id, log)) from None
+    finally:
+        _restore_signals(handlers)
+
+
+def _catch_signals():
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        _restore_signals(previous)  # a second signal acts at once
+        raise _Interrupted(signum)
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, stop)
+    return previous
+
+
+def _restore_signals(previous) -> None:
+    if not previous or threading.current_thread() is not threading.main_thread():
+        return
+    for sig, handler in previous.items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def _log_trace(logs: Path, exc: BaseException) -> Path:
+    path = logs / "build.log"
+    try:
+        logs.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} build failed\n")
+            fh.write("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    except OSError:
+        pass  # a full disk: the line still names where the trace would be
+    return path
+
+
+def _one_line(exc: BaseException, build_id: str, log: Path) -> tuple[str, str]:
+    """(problem, fix) for a fatal error met while the build ran."""
+    import errno
+
+    where = f"full trace in {log}"
+    if isinstance(exc, MsmError):
+        return (f"build {build_id} failed: {exc.problem}", f"{exc.fix + '; ' if exc.fix else ''}{where}")
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return (f"build {build_id} failed: no space left on device"
+                + (f" writing {exc.filename}" if exc.filename else ""),
+                f"free some space, then rerun the same command to resume; {where}")
+    text = str(exc).strip().splitlines()
+    detail = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    return f"build {build_id} failed: {detail}", f"rerun the same command to resume; {where}"
+
+
+def _mark(db, build_id: str, status: str) -> None:
+    """Record how a build stopped; best effort (a full disk or a held lock must not hide the error)."""
+    from warehouse.db import connect
+
+    try:
+        con = connect(db)
+    except Exception:  # noqa: BLE001
+        return
+    try:
+        con.execute("UPDATE builds SET status = ?, finished_at = current_timestamp "
+                    "WHERE id = ? AND status = 'running'", [status, build_id])
+    except Exception:  # noqa: BLE001
+        pass
+    finally:
+        con.close()
+
+
+# ---- the warehouse lock --------------------------------------------------------------------
+
+def _load_lock_wait(opts: BuildOptions) -> float:
+    if opts.load_lock_wait is not None:
+        return float(opts.load_lock_wait)
+    raw = os.environ.get("MSM_LOAD_LOCK_WAIT")
+    if raw is None:
+        return LOAD_LOCK_WAIT_S
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        raise MsmError(f"MSM_LOAD_LOCK_WAIT={raw!r} is not a number of seconds", "set it to e.g. 600") from None
+
+
+def _connect_waiting(db, wait_s: float, build_id: str, read_only: bool = False):
+    """Open the warehouse; while another process holds its lock, say who and wait up to wait_s.
+    The staged shards and the call cache keep the paid work whatever happens here."""
+    from warehouse.db import WarehouseError, connect
+
+    deadline = time.monotonic() + wait_s
+    said = False
+    while True:
+        try:
+            return connect(db, read_only=read_only)
+        except WarehouseError as exc:
+            if "in use by another process" not in exc.problem:
+                raise
+            if time.monotonic() >= deadline:
+                raise MsmError(f"{exc.problem}, still after waiting {wait_s:.0f} s to load build {build_id}",
+                               "when it is free, rerun the same command: the build's work is kept and "
+                               "nothing is paid again (MSM_LOAD_LOCK_WAIT sets the wait)") from None
+            if not said:
+                print(f"waiting for the warehouse: {exc.problem}; build {build_id} loads when it is free "
+                      f"(up to {wait_s:.0f} s, MSM_LOAD_LOCK_WAIT)", file=sys.stderr, flush=True)
+                said = True
+            time.sleep(0.5)
+
+
+def _wait_for_warehouse(db, wait_s: float, build_id: str) -> None:
+    _connect_waiting(db, wait_s, build_id).close()
 
 
 def _step_seconds(logs: Path) -> dict[str, float]:
@@ -240,6 +515,9 @@ def _record_start(db, spec, build_id, build_key, backend, model, counter_name, p
     try:
         record_spec(con, spec, default_counter())
         if con.execute("SELECT 1 FROM builds WHERE id = ?", [build_id]).fetchone():
+            # a rerun resumes it: running again until its load says complete or incomplete
+            con.execute("UPDATE builds SET status = 'running', finished_at = NULL WHERE id = ? AND status IN "
+                        "('interrupted', 'failed')", [build_id])
             return
         con.execute("BEGIN TRANSACTION")
         con.execute("INSERT INTO builds (id, spec_version, config, code_version, backend, model, count_tokenizer, "
@@ -264,9 +542,9 @@ def _record_start(db, spec, build_id, build_key, backend, model, counter_name, p
 
 def _pipeline(ctx_path: str, staged: Path) -> list:
     from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
-    from datatrove.pipeline.writers import ParquetWriter
 
-    from pipelines.steps import Generate, Judge, Marking, PlaceholderFilter, PlanReader, Revise, document_row
+    from pipelines.steps import (Generate, Judge, Marking, PlaceholderFilter, PlanReader, Revise, StagedParquetWriter,
+                                 document_row)
 
     return [
         PlanReader(ctx_path),
@@ -280,27 +558,33 @@ def _pipeline(ctx_path: str, staged: Path) -> list:
                                     max_non_alpha_words_ratio=0.8, min_stop_words=2)),
         Marking(PlaceholderFilter()),
         Judge(ctx_path),
-        # one file per task, never split, so a reopened task replaces exactly its own shard
-        ParquetWriter(str(staged), output_filename="${rank}.parquet", adapter=document_row, compression=None,
-                      max_file_size=-1),
+        # one file per task, never split, so a reopened task replaces exactly its own shard; written
+        # under a temporary name and renamed when whole, so a crash never leaves a shard half-written
+        StagedParquetWriter(str(staged), output_filename="${rank}.parquet", adapter=document_row, compression=None,
+                            max_file_size=-1),
     ]
 
 
 def _staged_status(staged: Path) -> dict[str, tuple[int, str]]:
-    """plan row id -> (rank file, status) for every row already staged."""
+    """plan row id -> (rank file, status) for every row already staged. A shard that cannot be
+    read (a crash from an older msm, a full disk) counts as absent: its task runs again."""
     from warehouse.corpus_load import read_staged
 
     out = {}
     for path in sorted(staged.glob("*.parquet")):
         rank = int(path.stem[-5:])
-        for row in read_staged([path]):
+        try:
+            rows = read_staged([path])
+        except Exception:  # noqa: BLE001 - pyarrow raises several kinds for a truncated file
+            continue
+        for row in rows:
             out[row["id"]] = (rank, row["meta"]["status"])
     return out
 
 
 def _unfinished_tasks(staged: Path, rank_of: dict[str, int]) -> set[int]:
     """Tasks with a row that is missing, pending or in error: they run again (finished calls
-    come from the cache)."""
+    come from the cache). Whatever datatrove's completion markers say, the shards decide."""
     have = _staged_status(staged)
     return {rank_of[rid] for rid in rank_of if rid not in have or have[rid][1] in ("pending", "error")}
 
@@ -308,8 +592,9 @@ def _unfinished_tasks(staged: Path, rank_of: dict[str, int]) -> set[int]:
 def _reopen(logs: Path, staged: Path, ranks: set[int]) -> None:
     for rank in ranks:
         (logs / "completions" / f"{rank:05d}").unlink(missing_ok=True)
-        for shard in staged.glob(f"*{rank:05d}.parquet"):
-            shard.unlink()
+        for pattern in (f"*{rank:05d}.parquet", f"*{rank:05d}.parquet.partial"):
+            for shard in staged.glob(pattern):
+                shard.unlink()
 
 
 def _run_pipeline(ctx_path: str, staged: Path, logs: Path, tasks: int, workers: int, plan,
@@ -337,7 +622,7 @@ def _run_pipeline(ctx_path: str, staged: Path, logs: Path, tasks: int, workers: 
         # proves it, so that task runs again once.
         if attempt == 1:
             raise MsmError(f"{len(missing)} plan rows never reached a staged shard (e.g. {missing[0]})",
-                           f"see the task logs under {logs}")
+                           f"see the task logs under {logs / 'logs'}")
 
 
 def _submit_to_slurm(ctx_path: str, staged: Path, logs: Path, opts: BuildOptions, plan, build_id: str) -> str | None:
@@ -356,27 +641,29 @@ def _submit_to_slurm(ctx_path: str, staged: Path, logs: Path, opts: BuildOptions
             "same command again to load the corpus")
 
 
-def _load(db, build_id: str, rows: list[dict], counter, ctx, corpus_name: str) -> dict:
+def _load(db, build_id: str, rows: list[dict], counter, ctx, corpus_name: str | None, allow_partial: bool = False,
+          lock_wait: float = LOAD_LOCK_WAIT_S) -> dict:
     from msm.llm.cache import CallCache
-    from warehouse.corpus_load import load_build
-    from warehouse.db import connect
+    from warehouse.corpus_load import load_build, prepare_load
 
     ids = [r["id"] for r in rows]
     if len(ids) != len(set(ids)):
         raise MsmError(f"build {build_id}: a plan row was staged twice", f"remove {ctx.staged_dir} and rerun")
     cache = CallCache(ctx.cache_dir)
-    con = connect(db)
     try:
-        return load_build(con, build_id, rows, counter, cache, corpus_name)
+        prepared = prepare_load(rows, counter, cache)  # all the reading and counting, before the lock
+    finally:
+        cache.close()
+    con = _connect_waiting(db, lock_wait, build_id)
+    try:
+        return load_build(con, build_id, prepared, corpus_name=corpus_name, allow_partial=allow_partial)
     finally:
         con.close()
-        cache.close()
 
 
-def _summarise(db, build_id, name, result, planned, counter_name, seconds, counts) -> BuildResult:
-    from warehouse.db import connect
-
-    con = connect(db, read_only=True)
+def _summarise(db, build_id, name, result, planned, counter_name, seconds, counts,
+               lock_wait: float = LOAD_LOCK_WAIT_S) -> BuildResult:
+    con = _connect_waiting(db, lock_wait, build_id, read_only=True)
     try:
         reasons = dict(con.execute(
             "SELECT coalesce(reason, status), count(*) FROM plan_rows "

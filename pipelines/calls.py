@@ -41,6 +41,16 @@ class TaskCalls:
         self.thread = threading.Thread(target=self.loop.run_forever, name="msm-calls", daemon=True)
         self.thread.start()
 
+    async def _shutdown(self) -> None:
+        """Cancel the calls still in flight (a step stopped early: an error, a signal), then close
+        the backend, so nothing is left pending when the loop closes."""
+        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        await self.client.backend.aclose()
+
     @property
     def model(self) -> str:
         return self.client.model
@@ -51,7 +61,7 @@ class TaskCalls:
 
     def close(self) -> None:
         try:
-            self.run(self.client.backend.aclose())
+            self.run(self._shutdown())
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(timeout=30)

@@ -11,7 +11,9 @@ EXPECTED = ("No .remove file",)
 
 
 def _to_terminal(record) -> bool:
-    return not record["message"].startswith(EXPECTED)
+    """Warnings only: an error's trace goes to the task's log file, and the build prints one line
+    naming its own log (builds/B/logs/build.log), where the full trace is written too."""
+    return record["level"].no < 40 and not record["message"].startswith(EXPECTED)
 
 
 def quiet_task_logs() -> None:

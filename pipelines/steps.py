@@ -14,6 +14,7 @@ import re
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter, get_filter_result
+from datatrove.pipeline.writers import ParquetWriter
 
 from pipelines.calls import Channel, release, task_calls
 from pipelines.quiet import quiet_task_logs
@@ -26,6 +27,32 @@ if os.environ.get("MSM_QUIET_DATATROVE"):  # a datatrove worker process of a bui
 def document_row(self, document: Document) -> dict:
     """Writer adapter: a fixed three-column schema, whatever the metadata holds."""
     return {"id": document.id, "text": document.text, "meta": json.dumps(document.metadata, ensure_ascii=False)}
+
+
+class StagedParquetWriter(ParquetWriter):
+    """datatrove's ParquetWriter, writing each shard under `NAME.partial` and renaming it to NAME
+    once its footer is written. A process killed mid-task (SIGKILL, a full disk) leaves at most a
+    `.partial` file that no reader looks at, never a `.parquet` that cannot be read; the task's
+    rows are then missing, so the task runs again. datatrove marks a task complete only after
+    this close, and the build checks the shards' rows anyway, whatever the markers say."""
+
+    SUFFIX = ".partial"
+
+    def __init__(self, output_folder, output_filename: str, **kwargs):
+        super().__init__(output_folder, output_filename=output_filename + self.SUFFIX, **kwargs)
+        self._names: set[str] = set()
+
+    def _write(self, document: dict, file_handler, filename: str):
+        self._names.add(filename)
+        return super()._write(document, file_handler, filename)
+
+    def close(self):
+        super().close()  # writes every footer and closes the files
+        for name in sorted(self._names):
+            final = name.removesuffix(self.SUFFIX)
+            if final != name and self.output_folder.exists(name):
+                self.output_folder.mv(name, final)
+        self._names.clear()
 
 
 class PlanReader(PipelineStep):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from warehouse.db import arrow_table, insert_rows
@@ -56,12 +57,20 @@ def register_corpus(con, name: str, build_id: str, document_ids: list[str]) -> s
     return corpus_id
 
 
-def load_build(con, build_id: str, staged: list[dict], counter, cache, corpus_name: str | None) -> dict:
-    """Returns a summary: counts by status and reason, tokens, cost, corpus id."""
-    started = con.execute("SELECT started_at FROM builds WHERE id = ?", [build_id]).fetchone()[0]
-    started = started.replace(tzinfo=timezone.utc).timestamp() if started else 0.0
+@dataclass
+class PreparedLoad:
+    """Everything a load writes, read and counted before the warehouse is opened, so the write
+    holds the lock only for its one short transaction."""
 
-    # exact dedup among kept documents: the lowest plan row id keeps its place
+    rows: list[dict]
+    tokens: list[int]  # one per row with text, in order
+    calls: dict  # call key -> the call cache's record
+    counter_name: str  # the tokenizer that counted `tokens`
+
+
+def prepare_load(staged: list[dict], counter, cache) -> PreparedLoad:
+    """Exact dedup among kept documents (the lowest plan row id keeps its place), token counts
+    and the calls the rows used."""
     kept = sorted((r for r in staged if r["meta"]["status"] == "judged"), key=lambda r: r["id"])
     first_by_hash: dict[str, str] = {}
     for r in kept:
@@ -72,21 +81,33 @@ def load_build(con, build_id: str, staged: list[dict], counter, cache, corpus_na
             r["meta"]["reason"] = "exact_duplicate"  # its twin shares documents.text_hash
         else:
             first_by_hash[digest] = r["id"]
-
     with_text = [r for r in staged if r["text"]]
     tokens = counter.count_many([r["text"] for r in with_text]) if with_text else []
     keys = [k for r in staged for k in r["meta"]["call_keys"]]
-    calls = cache.rows(keys) if keys else {}
+    return PreparedLoad(staged, list(tokens), cache.rows(keys) if keys else {}, counter.name)
 
+
+def load_build(con, build_id: str, staged, counter=None, cache=None, corpus_name: str | None = None, *,
+               allow_partial: bool = False) -> dict:
+    """Returns a summary: counts by status and reason, tokens, cost, corpus id. `staged` is the
+    staged rows (read and counted here) or a PreparedLoad. The corpus name moves to the kept
+    documents only when every plan row ended, or when `allow_partial` says a partial corpus may
+    take it."""
+    prepared = staged if isinstance(staged, PreparedLoad) else prepare_load(staged, counter, cache)
+    staged, calls = prepared.rows, prepared.calls
+    started = con.execute("SELECT started_at FROM builds WHERE id = ?", [build_id]).fetchone()[0]
+    started = started.replace(tzinfo=timezone.utc).timestamp() if started else 0.0
+
+    with_text = [r for r in staged if r["text"]]
     documents, judgments, statuses, llm_calls, call_uses, clusters, contaminated = [], [], [], {}, {}, [], []
-    for r, n_tokens in zip(with_text, tokens):
+    for r, n_tokens in zip(with_text, prepared.tokens):
         meta, plan = r["meta"], r["meta"]["plan"]
         doc_id = f"{build_id}-{r['id']}"
         status = "kept" if meta["status"] == "judged" else "dropped"
         documents.append({
             "id": doc_id, "build_id": build_id, "plan_row_id": r["id"], "spec_version": plan["spec_version"],
             "unit_id": plan["unit_id"], "genre": plan["genre"], "audience": plan["audience"],
-            "condition": plan["condition"], "text": r["text"], "n_tokens": n_tokens, "token_counter": counter.name,
+            "condition": plan["condition"], "text": r["text"], "n_tokens": n_tokens, "token_counter": prepared.counter_name,
             "status": status, "drop_reason": None if status == "kept" else meta["reason"],
             "text_hash": r.get("hash") or hashlib.sha256(normalise(r["text"]).encode()).hexdigest(),
             "prompt_hash": meta["prompt_hash"], "backend": meta["backend"], "model": meta["model"],
@@ -143,10 +164,10 @@ def load_build(con, build_id: str, staged: list[dict], counter, cache, corpus_na
         corpus_id = None
         kept_ids = [d for (d,) in con.execute(
             "SELECT id FROM documents WHERE build_id = ? AND status = 'kept' ORDER BY id", [build_id]).fetchall()]
-        if kept_ids and corpus_name:
+        if kept_ids and corpus_name and (complete or allow_partial):
             corpus_id = register_corpus(con, corpus_name, build_id, kept_ids)
         con.execute("COMMIT")
-    except Exception:
+    except BaseException:  # a signal mid-write too: the load lands whole or not at all
         con.execute("ROLLBACK")
         raise
     return {"counts": counts, "complete": complete, "corpus_id": corpus_id}
