@@ -8,6 +8,7 @@ and `merge_shards` folds them into the main file. Errors are stored as errors an
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -84,6 +85,10 @@ def _open(path: Path, attempts: int = 40) -> sqlite3.Connection:
                 time.sleep(min(0.05 * (attempt + 1), 0.5))
                 continue
             raise _cannot_open(path, str(exc)) from None
+        except sqlite3.DatabaseError as exc:  # not a database, or a damaged one
+            if con is not None:
+                con.close()
+            raise damaged(path, exc) from None
         except OSError as exc:
             raise _cannot_open(path, exc.strerror or str(exc)) from None
     raise AssertionError("unreachable")
@@ -94,9 +99,125 @@ def _is_lock_error(exc: sqlite3.OperationalError) -> bool:
     return "locked" in text or "busy" in text
 
 
+def damaged(path: Path, exc: BaseException | str) -> CacheError:
+    """The one-line error for a call-cache file SQLite cannot read."""
+    return CacheError(f"the call cache {path} is damaged ({str(exc).splitlines()[0] if str(exc) else 'unreadable'})",
+                      f"restore it with `msm warehouse restore --from DIR`, or move it aside (mv {path} {path}.bad) "
+                      "and rerun: answers no longer cached are asked again")
+
+
+def _is_damage(exc: sqlite3.DatabaseError) -> bool:
+    return not isinstance(exc, sqlite3.OperationalError) or "malformed" in str(exc) or "not a database" in str(exc)
+
+
+def check_file(path: str | os.PathLike) -> str | None:
+    """What is wrong with one cache file (SQLite's quick_check, and the calls table), or None.
+    Opens it read-only and changes nothing."""
+    path = Path(path)
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    except sqlite3.Error as exc:
+        return str(damaged(path, exc))
+    try:
+        verdict = [row[0] for row in con.execute("PRAGMA quick_check")]
+        if verdict != ["ok"]:
+            return str(damaged(path, "; ".join(verdict[:2])))
+        if not con.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'calls'").fetchone()[0]:
+            return str(damaged(path, "no calls table: not an msm call cache"))
+        con.execute("SELECT count(*), sum(length(text)) FROM calls").fetchone()
+    except sqlite3.Error as exc:
+        return str(damaged(path, exc))
+    finally:
+        con.close()
+    return None
+
+
+def cache_files(root: str | os.PathLike) -> list[Path]:
+    """The main cache file and every shard under a cache root, those that exist."""
+    root = Path(root)
+    shards = sorted((root / "shards").glob("calls-*.sqlite")) if (root / "shards").is_dir() else []
+    return [p for p in [root / "calls.sqlite", *shards] if p.is_file()]
+
+
+def backup_files(root: str | os.PathLike, dest: str | os.PathLike) -> dict[str, int]:
+    """Copy every cache file under `root` into `dest` (same layout) with SQLite's online backup, which
+    is consistent while workers write; returns {relative path: calls}. A damaged file is refused."""
+    root, dest = Path(root), Path(dest)
+    copied = {}
+    for path in cache_files(root):
+        problem = check_file(path)
+        if problem:
+            raise CacheError(problem.split("; ", 1)[0], "restore the cache first (`msm warehouse restore --from DIR`), "
+                             f"or move {path} aside")
+        rel = path.relative_to(root)
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        src = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
+        out = sqlite3.connect(str(dest / rel))
+        try:
+            src.backup(out)
+            copied[str(rel)] = out.execute("SELECT count(*) FROM calls").fetchone()[0]
+        finally:
+            out.close()
+            src.close()
+    return copied
+
+
+def restore_files(src: str | os.PathLike, root: str | os.PathLike, stamp: str) -> dict[str, str]:
+    """Bring a backed-up cache back under `root`. A live, healthy cache file keeps every answer it has
+    and gains the backup's (newer paid calls are never lost); a missing one is copied in; a damaged
+    one is moved aside (`NAME.before-restore-STAMP`) and replaced. Returns {relative path: action}."""
+    import shutil
+
+    src, root = Path(src), Path(root)
+    actions = {}
+    for backup in cache_files(src):
+        rel = backup.relative_to(src)
+        live = root / rel
+        if live.is_file() and check_file(live) is None:
+            con = _open(live)
+            try:
+                con.execute("ATTACH DATABASE ? AS restored", [str(backup)])
+                updates = ", ".join(f"{c} = excluded.{c}" for c in COLUMNS if c != "key")
+                con.execute("BEGIN")
+                added = con.execute(
+                    f"INSERT INTO calls SELECT {', '.join(COLUMNS)} FROM restored.calls WHERE true ON CONFLICT(key) "
+                    f"DO UPDATE SET {updates} WHERE calls.error IS NOT NULL AND excluded.error IS NULL").rowcount
+                con.execute("INSERT OR IGNORE INTO prefixes SELECT * FROM restored.prefixes")
+                con.execute("INSERT OR IGNORE INTO batches SELECT * FROM restored.batches")
+                con.execute("COMMIT")
+                con.execute("DETACH DATABASE restored")
+            finally:
+                con.close()
+            actions[str(rel)] = f"merged ({added} call(s) added)"
+            continue
+        live.parent.mkdir(parents=True, exist_ok=True)
+        if live.exists():
+            for suffix in ("", "-wal", "-shm"):
+                side = live.with_name(live.name + suffix)
+                if side.exists():
+                    os.replace(side, side.with_name(side.name + f".before-restore-{stamp}"))
+        tmp = live.with_name(live.name + ".restoring")
+        shutil.copyfile(backup, tmp)
+        os.replace(tmp, live)
+        actions[str(rel)] = "replaced" if (root / rel).with_name(live.name + f".before-restore-{stamp}").exists() \
+            else "copied"
+    return actions
+
+
 def _cannot_open(path: Path, reason: str) -> CacheError:
     return CacheError(f"cannot open the call cache at {path}: {reason}",
                       "set MSM_HOME (or the cache path) to a writable local directory")
+
+
+@contextlib.contextmanager
+def _reading(path: Path):
+    """A damaged file met mid-run (SQLite checks pages as it reads them) is one line naming it."""
+    try:
+        yield
+    except sqlite3.DatabaseError as exc:
+        if _is_damage(exc):
+            raise damaged(path, exc) from None
+        raise
 
 
 class CallCache:
@@ -127,7 +248,9 @@ class CallCache:
             con = self._reader(path)
             if con is None:
                 continue
-            row = con.execute(f"SELECT {', '.join(COLUMNS)} FROM calls WHERE key = ? AND error IS NULL", [key]).fetchone()
+            with _reading(path):
+                row = con.execute(f"SELECT {', '.join(COLUMNS)} FROM calls WHERE key = ? AND error IS NULL",
+                                  [key]).fetchone()
             if row:
                 return _row_to_response(dict(zip(COLUMNS, row)))
         return None
@@ -143,7 +266,10 @@ class CallCache:
             for start in range(0, len(wanted), 500):
                 chunk = wanted[start:start + 500]
                 marks = ", ".join("?" for _ in chunk)
-                for row in con.execute(f"SELECT {', '.join(COLUMNS)} FROM calls WHERE key IN ({marks})", chunk):
+                with _reading(path):
+                    found_rows = con.execute(f"SELECT {', '.join(COLUMNS)} FROM calls WHERE key IN ({marks})",
+                                             chunk).fetchall()
+                for row in found_rows:
                     record = dict(zip(COLUMNS, row))
                     if record["key"] not in found or found[record["key"]]["error"] is not None:
                         found[record["key"]] = record
@@ -171,8 +297,28 @@ class CallCache:
                 [row[c] for c in COLUMNS],
             )
         except sqlite3.OperationalError as exc:
+            if _is_damage(exc):
+                raise damaged(self.write_path, exc) from None
             raise CacheError(f"cannot write the call cache at {self.write_path}: {exc}",
                              "use a writable local directory for MSM_HOME") from None
+        except sqlite3.DatabaseError as exc:
+            raise damaged(self.write_path, exc) from None
+
+    def put_record(self, key: str, backend: str, model: str, purpose: str, request: dict, text: str,
+                   stop_reason: str) -> None:
+        """Store an answer that is not a chat completion (a log-probability score, say) under its key."""
+        row = {"key": key, "backend": backend, "model": model, "purpose": purpose,
+               "request": json.dumps(request, ensure_ascii=False), "text": text, "stop_reason": stop_reason,
+               "input_tokens": 0, "output_tokens": 0, "cache_read_tokens": 0, "cache_write_tokens": 0,
+               "cost_usd": 0.0, "latency_s": 0.0, "batch": 0, "error": None, "attempts": 1, "created_at": time.time()}
+        try:
+            self._writer.execute(f"INSERT OR IGNORE INTO calls ({', '.join(COLUMNS)}) VALUES "
+                                 f"({', '.join('?' for _ in COLUMNS)})", [row[c] for c in COLUMNS])
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError) and not _is_damage(exc):
+                raise CacheError(f"cannot write the call cache at {self.write_path}: {exc}",
+                                 "use a writable local directory for MSM_HOME") from None
+            raise damaged(self.write_path, exc) from None
 
     def _request_json(self, request: Request) -> str:
         """The request as JSON, its system prefix replaced by {"sha256": ...} (see `request`)."""

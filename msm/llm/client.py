@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import heapq
 import itertools
+import json
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 from msm.llm.base import Backend, FatalError, Score, ScoreItem, TransientError
@@ -22,6 +24,7 @@ from msm.llm.pricing import PriceTable, estimate, load_prices
 from msm.llm.types import Request, Response, Usage
 
 MAX_BATCH_ITEMS = 10_000
+SCORE_CHUNK = 64  # score items (each with its continuations) per scoring call
 
 
 @dataclass
@@ -165,8 +168,40 @@ class LLMClient:
         finally:
             await self.backend.aclose()
 
+    def score_key(self, item: ScoreItem) -> str:
+        body = {"kind": "score", "backend": self.backend.name, "model": self.model, "context": item.context,
+                "continuations": list(item.continuations)}
+        return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
     async def score_many(self, items: list[ScoreItem]) -> list[list[Score]]:
-        return await self.backend.score(items, self.model)
+        """Log-probabilities, through the call cache like every other request: scores already stored
+        are served from it, the rest are asked SCORE_CHUNK items at a time and stored as they come,
+        so a crash after some calls loses none of them and a rerun pays only for what is missing."""
+        if self.cache is None:
+            return await self.backend.score(items, self.model)
+        keys = [self.score_key(item) for item in items]
+        done: dict[str, list[Score]] = {}
+        todo: dict[str, ScoreItem] = {}
+        for key, item in zip(keys, items):
+            if key in done or key in todo:
+                continue
+            hit = self.cache.get(key)
+            if hit is not None and hit.stop_reason == "score":
+                self.stats.cache_hits += 1
+                done[key] = [Score(**s) for s in json.loads(hit.text)]
+            else:
+                todo[key] = item
+        pending = list(todo.items())
+        for start in range(0, len(pending), SCORE_CHUNK):
+            part = pending[start:start + SCORE_CHUNK]
+            self.stats.calls += 1
+            scores = await self.backend.score([item for _, item in part], self.model)
+            for (key, item), score in zip(part, scores):
+                self.cache.put_record(key, self.backend.name, self.model, "eval",
+                                      {"score": {"context": item.context, "continuations": list(item.continuations)}},
+                                      json.dumps([asdict(s) for s in score]), "score")
+                done[key] = score
+        return [done[k] for k in keys]
 
     # ---- one request at a time, many at once ------------------------------------------
     async def _run_concurrent(self, todo: dict[str, Request]) -> dict[str, Response]:
