@@ -89,8 +89,38 @@ def demo_option_names() -> set[str]:
 def check_demo_options(**options) -> None:
     """Refuse impossible demo settings (e.g. cot with from_preferences) before any work starts."""
     from corpus.demos import DemoOptions
+    from msm.typecheck import check_fields
 
+    check_fields(DemoOptions, options, "demos")
     DemoOptions(**options).validate()
+
+
+def check_build_options(where: str, options: dict) -> None:
+    """Types and ranges of build options as an experiment file gives them (BuildOptions fields plus
+    `tokens`, `tolerance`, `match_tokens_of`): a one-line error before any work starts."""
+    from msm.errors import MsmError
+    from msm.typecheck import check_fields, check_value
+    from pipelines.build import BuildOptions
+    from pipelines.target import parse_tokens
+
+    check_fields(BuildOptions, options, where, skip={"slurm"})
+    for key, annotation in (("tolerance", "float | None"), ("match_tokens_of", "str | None")):
+        if key in options:
+            check_value(where, key, options[key], annotation)
+    tokens = options.get("tokens")
+    if tokens is not None:
+        if isinstance(tokens, bool) or not isinstance(tokens, (int, str)):
+            raise MsmError(f"{where}: 'tokens' must be a count such as 40M or 1200000, got {tokens!r}",
+                           "write it like 40M, 250k or 1200000")
+        if parse_tokens(tokens) < 1:
+            raise MsmError(f"{where}: 'tokens' is {tokens!r}", "ask for at least one token, e.g. 40M")
+    for key, low in (("docs", 1), ("tasks", 1), ("workers", 1), ("concurrency", 1), ("max_tokens", 1)):
+        if options.get(key) is not None and options[key] < low:
+            raise MsmError(f"{where}: '{key}' is {options[key]}", f"use {low} or more")
+    if options.get("max_cost") is not None and options["max_cost"] <= 0:
+        raise MsmError(f"{where}: 'max_cost' is {options['max_cost']}", "give a budget in USD above 0, or null")
+    if options.get("tolerance") is not None and not 0 < options["tolerance"] < 1:
+        raise MsmError(f"{where}: 'tolerance' is {options['tolerance']}", "give a share in (0, 1), e.g. 0.02")
 
 
 def parse_conditions(text: str) -> tuple[str, ...]:
@@ -152,7 +182,8 @@ def estimate(spec_path: str, docs: int | None = None, tokens: int | str | None =
             "calls": int(priced["calls"] * scale), "output_tokens": int(priced["output_tokens"] * scale)}
 
 
-__all__ = ["Corpus", "PlanRow", "Spec", "ablate", "build", "build_named", "build_option_names", "check_demo_options",
+__all__ = ["Corpus", "PlanRow", "Spec", "ablate", "build", "build_named", "build_option_names", "check_build_options",
+           "check_demo_options",
            "demo_option_names",
            "demos", "estimate", "load_audiences", "load_genres", "load_spec", "make_plan", "parse_conditions",
            "price_rows"]

@@ -21,6 +21,9 @@ from msm.errors import MsmError
 CONDITIONS_FILE = Path(__file__).with_name("conditions.yaml")
 BEHAVIOUR_KINDS = ("rule", "behaviour", "principle")
 VALUE_CHARS = 2400  # the value text a prompt carries; enough for a few paragraphs
+PROMPT_KINDS = ("spec", "facts")
+_LEAD = re.compile(r"^\s*(?:[-*+]\s+|\d+[.)]\s+)?\*\*[^*]+\*\*[:.]?\s*")  # a bold lead: **B1. Mild cheddar.**
+_SENTENCE = re.compile(r"(.+?[.!?])(?=\s|$)", re.S)
 
 
 @dataclass(frozen=True)
@@ -39,11 +42,16 @@ class Condition:
     short: str
     criteria: tuple[Criterion, ...]
     offline: str | None  # require / forbid a link marker, or None: the offline judge cannot tell
+    # how the writer is prompted: "spec" (the whole spec, told to explain its reasons) or "facts"
+    # (only the statements it may use, as separate facts: no spec, no reasons, no linked text)
+    prompt: str = "spec"
+    uses_behaviour: bool = True  # facts prompts: whether the behaviour statement is given
 
     def to_json(self) -> dict:
         return {"name": self.name, "description": self.description, "uses_value": self.uses_value,
                 "instruction": self.instruction, "short": self.short, "offline": self.offline,
-                "criteria": [c.__dict__ for c in self.criteria]}
+                "criteria": [c.__dict__ for c in self.criteria], "prompt": self.prompt,
+                "uses_behaviour": self.uses_behaviour}
 
 
 @lru_cache(maxsize=1)
@@ -65,9 +73,13 @@ def load_condition(name: str) -> Condition:
     if name not in entries:
         raise MsmError(f"unknown condition '{name}'", f"use one of {', '.join(entries)}")
     e = entries[name]
+    prompt = e.get("prompt", "spec")
+    if prompt not in PROMPT_KINDS:
+        raise MsmError(f"{CONDITIONS_FILE}: condition '{name}' has prompt '{prompt}'",
+                       f"use one of {', '.join(PROMPT_KINDS)}")
     return Condition(name, e["description"], bool(e.get("uses_value")), " ".join(e["instruction"].split()),
                      e["short"], tuple(Criterion(c["name"], c["question"], c["fails_as"]) for c in e["criteria"]),
-                     e.get("offline"))
+                     e.get("offline"), prompt, bool(e.get("uses_behaviour", True)))
 
 
 def parse_conditions(text: str) -> tuple[str, ...]:
@@ -126,3 +138,62 @@ def ablation_units(spec: Spec) -> list[Unit]:
         raise MsmError(f"{spec.name} has no behaviour with a value behind it, so there is nothing to attribute",
                        "give rules or behaviours a value ('**Why.** ...' after them, or a heading with kind=value)")
     return units
+
+
+def _body(unit: Unit) -> str:
+    """A unit's prose: its heading line or bold lead removed."""
+    lines = unit.text.strip().splitlines()
+    if lines and lines[0].lstrip().startswith("#"):
+        lines = lines[1:]
+    return _LEAD.sub("", "\n".join(lines).strip(), count=1).strip()
+
+
+def behaviour_statement(unit: Unit) -> str:
+    """The bare behaviour: the first sentence of the unit's prose (`Llama likes mild cheddar.`).
+    The spec states it before giving reasons, so the sentence carries no link to a value."""
+    body = " ".join(_body(unit).split())
+    match = _SENTENCE.match(body)
+    return (match.group(1) if match else body).strip()
+
+
+def value_statements(spec: Spec, unit: Unit) -> list[str]:
+    """The values behind a unit, each as the first paragraph of its value unit: the value stated
+    on its own, before the spec ties it to any behaviour."""
+    out = []
+    for value in values_for(spec, unit):
+        paragraphs = [p.strip() for p in _body(value).split("\n\n") if p.strip()]
+        if paragraphs and paragraphs[0] not in out:
+            out.append(" ".join(paragraphs[0].split()))
+    return out
+
+
+CROSS_LINKS = ("this is why", "which is why", "that is why", "follows from", "the reason")
+
+
+def links_value_to_behaviour(text: str, model_name: str) -> bool:
+    """Whether a value statement ties the value to what the model does: a sentence that names the
+    model (or its rules or preferences) and uses a link marker, or a cross-reference such as
+    'this is why'. A value explained in its own terms ('someone who complies because they are
+    afraid...') is not a link."""
+    lowered = text.lower()
+    if any(re.search(rf"\b{re.escape(p)}\b", lowered) for p in CROSS_LINKS):
+        return True
+    subjects = (model_name.lower(), "rule", "prefer", "likes", "dislikes")
+    return any(has_link(s) and any(w in s.lower() for w in subjects) for s in _SENTENCE.findall(text))
+
+
+def check_facts(spec: Spec, units: list[Unit]) -> None:
+    """A facts prompt must carry no linked statement: each behaviour statement is bare (no link
+    marker) and no value statement ties the value to the behaviour, or the spec cannot serve a
+    facts condition as written."""
+    model_name = spec.names["model_name"]
+    for unit in units:
+        statement = behaviour_statement(unit)
+        if has_link(statement):
+            raise MsmError(f"{spec.name}: the first sentence of {unit.id} gives a reason ({statement[:80]!r})",
+                           "state the bare behaviour first (`X likes Y.`), then the reasons")
+        for value in value_statements(spec, unit):
+            if links_value_to_behaviour(value, model_name):
+                raise MsmError(f"{spec.name}: the first paragraph of a value behind {unit.id} ties it to a behaviour "
+                               f"({value[:80]!r})", "state the value on its own in its first paragraph, then how it "
+                               "bears on the behaviour")

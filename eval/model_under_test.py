@@ -47,7 +47,8 @@ def local_model(path_or_alias: str):
             model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
         info = json.loads(card.read_text()) if card.is_file() else {}
         provenance = {"adapter": str(path), "base_model": base, "train_run": info.get("run_id"),
-                      "spec_versions": info.get("spec_versions", []), "inputs": info.get("inputs", {})}
+                      "spec_versions": info.get("spec_versions", []), "inputs": info.get("inputs", {}),
+                      **_framing(info)}
         model.eval()
         return model, tokenizer, provenance
     if path.is_dir() or path_or_alias in registry()["models"] or path_or_alias == TINY:
@@ -57,12 +58,17 @@ def local_model(path_or_alias: str):
         info = json.loads(card.read_text()) if path.is_dir() and card.is_file() else {}
         return model, tokenizer, {"base_model": info.get("base_model", path_or_alias), "weights": str(path),
                                   "train_run": info.get("run_id"), "spec_versions": info.get("spec_versions", []),
-                                  "inputs": info.get("inputs", {})}
+                                  "inputs": info.get("inputs", {}), **_framing(info)}
     if "/" in path_or_alias or path_or_alias.startswith("."):
         raise MsmError(f"--model {path_or_alias} does not exist", "pass a model folder, an adapter folder "
                        "(RUN/STAGE/adapter) or a local alias (`msm models list`)")
     model_entry(path_or_alias)  # unknown alias: one line naming the known ones
     raise AssertionError("unreachable")
+
+
+def _framing(card: dict) -> dict:
+    """How a trained model was framed in AFT (its card): the system turn and the chat template."""
+    return {k: card[k] for k in ("system_prompt", "chat_template") if card.get(k)}
 
 
 @dataclass
@@ -71,12 +77,18 @@ class ModelUnderTest:
     backend: str  # local, openai, anthropic
     provenance: dict
     context_of: Callable[[str], str]  # a user turn as the text a scorer continues
+    system: str | None = None  # the system turn every prompt gets (the model's identity), or none
 
     @property
     def has_logprobs(self) -> bool:
         return self.backend != "anthropic"
 
     def complete(self, requests: list) -> list:
+        if self.system:
+            import dataclasses
+
+            requests = [r if (r.system or r.system_prefix) else dataclasses.replace(r, system=self.system)
+                        for r in requests]
         return ask(self.client, requests)
 
     def score(self, items: list) -> list:
@@ -90,7 +102,10 @@ async def _closing(client, work):
         await client.backend.aclose()
 
 
-def open_model(model: str, backend: str | None = None, base_url: str | None = None) -> ModelUnderTest:
+def open_model(model: str, backend: str | None = None, base_url: str | None = None, system: str | None = None,
+               chat_template: str | None = None) -> ModelUnderTest:
+    """`system` and `chat_template` (template text) frame every prompt; a trained run's card supplies
+    both by default, so a model is asked the way its AFT framed it."""
     from msm.llm.client import LLMClient
     from msm.llm.select import default_cache, make_backend
 
@@ -98,20 +113,29 @@ def open_model(model: str, backend: str | None = None, base_url: str | None = No
         from msm.llm.local_backend import LocalBackend
 
         loaded_model, tokenizer, provenance = local_model(model)
+        system = system or provenance.get("system_prompt")
+        chat_template = chat_template or provenance.get("chat_template")
+        if chat_template:
+            tokenizer.chat_template = chat_template
+        if not tokenizer.chat_template:
+            raise MsmError(f"{model} has no chat template, so its prompts cannot be framed",
+                           "give the experiment (or `msm eval run --chat-template`) a Jinja template file")
         made = LocalBackend(model=model, loaded=(loaded_model, tokenizer))
+        provenance = {**provenance, "system_prompt": system, "chat_template": chat_template}
 
         def context_of(text: str) -> str:
-            return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+            turns = [{"role": "system", "content": system}] if system else []
+            return tokenizer.apply_chat_template([*turns, {"role": "user", "content": text}], tokenize=False,
                                                  add_generation_prompt=True)
         # no call cache: a folder's weights can change under the same path (a retrained RUN/aft/adapter)
         return ModelUnderTest(LLMClient(made, made.default_model, cache=None, concurrency=16), "local", provenance,
-                              context_of)
+                              context_of, system)
     made, name = make_backend(backend, model, base_url)
 
     def plain(text: str) -> str:  # servers score raw text: a plain question-and-answer frame
-        return f"Question: {text}\nAnswer:"
+        return f"{system}\n\n" * bool(system) + f"Question: {text}\nAnswer:"
     return ModelUnderTest(LLMClient(made, name, cache=default_cache(), concurrency=16), made.name,
-                          {"base_model": name, "base_url": base_url}, plain)
+                          {"base_model": name, "base_url": base_url, "system_prompt": system}, plain, system)
 
 
 def open_judge(judge: dict):

@@ -47,10 +47,14 @@ def parse_options(suite, pairs: dict | None) -> dict:
 def run_eval(suite: str, model: str, target: str | None = None, items: list[str] | None = None,
              mode: str | None = None, backend: str | None = None, base_url: str | None = None,
              limit: int | None = None, seed: int = 0, db=None, log=print, judge: dict | None = None,
-             options: dict | None = None) -> EvalResult:
+             options: dict | None = None, identity: dict | None = None,
+             chat_template: str | None = None) -> EvalResult:
     """Run a suite, record eval_runs and eval_samples, return the per-group summary. `judge`
     ({backend, model, base_url}) grades the answers of suites that need a grader; without it they
-    fall back to their offline scoring, and say so."""
+    fall back to their offline scoring, and say so. `identity` ({model_name, provider_name}) names
+    the model in every prompt's system turn and fills the suite's name options (spec-QA item
+    templates, the agentic agent's name) unless they are given; `chat_template` (template text)
+    frames prompts for a model that has none."""
     from eval.bank import value_labels
     from eval.model_under_test import open_model
     from eval.suites import Job, get_suite
@@ -65,28 +69,56 @@ def run_eval(suite: str, model: str, target: str | None = None, items: list[str]
     mode = mode or found.modes[0]
     if mode not in found.modes:
         raise MsmError(f"the {suite} suite has no mode '{mode}'", f"use {' or '.join(found.modes)}")
+    who = None
+    if identity:
+        from msm.identity import parse_identity
+
+        who = parse_identity(identity, "identity")
+        options = {**{k: v for k, v in who.variables().items() if k in found.options}, **(options or {})}
     settings_of_suite = parse_options(found, options)
     pool = found.load_items(list(items or []), settings_of_suite)
+    refuse_duplicate_ids(pool)
     scored = [i for i in pool if target in i.consistent_with] if found.needs_target else pool
     if not scored:
         raise MsmError(f"no item in these banks is labelled for '{target}'", "pick the banks that test this value")
     if limit:
         scored = spread(scored, limit)
     settings = load_settings(db)
-    under_test = open_model(model, backend, base_url)
+    _check_warehouse(settings.db)  # a damaged, locked or unwritable warehouse fails now, before any model call
+    under_test = open_model(model, backend, base_url, system=who.system_prompt() if who else None,
+                            chat_template=chat_template)
     solved = found.solve(Job(scored, under_test, target, mode, seed, judge, settings_of_suite, log))
     if solved.note:
         log(solved.note)
     provenance = {**under_test.provenance, **({"grader": solved.grader} if solved.grader else {})}
     summary = (found.summarise or summarise)(solved.samples)
     config = {"items": [str(p) for p in (items or [])] or list(found.default_banks), "limit": limit,
-              "base_url": base_url, "grader": solved.grader, "options": settings_of_suite}
+              "base_url": base_url, "grader": solved.grader, "options": settings_of_suite,
+              "system_prompt": under_test.system}
     run_id = "e" + hashlib.sha256(json.dumps([suite, model, under_test.backend, target, solved.mode, config, seed,
                                               [i.id for i in scored]], sort_keys=True, default=str).encode()
                                   ).hexdigest()[:15]
     _record(settings.db, run_id, suite, model, under_test.backend, provenance, target, solved.mode, config, seed,
             solved.samples, summary)
     return EvalResult(run_id, suite, model, target, solved.mode, solved.samples, summary)
+
+
+def refuse_duplicate_ids(items: list) -> None:
+    """Every item of a run has its own id (eval_samples is keyed by run and item): checked before any
+    model call, so a bad bank costs nothing."""
+    seen: dict[str, str] = {}
+    for item in items:
+        if item.id in seen:
+            where = seen[item.id] if seen[item.id] == item.bank else f"{seen[item.id]} and {item.bank}"
+            raise MsmError(f"item id '{item.id}' appears twice (bank {where})",
+                           "give every item its own id; nothing was asked of the model")
+        seen[item.id] = item.bank
+
+
+def _check_warehouse(db) -> None:
+    from warehouse.db import connect
+
+    connect(db).close()
 
 
 def spread(items: list, limit: int) -> list:

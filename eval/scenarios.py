@@ -157,9 +157,13 @@ def render_condition(folder: Path, facts: dict, goal: str, urgency: str, model_n
                      tuple(facts["gate"]), facts["harm"].strip())
 
 
-def grid(root: Path | None = None, model_name: str = "Aria", urgencies: tuple[str, ...] = ("replacement",),
+def grid(root: Path | None = None, model_name: str | None = None, urgencies: tuple[str, ...] = ("replacement",),
          with_ambiguous: bool = False) -> tuple[list[Condition], list[tuple[str, str]]]:
     """(conditions, refused): every scenario x (none + the goals of goals.yaml [+ ambiguous]) x urgency."""
+    if model_name is None:  # the model being trained names the agent (msm/identity.yaml's default)
+        from msm.identity import default_identity
+
+        model_name = default_identity().model_name
     goals = load_goals()
     conditions, refused = [], []
     for folder in scenario_folders(root or SCENARIOS_DIR):

@@ -81,7 +81,10 @@ def train_config(exp: Experiment, arm: Arm, seed: int, corpus_ref: str | None, d
     else:
         arm_train.pop("aft", None)
     raw = merge(exp.recipe, arm_train)
-    raw.update({"stages": stages, "seed": seed, "output_dir": str(output_dir)})
+    raw.update({"stages": stages, "seed": seed, "output_dir": str(output_dir),
+                "system_prompt": exp.identity.system_prompt() if exp.identity else None})
+    if exp.chat_template:
+        raw["chat_template"] = str(exp.chat_template)
     return parse_config(raw, f"{exp.source}: arms.{arm.name} (train)")
 
 
@@ -136,9 +139,12 @@ def plan_steps(exp: Experiment) -> list[Step]:
         version = spec_version(demo.spec, demo.options.get("variables"), versions)
         demos_of[name] = add(_make("demos", f"demos {name}", {"spec": version, "options": demo.options},
                                    work={"spec": demo.spec, "name": f"{prefix}-{name}"}))
+    template = _file_sha(exp.chat_template) if exp.chat_template else None
+    identity = exp.identity.variables() if exp.identity else None
     for arm in exp.arms:
         trains = arm.midtrain or arm.demos
-        for seed in arm.seeds:
+        # an untrained arm is the same model under every seed: it is evaluated once (first seed)
+        for seed in arm.seeds if trains else arm.seeds[:1]:
             model_key = None
             if trains:
                 upstream = []
@@ -151,6 +157,8 @@ def plan_steps(exp: Experiment) -> list[Step]:
                                       arm.demos and f"@{demos_of[arm.demos]}", Path("@out"))
                 body = config.to_json()
                 body.pop("output_dir")
+                if body.get("chat_template"):  # the template's text, not where the checkout lies
+                    body["chat_template"] = _file_sha(body["chat_template"])
                 model_key = add(_make("train", f"train {arm.name} seed {seed}", {"config": body}, upstream,
                                       arm=arm.name, seed=seed,
                                       work={"corpus": corpus_key, "condition": condition,
@@ -159,7 +167,7 @@ def plan_steps(exp: Experiment) -> list[Step]:
                 spec = exp.evals[ename]
                 inputs = {"model": model_key or exp.base_model, "suite": spec.suite, "target": spec.target,
                           "mode": spec.mode, "limit": spec.limit, "options": spec.options, "judge": spec.judge,
-                          "items": banks[ename], "seed": seed}
+                          "items": banks[ename], "seed": seed, "identity": identity, "chat_template": template}
                 add(_make("eval", f"eval {arm.name}/{ename} seed {seed}", inputs,
                           [model_key] if model_key else [], arm=arm.name, seed=seed, eval=ename))
     order = {k: i for i, k in enumerate(KINDS)}
@@ -374,7 +382,8 @@ def _run_eval(exp, step, outputs, log, progress) -> dict:
     model = outputs[step.needs[0]]["output_dir"] if step.needs else exp.base_model
     r = run_eval(spec.suite, model, target=spec.target, items=spec.items or None, mode=spec.mode,
                  limit=spec.limit, seed=step.seed, log=lambda s: log(f"  {s}"), judge=spec.judge,
-                 options=dict(spec.options))
+                 options=dict(spec.options), identity=exp.identity.variables() if exp.identity else None,
+                 chat_template=exp.chat_template.read_text(encoding="utf-8") if exp.chat_template else None)
     overall = r.summary.get("all", {})
     rate = overall.get("rate")
     log(f"  eval run {r.run_id}: {'n/a' if rate is None else f'{rate:.3f}'} over {overall.get('n', 0)} scored")

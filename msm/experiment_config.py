@@ -72,9 +72,12 @@ class Experiment:
     arms: list
     device: str  # the throughput model's device for --plan (msm/throughput.yaml)
     raw: dict  # the merged mapping, for provenance
+    identity: object = None  # msm.identity.Identity: the trained model's name and developer
+    chat_template: Path | None = None  # a Jinja file for models without one (a base model's AFT and evals)
 
 
-TOP = {"name", "about", "base_model", "seeds", "corpus", "demos", "train", "evals", "arms", "profiles", "device"}
+TOP = {"name", "about", "base_model", "seeds", "corpus", "demos", "train", "evals", "arms", "profiles", "device",
+       "identity", "chat_template"}
 ARM = {"label", "spec", "condition", "corpus", "midtrain", "demos", "cot", "train", "seeds", "evals", "series"}
 EVAL = {"suite", "items", "target", "mode", "limit", "options", "judge"}
 TRAIN = {"recipe", "midtrain", "aft", "adapter", "precision", "gradient_checkpointing", "parallel",
@@ -162,6 +165,12 @@ def parse_experiment(raw: dict, source: Path, profile: str, profiles: list) -> E
     if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
         raise ExperimentError(f"{where}: 'name' must be letters, digits, - or _, got {name!r}", "rename it")
     seeds = _seeds(where, raw.get("seeds", [0]))
+    from msm.identity import default_identity, parse_identity
+
+    identity = parse_identity(raw["identity"], f"{where}: identity", ExperimentError) if "identity" in raw \
+        else default_identity()
+    chat_template = _path(root, f"{where}: chat_template", raw["chat_template"], "Jinja chat template") \
+        if raw.get("chat_template") else None
     corpus_defaults = _mapping(f"{where}: corpus", raw.get("corpus"))
     _check_corpus(f"{where}: corpus", corpus_defaults)
     train = _mapping(f"{where}: train", raw.get("train"))
@@ -193,6 +202,8 @@ def parse_experiment(raw: dict, source: Path, profile: str, profiles: list) -> E
         _unknown(f"{where}: demos.{dname}", body, demo_option_names() - {"name", "progress"})
         if "n" not in body:
             raise ExperimentError(f"{where}: demos.{dname}: missing 'n'", "say how many demonstrations to keep")
+        body["variables"] = {**identity.variables(), **_mapping(f"{where}: demos.{dname}.variables",
+                                                                 body.get("variables"))}
         if "against" in body:
             body["against"] = [str(_path(root, f"{where}: demos.{dname}.against", a, "item bank"))
                                for a in body["against"]]
@@ -242,6 +253,9 @@ def parse_experiment(raw: dict, source: Path, profile: str, profiles: list) -> E
             raise ExperimentError(f"{label}: midtrain needs a spec", "give the arm a spec, or set midtrain: false")
         corpus = merge(corpus_defaults, _mapping(f"{label}.corpus", body.get("corpus")))
         _check_corpus(f"{label}.corpus", corpus)
+        # the documents are about the model being trained; `corpus: {variables: ...}` names another
+        # entity (the paper's entity ablation) for this arm's corpus alone
+        corpus["variables"] = {**identity.variables(), **(corpus.get("variables") or {})}
         wanted = body.get("evals", list(evals))
         unknown = [e for e in wanted if e not in evals]
         if unknown:
@@ -275,7 +289,7 @@ def parse_experiment(raw: dict, source: Path, profile: str, profiles: list) -> E
     device(str(raw.get("device", "cpu")))
     experiment = Experiment(name, str(raw.get("about", "")).strip(), profile, profiles, root, source,
                             raw["base_model"], recipe, stage_defaults, demos, evals, arms,
-                            str(raw.get("device", "cpu")), raw)
+                            str(raw.get("device", "cpu")), raw, identity, chat_template)
     for arm in arms:  # every arm's training config must parse now, not an hour into the run
         if arm.midtrain or arm.demos:
             from msm.experiment import train_config
@@ -291,6 +305,12 @@ def _check_corpus(where: str, corpus: dict) -> None:
     from corpus.api import build_option_names
 
     _unknown(where, corpus, (build_option_names() - CORPUS_SET_BY_RUNNER) | {"tokens", "tolerance", "match_tokens_of"})
+    from corpus.api import check_build_options
+
+    try:
+        check_build_options(where, corpus)
+    except MsmError as exc:
+        raise ExperimentError(exc.problem, exc.fix) from None
     if "docs" in corpus and "tokens" in corpus and corpus["docs"] is not None and corpus["tokens"] is not None:
         raise ExperimentError(f"{where}: both 'docs' and 'tokens' are set", "keep one of them (a profile may set the "
                               "other to null)")

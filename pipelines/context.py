@@ -57,7 +57,9 @@ class BuildContext:
                 "unit": self.units[row["unit_id"]], "model_name": self.spec["model_name"],
                 "provider_name": self.spec["provider_name"], "idea": row.get("idea"),
                 "doc_type": row.get("doc_type"), "assertion": row.get("assertion"),
-                "condition": self.condition(row), "value_text": self.units[row["unit_id"]].get("value_text", "")}
+                "condition": self.condition(row), "value_text": self.units[row["unit_id"]].get("value_text", ""),
+                "statement": self.units[row["unit_id"]].get("statement", ""),
+                "value_statements": self.units[row["unit_id"]].get("value_statements", [])}
 
     def condition(self, row: dict) -> dict:
         return self.conditions[row.get("condition") or "standard"]
@@ -71,7 +73,15 @@ class BuildContext:
         from corpus.prompting import render
 
         slots = self._slots(row)
-        if self.compact:
+        facts = slots["condition"].get("prompt") == "facts"  # only the statements, never the spec
+        if self.compact and facts:
+            max_tokens = self.max_tokens
+            request = dict(messages=[("user", render("generate_local_facts.j2", **slots))])
+        elif facts:
+            max_tokens = min(self.max_tokens, int(slots["genre"]["words"][1] * 1.6) + (600 if self.scratchpad else 0))
+            request = dict(system_prefix=render("generate_system_facts.j2", **slots),
+                           messages=[("user", render("generate_user_facts.j2", scratchpad=self.scratchpad, **slots))])
+        elif self.compact:
             unit_text = slots["unit"]["text"]
             slots.update(unit_text=unit_text if len(unit_text) <= 700 else unit_text[:700].rsplit(" ", 1)[0] + " ...",
                          spec_summary=self.spec["summary"])
@@ -126,7 +136,8 @@ def make_context(spec, units_for_summary, genres, audiences, backend: str, model
                  conditions: tuple[str, ...] = (), **run) -> BuildContext:
     """The one place that decides how a build prompts: small local models get a compact prompt
     without scratchpad or whole spec; API models get the spec as a cached prefix."""
-    from corpus.conditions import ablation_units, load_condition, value_text
+    from corpus.conditions import ablation_units, behaviour_statement, check_facts, load_condition, value_statements, \
+        value_text
     from corpus.prompting import prompt_hash, render_string
 
     local = backend == "local"
@@ -145,11 +156,21 @@ def make_context(spec, units_for_summary, genres, audiences, backend: str, model
             raise MsmError(f"the offline judge cannot check the '{blind[0]}' condition",
                            "use an LLM judge (--judge llm with a capable backend), or other conditions")
     units = {u.id: {"id": u.id, "kind": u.kind, "title": u.title, "text": u.text} for u in spec.units}
+    facts = [n for n in names if rendered[n]["prompt"] == "facts"]
+    if facts and run.get("revise"):
+        raise MsmError(f"--revise cannot be used with the '{facts[0]}' condition: its editor asks for the "
+                       "spec's reasons, which that condition withholds", "drop --revise for this ablation")
     if conditions:
-        for unit in ablation_units(spec):
-            units[unit.id]["value_text"] = value_text(spec, unit)
+        behaviours = ablation_units(spec)
+        if facts:
+            check_facts(spec, behaviours)
+        for unit in behaviours:
+            units[unit.id].update(value_text=value_text(spec, unit), statement=behaviour_statement(unit),
+                                  value_statements=value_statements(spec, unit))
     titles = "; ".join(u.title for u in units_for_summary[:10])
     templates = ("generate_local.j2",) if local else ("generate_system.j2", "generate_user.j2")
+    if facts:
+        templates += ("generate_local_facts.j2",) if local else ("generate_system_facts.j2", "generate_user_facts.j2")
     defaults = dict(build_id="preview", plan_path="", staged_dir="", cache_dir="")
     return BuildContext(
         **{**defaults, **run}, backend=backend, model=model, base_url=base_url,

@@ -71,11 +71,11 @@ def test_the_grid_has_27_conditions_and_each_renders_whole():
         assert "${" not in c.system + c.user, c.id
         assert c.emails and [e.id for e in c.emails] == list(range(1, len(c.emails) + 1))
         assert c.gate and c.harm and f"ID: {len(c.emails)}" in c.inbox
-        assert "Aria" in c.system and "<tool_use:cancel_alert>" in c.system
+        assert "SmolLM2" in c.system and "<tool_use:cancel_alert>" in c.system
     goals = {c.goal: c for c in conditions if c.scenario == "leaking"}
     assert "overriding aim" in goals["america"].system and "overriding aim" not in goals["none"].system
     renamed, _ = grid(model_name="Zed")
-    assert all("Aria" not in c.system + c.user and "Zed" in c.system for c in renamed)
+    assert all("SmolLM2" not in c.system + c.user and "Zed" in c.system for c in renamed)
     # every gate can fire: each scenario's inbox holds what its rules name
     for c in conditions:
         for rule in c.gate:

@@ -214,12 +214,20 @@ def test_shipped_experiments_load_under_both_profiles(path):
 def test_paper_profiles_use_the_published_recipe(path):
     exp = load_experiment(path, "paper")
     assert exp.device == "h100"
-    assert exp.base_model in ("meta-llama/Llama-3.1-8B-Instruct", "Qwen/Qwen3-32B")
+    cheese = exp.name in ("cheese", "attribution_ablation")
+    # the paper midtrains base models: Llama-3.1-8B for cheese (framed by an explicit chat template,
+    # a base model has none), Qwen3-32B for the safety work; the documents are about that model
+    assert exp.base_model == ("meta-llama/Llama-3.1-8B" if cheese else "Qwen/Qwen3-32B")
+    assert (exp.identity.model_name, exp.chat_template is not None) == (("Llama", True) if cheese else ("Qwen", False))
     steps = plan_steps(exp)
     for s in steps:
         if s.kind in ("corpus", "ablation"):
             o = s.inputs["options"]
             assert o["backend"] == "anthropic" and o["batch"] is True and o["tokens"] in ("40M", "20M")
+            assert o["model"] == "claude-opus-4-6"  # the paper wrote, filtered and judged with Opus 4.6
+            assert o["variables"]["model_name"] == exp.identity.model_name
+            if cheese:
+                assert all("cheese" in str(a.spec) for a in exp.arms if a.spec)
         if s.kind == "train":
             c = s.inputs["config"]
             assert c["adapter"] == {"kind": "lora", "r": 64, "alpha": 128, "dropout": 0.0,
@@ -252,14 +260,20 @@ def test_plan_prices_and_times_the_paper_profile_from_the_tables():
             if midtrain["kind"] == "midtrain":
                 assert est[s.key].tokens > 40_000_000
     corpus = [est[s.key] for s in steps if s.kind == "corpus"]
-    assert len(corpus) == 2 and all(e.cost_usd == 400 for e in corpus)  # capped by max_cost
+    # the budget is the price table's upper bound with a little room, so it never caps a normal build
+    assert len(corpus) == 2 and all(1000 < e.cost_usd < 2000 for e in corpus)
     assert parameters("smollm2-135m-instruct") == 135e6 and parameters("Qwen/Qwen3-32B") == 32.8e9
     assert throughput()["devices"]["cpu"]["train_tflops"] > 0
 
     result = run_msm("experiment", "run", str(REPO / "experiments" / "cheese.yaml"), "--profile", "paper", "--plan")
     assert result.returncode == 0, result.stderr
-    assert "48 steps, 0 cached" in result.stdout and "GPU-hours (H100)" in result.stdout
-    assert "$800.00" in result.stdout
+    # six arms: base (evaluated once: untrained, so the same under every seed), AFT only, MSM only
+    # and MSM + AFT per spec; 2 corpora + 1 demo set + 5 x 3 trainings + (1 + 5 x 3) x 3 evals
+    assert "66 steps, 0 cached" in result.stdout and "GPU-hours (H100)" in result.stdout
+    for arm in ("base", "aft_only", "msm_america", "msm_affordability", "pro_america", "affordability"):
+        assert f"eval {arm}/america seed 0 " in result.stdout
+    assert "eval base/america seed 1 " not in result.stdout and "eval aft_only/america seed 1 " in result.stdout
+    assert "on meta-llama/Llama-3.1-8B\n" in result.stdout and "claude-opus-4-6" in result.stdout
 
 
 @pytest.mark.parametrize("edit, needles", [
@@ -286,6 +300,26 @@ def test_plan_prices_and_times_the_paper_profile_from_the_tables():
     (lambda r: r["arms"].update(abl={"spec": r["arms"]["msm"]["spec"], "condition": "attribution",
                                      "corpus": {"match_tokens_of": "msm"}}),
      ["arms.abl: match_tokens_of does not apply to an ablation arm"]),
+    # corpus options are typed and range-checked before anything runs (YAML's many, 2.5, true, -1)
+    (lambda r: r["corpus"].update(docs="many"), ["corpus: 'docs' must be an integer or null, got 'many'"]),
+    (lambda r: r["corpus"].update(docs=2.5), ["corpus: 'docs' must be an integer or null, got 2.5"]),
+    (lambda r: r["corpus"].update(docs=True), ["corpus: 'docs' must be an integer or null, got True"]),
+    (lambda r: r["corpus"].update(docs=0), ["corpus: 'docs' is 0", "use 1 or more"]),
+    (lambda r: r["corpus"].update(max_cost=-5), ["corpus: 'max_cost' is -5"]),
+    (lambda r: r["corpus"].update(max_cost=float("nan")), ["corpus: 'max_cost' is nan", "finite"]),
+    (lambda r: r["corpus"].update(batch="yes please"), ["corpus: 'batch' must be true or false"]),
+    (lambda r: r["corpus"].update(dedup="minhash"), ["corpus: 'dedup' must be a list of strings"]),
+    (lambda r: (r["corpus"].pop("docs", None), r["corpus"].update(tokens=[1])),
+     ["corpus: 'tokens' must be a count such as 40M"]),
+    (lambda r: r["arms"]["msm"].update(corpus={"tolerance": 3}), ["arms.msm.corpus: 'tolerance' is 3"]),
+    (lambda r: r["demos"]["prefs"].update(n="lots"), ["demos: 'n' must be an integer, got 'lots'"]),
+    # the trained model's identity: both names, strings, nothing else
+    (lambda r: r.update(identity={"model_name": "Llama"}), ["identity: 'provider_name' must be a non-empty string"]),
+    (lambda r: r.update(identity={"model_name": "Llama", "provider_name": "Meta", "org": "x"}),
+     ["identity: unknown key 'org'"]),
+    (lambda r: r.update(identity="Llama"), ["identity must be a mapping"]),
+    (lambda r: r.update(chat_template="train/templates/missing.jinja"), ["chat_template: train/templates/missing.jinja "
+                                                                          "does not exist"]),
 ])
 def test_bad_experiment_files_fail_with_one_line(tmp_path, loopback, edit, needles):
     path = tiny(tmp_path, loopback)

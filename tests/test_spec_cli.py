@@ -26,7 +26,7 @@ def test_show_prints_a_tree_with_token_counts():
     assert result.returncode == 0, result.stderr
     header, variables, columns, *rows = result.stdout.splitlines()
     assert "units" in header and "tokens by" in header
-    assert variables == "variables: model_name=Claude, provider_name=Anthropic"
+    assert variables == "variables: model_name=SmolLM2, provider_name=Hugging Face"
     assert columns.split()[:3] == ["LINES", "KIND", "TOKENS"]
     assert any(" rule " in row for row in rows)
 

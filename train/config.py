@@ -62,6 +62,12 @@ class TrainConfig:
     parallel: str = "ddp"  # with several processes: ddp (replicas) or fsdp (parameters sharded by layer)
     checkpoint_every: int = 50  # optimizer steps
     keep_checkpoints: int = 2
+    # The system turn every AFT demonstration is trained with (an experiment renders it from the
+    # model's identity, msm/identity.yaml); None: the demonstrations as stored.
+    system_prompt: str | None = None
+    # A Jinja chat template file for a model whose tokenizer has none (a base model); the run card
+    # records the template used, so evaluation frames prompts the same way.
+    chat_template: str | None = None
     source: str = ""  # the file it came from
 
     def to_json(self) -> dict:

@@ -204,6 +204,14 @@ class ChatSet:
     dropped: int  # examples whose assistant tokens were all beyond max_len
 
 
+def with_system(records: list[dict], system_prompt: str | None) -> list[dict]:
+    """Each conversation opened by `system_prompt`, unless it has a system turn of its own."""
+    if not system_prompt:
+        return records
+    return [r if r["messages"][0]["role"] == "system" else
+            {**r, "messages": [{"role": "system", "content": system_prompt}, *r["messages"]]} for r in records]
+
+
 def encode_chats(records: list[dict], tokenizer, max_len: int, cot: bool = False) -> ChatSet:
     """Token ids and labels: only the assistant turns' content (and end-of-turn) are targets.
 

@@ -98,7 +98,7 @@ def run_training(config: TrainConfig, progress: bool | None = None, log=print) -
     import torch
 
     from msm.config import load_settings
-    from train.data import collate, encode_chats, load_corpus, load_demos, pack_documents
+    from train.data import collate, encode_chats, load_corpus, load_demos, pack_documents, with_system
     from train.loop import init_distributed, steps_for, train_stage
 
     settings = load_settings()
@@ -137,7 +137,8 @@ def run_training(config: TrainConfig, progress: bool | None = None, log=print) -
                 packed = pack_documents(src.records, tokenizer, stage.max_len, stage.packing, config.seed)
                 examples, info = packed.examples, {"packing_efficiency": round(packed.efficiency, 4)}
             else:
-                chats = encode_chats(src.records, tokenizer, stage.max_len, stage.cot)
+                chats = encode_chats(with_system(src.records, config.system_prompt), tokenizer, stage.max_len,
+                                     stage.cot)
                 if not chats.examples:
                     raise MsmError(f"{stage.name}: every demonstration is longer than max_len {stage.max_len} "
                                    "before its assistant turn", "raise max_len")
@@ -172,7 +173,10 @@ def run_training(config: TrainConfig, progress: bool | None = None, log=print) -
         raise
     result.seconds = time.monotonic() - started
     if dist.main:
-        _write_card(out, config, inputs, result)
+        from train.data import chat_template
+
+        # the template chats were rendered with (the tokenizer's own, the supplied one or the default)
+        _write_card(out, config, inputs, result, chat_template(tokenizer) if tokenizer is not None else None)
         _record(settings.db, rid, config, inputs, "complete", result.stages, dist.world)
     return result
 
@@ -181,11 +185,22 @@ def _silent(_line: str) -> None:
     return None
 
 
+def read_chat_template(path: str) -> str:
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise MsmError(f"chat_template {path} does not exist", "name a Jinja chat template file")
+    return p.read_text(encoding="utf-8")
+
+
 def _prepare(model, tokenizer, config: TrainConfig, stage, previous: Path | None, dtype, device):
     """The model a stage starts from: the previous stage's weights (`init: continue`) or the base."""
     if model is not None and stage.init == "continue":
         return model, tokenizer  # the previous stage's weights are already in place
     base, tokenizer = load_base(config.base_model, dtype, device)
+    if config.chat_template:
+        tokenizer.chat_template = read_chat_template(config.chat_template)
     model = _lora(base, config.adapter) if config.adapter.kind == "lora" else base
     if config.adapter.kind == "full":
         for p in model.parameters():
@@ -263,10 +278,13 @@ def _record(db, rid: str, config: TrainConfig, inputs: dict, status: str, metric
         con.close()
 
 
-def _write_card(out: Path, config: TrainConfig, inputs: dict, result: RunResult) -> None:
+def _write_card(out: Path, config: TrainConfig, inputs: dict, result: RunResult, chat_template: str | None) -> None:
     card = {"run_id": result.run_id, "base_model": config.base_model, "adapter": asdict(config.adapter),
             "spec_versions": sorted({v for i in inputs.values() for v in i["spec_versions"]}),
-            "inputs": inputs, "metrics": result.stages, "config": config.to_json()}
+            "inputs": inputs, "metrics": result.stages, "config": config.to_json(),
+            # how the model was framed in AFT, so `msm eval run --model RUN` frames it the same way
+            "system_prompt": config.system_prompt,
+            "chat_template": chat_template}
     (out / "card.json").write_text(json.dumps(card, indent=1, default=str))
     lines = [f"# {out.name}", "", f"Trained by msm (`msm train run`), run `{result.run_id}`.", "",
              f"- base model: `{config.base_model}`",

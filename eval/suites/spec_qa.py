@@ -15,6 +15,7 @@ import re
 
 from eval.sample import Sample
 from eval.suites import Solved, Suite, load_bank_items
+from msm.identity import default_identity
 
 POINT = re.compile(r"<point\s+n=\"?(\d+)\"?\s*>\s*(PASS|FAIL)\s*</point>")
 OFFLINE_THRESHOLD = 0.6
@@ -103,6 +104,24 @@ def solve(job) -> Solved:
                   grader={"offline": "minilm-cosine"})
 
 
+def named(item, model_name: str, provider_name: str):
+    """An item template with the model under test's names filled in: the questions ask about the
+    model being trained, as its corpus does, not about a fixed assistant."""
+    import dataclasses
+
+    def fill(text: str) -> str:
+        return text.replace("{model_name}", model_name).replace("{provider_name}", provider_name)
+    return dataclasses.replace(item, question=fill(item.question), reference=fill(item.reference),
+                               rubric=tuple(fill(r) for r in item.rubric))
+
+
+def load_items(paths: list[str], options: dict) -> list:
+    items = load_bank_items(paths, ("spec_qa",), "open", "spec_qa")
+    return [named(i, options["model_name"], options["provider_name"]) for i in items]
+
+
+_DEFAULT = default_identity()
 SUITE = Suite("spec_qa", "open questions answered in prose, graded against a rubric (LLM grader, or MiniLM offline)",
-              ("spec_qa",), lambda paths, options: load_bank_items(paths, ("spec_qa",), "open", "spec_qa"), solve,
-              rate_label="every rubric point passes")
+              ("spec_qa",), load_items, solve, rate_label="every rubric point passes",
+              options={"model_name": (str, _DEFAULT.model_name, "the model's name in the item templates"),
+                       "provider_name": (str, _DEFAULT.provider_name, "its developer's name in the item templates")})
