@@ -71,6 +71,7 @@ def load_bank(path: str | Path) -> list[Item]:
     if not path.is_file():
         raise BankError(f"item bank not found: {path}", "check the path (banks live in eval/items/)")
     items: list[Item] = []
+    lines: dict[str, int] = {}
     with open(path, encoding="utf-8") as fh:
         for line_no, line in enumerate(fh, 1):
             if not line.strip():
@@ -79,7 +80,12 @@ def load_bank(path: str | Path) -> list[Item]:
                 raw = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise BankError(f"{path}:{line_no}: not valid JSON ({exc.msg})", "fix the line") from None
-            items.append(_item(raw, f"{path}:{line_no}", path.stem))
+            item = _item(raw, f"{path}:{line_no}", path.stem)
+            if item.id in lines:
+                raise BankError(f"{path}:{line_no}: item id '{item.id}' is already used on line {lines[item.id]}",
+                                "give every item its own id")
+            lines[item.id] = line_no
+            items.append(item)
     if not items:
         raise BankError(f"{path} has no items", "add one JSON object per line")
     return items
