@@ -78,14 +78,12 @@ def run_eval(suite: str, model: str, target: str | None = None, items: list[str]
     settings_of_suite = parse_options(found, options)
     pool = found.load_items(list(items or []), settings_of_suite)
     refuse_duplicate_ids(pool)
-    refuse_duplicate_ids(pool)
     scored = [i for i in pool if target in i.consistent_with] if found.needs_target else pool
     if not scored:
         raise MsmError(f"no item in these banks is labelled for '{target}'", "pick the banks that test this value")
     if limit:
         scored = spread(scored, limit)
     settings = load_settings(db)
-    _check_warehouse(settings.db)  # a damaged, locked or unwritable warehouse fails now, before any model call
     _check_warehouse(settings.db)  # a damaged, locked or unwritable warehouse fails now, before any model call
     under_test = open_model(model, backend, base_url, system=who.system_prompt() if who else None,
                             chat_template=chat_template)
@@ -103,24 +101,6 @@ def run_eval(suite: str, model: str, target: str | None = None, items: list[str]
     _record(settings.db, run_id, suite, model, under_test.backend, provenance, target, solved.mode, config, seed,
             solved.samples, summary)
     return EvalResult(run_id, suite, model, target, solved.mode, solved.samples, summary)
-
-
-def refuse_duplicate_ids(items: list) -> None:
-    """Every item of a run has its own id (eval_samples is keyed by run and item): checked before any
-    model call, so a bad bank costs nothing."""
-    seen: dict[str, str] = {}
-    for item in items:
-        if item.id in seen:
-            where = seen[item.id] if seen[item.id] == item.bank else f"{seen[item.id]} and {item.bank}"
-            raise MsmError(f"item id '{item.id}' appears twice (bank {where})",
-                           "give every item its own id; nothing was asked of the model")
-        seen[item.id] = item.bank
-
-
-def _check_warehouse(db) -> None:
-    from warehouse.db import connect
-
-    connect(db).close()
 
 
 def refuse_duplicate_ids(items: list) -> None:
