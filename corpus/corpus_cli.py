@@ -152,6 +152,7 @@ def _build_options(variables, tasks, workers, concurrency, max_cost, dedup, agai
               help="Build until the kept tokens match this named corpus within 2% (for R vs V+ vs R+ "
                    "comparisons), instead of --docs or --tokens.")
 @click.option("--name", default=None, help="Corpus name (default: the spec's id).")
+@click.option("--no-progress", is_flag=True, help="No progress bars (logs and scripts).")
 @click.option("--allow-partial", is_flag=True,
               help="Point the corpus name at the kept documents even when plan rows are left pending or in error "
                    "(the exit code is still 75).")
@@ -182,13 +183,13 @@ class _Exit(click.ClickException):
 
 
 def _build(spec, variables, docs, tokens, executor, slurm_partition, slurm_time, slurm_cpus, slurm_mem_gb, venv,
-           dry_run, match_tokens, **shared):
+           dry_run, match_tokens, no_progress=False, **shared):
     from msm.errors import MsmError
     from pipelines.build import INCOMPLETE_EXIT, build_corpus
     from pipelines.cluster import SlurmSettings
 
     options = _build_options(
-        variables, docs=docs, executor=executor, dry_run=dry_run,
+        variables, docs=docs, executor=executor, dry_run=dry_run, progress=not no_progress,
         slurm=SlurmSettings(partition=slurm_partition, time=slurm_time, cpus_per_task=slurm_cpus,
                             mem_per_cpu_gb=slurm_mem_gb, venv=venv), **shared)
     if dry_run and executor != "slurm":

@@ -157,8 +157,10 @@ class Generate(_LLMStep):
             self.stat_update(doc.metadata["status"])
             return doc
 
-        yield from self.stream(data, channel, lambda d: d.metadata["status"] == "planned", submit, settle)
-        bar.close()
+        try:
+            yield from self.stream(data, channel, lambda d: d.metadata["status"] == "planned", submit, settle)
+        finally:
+            bar.close()
 
     @staticmethod
     def finish(ctx: BuildContext, doc: Document, response) -> None:
@@ -230,8 +232,10 @@ class Revise(_LLMStep):
             self.stat_update(meta.get("revision", meta["status"]).split(":")[0])
             return doc
 
-        yield from self.stream(data, channel, lambda d: d.metadata["status"] == "generated", submit, settle)
-        bar.close()
+        try:
+            yield from self.stream(data, channel, lambda d: d.metadata["status"] == "generated", submit, settle)
+        finally:
+            bar.close()
 
     @staticmethod
     def take_rewrite(ctx: BuildContext, doc: Document, response) -> None:
@@ -342,8 +346,10 @@ class Judge(_LLMStep):
             self.stat_update(meta["status"])
             return doc
 
-        yield from self.stream(data, channel, lambda d: d.metadata["status"] == "generated", submit, settle)
-        bar.close()
+        try:
+            yield from self.stream(data, channel, lambda d: d.metadata["status"] == "generated", submit, settle)
+        finally:
+            bar.close()
 
     @staticmethod
     def apply(doc: Document, verdicts: dict, judge: str, call_key: str, condition: dict) -> None:
