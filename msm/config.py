@@ -64,7 +64,39 @@ def read_yaml(path, what: str, where_to_look: str, error=None):
     if not path.is_file():
         raise error(f"{what} not found: {path}", f"pass a YAML file (see {where_to_look})")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader
+    except _DuplicateKey as exc:
+        raise error(f"{path}: key '{exc.key}' is given twice (lines {exc.first} and {exc.line})",
+                    "keep one of them: YAML would silently use the last") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise error(f"{path} is not valid YAML{f' at line {mark.line + 1}' if mark else ''}", "fix the file") from None
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key, first: int, line: int):
+        super().__init__(key)
+        self.key, self.first, self.line = key, first, line
+
+
+def _unique_key_loader():
+    """yaml.SafeLoader that refuses a mapping with the same key twice (plain YAML keeps the last)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    hash(key)
+                except TypeError:
+                    continue  # the base class reports an unhashable key
+                if key in seen:
+                    raise _DuplicateKey(key, seen[key], key_node.start_mark.line + 1)
+                seen[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader

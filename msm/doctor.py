@@ -70,8 +70,38 @@ def run_checks() -> list[Check]:
         checks.append(Check("MSM_HOME writable", True, str(home)))
     except OSError as exc:
         checks.append(Check("MSM_HOME writable", False, f"{home}: {exc.strerror}", "set MSM_HOME to a writable directory"))
+    checks += store_checks()
     probe = home if home.exists() else home.parent
     free_gb = shutil.disk_usage(probe).free / 2**30
     checks.append(Check("disk space", free_gb >= MIN_FREE_GB, f"{free_gb:.1f} GiB free at {probe}",
                         f"free at least {MIN_FREE_GB} GiB", warn_only=True))
+    return checks
+
+
+def store_checks() -> list[Check]:
+    """The warehouse (every block read, so DuckDB checks every checksum) and every call-cache file
+    (SQLite's quick_check), each opened read-only and directly."""
+    from msm.llm.cache import cache_files, check_file
+
+    settings = load_settings()
+    checks = []
+    if settings.db.exists():
+        from warehouse.db import verify
+
+        problems = verify(settings.db)
+        busy = bool(problems) and "in use by another process" in problems[0]
+        checks.append(Check("warehouse", not problems, problems[0].split("; ", 1)[0] if problems else
+                            f"{settings.db}: every block reads back", problems[0].split("; ", 1)[-1] if problems else "",
+                            warn_only=busy))
+    else:
+        checks.append(Check("warehouse", True, f"none yet at {settings.db} (`msm warehouse init` makes one)"))
+    files = cache_files(settings.home / "cache")
+    bad = [(path, problem) for path in files if (problem := check_file(path))]
+    if bad:
+        for _path, problem in bad:
+            head, _, fix = problem.partition("; ")
+            checks.append(Check("call cache", False, head, fix))
+    else:
+        checks.append(Check("call cache", True, f"{len(files)} file(s) pass SQLite's quick_check" if files
+                            else f"none yet under {settings.home / 'cache'}"))
     return checks

@@ -79,7 +79,18 @@ class TrainConfig:
 CHOICES = {"kind": {"midtrain", "aft"}, "init": {"continue", "fresh"}, "schedule": {"cosine", "constant"},
            "precision": {"auto", "fp32", "bf16", "fp16"}, "adapter.kind": {"lora", "full"},
            "parallel": {"ddp", "fsdp"}}
-POSITIVE = {"max_len", "batch_size", "grad_accum", "epochs", "checkpoint_every", "keep_checkpoints", "r", "alpha"}
+MAX_CONTEXT = 1 << 20  # no model msm trains reads a million tokens at once; the model's own limit is checked at run start
+# Integer settings: (lowest, highest). The highest values only keep a typo (an extra zero, a
+# pasted number) from reaching torch as a traceback or an allocation that cannot be made.
+INT_RANGES = {"max_len": (1, MAX_CONTEXT), "batch_size": (1, 1 << 16), "grad_accum": (1, 1 << 16),
+              "epochs": (1, 10_000), "max_steps": (1, 1 << 31), "checkpoint_every": (1, 1 << 31),
+              "keep_checkpoints": (1, 1000), "r": (1, 1 << 14), "alpha": (1, 1 << 20), "seed": (0, 2**32 - 1)}
+# Float settings: (lowest, highest, whether the lowest is allowed, what to give). Every float is finite.
+FLOAT_RANGES = {"lr": (0.0, 1.0, False, "a finite learning rate above 0 and at most 1, e.g. 1.0e-4"),
+                "warmup": (0.0, 1.0 - 1e-12, True, "a share of the steps in [0, 1)"),
+                "weight_decay": (0.0, 10.0, True, "a finite value in [0, 10], e.g. 0.01"),
+                "max_grad_norm": (0.0, 1e6, True, "a finite norm of 0 (no clipping) or more, e.g. 1.0"),
+                "dropout": (0.0, 1.0 - 1e-12, True, "a probability in [0, 1)")}
 STAGE_NEEDS = {"midtrain": "corpus", "aft": "demos"}
 
 
@@ -89,7 +100,10 @@ def _typed(where: str, key: str, value, default_type, optional: bool):
         return None
     expected = default_type
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{where}: '{key}' is {value}, too large for a number", "fix its value") from None
     if expected is float and isinstance(value, str):
         try:
             return float(value)  # YAML reads 1e-4 as a string
@@ -152,11 +166,9 @@ def parse_config(raw, source: str = "") -> TrainConfig:
         if stage.name in names:
             raise ConfigError(f"{label}: stage name '{stage.name}' is used twice", "give every stage its own name")
         names.add(stage.name)
-        _check_numbers(label, dataclasses.asdict(stage))
-        if not 0 <= stage.warmup < 1:
-            raise ConfigError(f"{label}: 'warmup' is {stage.warmup}", "give a share of the steps in [0, 1)")
         if stage.max_steps is not None and stage.max_steps < 1:
             raise ConfigError(f"{label}: 'max_steps' is {stage.max_steps}", "use 1 or more, or leave it out")
+        _check_numbers(label, dataclasses.asdict(stage))
         stages.append(stage)
     config = TrainConfig(adapter=adapter, stages=stages, source=source, **top)
     if config.precision not in CHOICES["precision"]:
@@ -168,14 +180,43 @@ def parse_config(raw, source: str = "") -> TrainConfig:
     if not adapter.targets and adapter.kind == "lora":
         raise ConfigError(f"{where}: adapter 'targets' is empty", "list the module names LoRA adapts")
     _check_numbers(f"{where}: adapter", dataclasses.asdict(adapter))
-    _check_numbers(where, {"checkpoint_every": config.checkpoint_every, "keep_checkpoints": config.keep_checkpoints})
+    _check_numbers(where, {"checkpoint_every": config.checkpoint_every, "keep_checkpoints": config.keep_checkpoints,
+                           "seed": config.seed})
     return config
 
 
 def _check_numbers(where: str, values: dict) -> None:
-    for key in POSITIVE & set(values):
-        if values[key] is not None and values[key] < 1:
-            raise ConfigError(f"{where}: '{key}' is {values[key]}", "use 1 or more")
+    """Every numeric setting in its range: integers within INT_RANGES, floats finite and within
+    FLOAT_RANGES (a NaN or infinite learning rate never reaches the optimiser)."""
+    import math
+
+    for key in sorted(set(INT_RANGES) & set(values)):
+        value = values[key]
+        if value is None:
+            continue
+        low, high = INT_RANGES[key]
+        if value < low:
+            raise ConfigError(f"{where}: '{key}' is {value}", f"use {low} or more")
+        if value > high:
+            raise ConfigError(f"{where}: '{key}' is {value}, above the largest msm accepts ({high:,})",
+                              f"use at most {high:,}")
+    for key in sorted(set(FLOAT_RANGES) & set(values)):
+        value = values[key]
+        if value is None:
+            continue
+        low, high, low_ok, give = FLOAT_RANGES[key]
+        if not math.isfinite(value) or value > high or value < low or (value == low and not low_ok):
+            raise ConfigError(f"{where}: '{key}' is {value}", f"give {give}")
+
+
+def check_context(config: "TrainConfig", context: int | None, what: str) -> None:
+    """Every stage's max_len within the model's context window (max_position_embeddings)."""
+    if not context:
+        return
+    for i, stage in enumerate(config.stages):
+        if stage.max_len > context:
+            raise ConfigError(f"{config.source or 'config'}: stages[{i}]: 'max_len' is {stage.max_len}, longer than "
+                              f"{what}'s context window ({context:,} tokens)", f"use at most {context:,}")
 
 
 def load_config(path: str | Path) -> TrainConfig:

@@ -286,16 +286,21 @@ def train_stage(model, examples: list, collate_fn, stage, stage_dir: Path, dist:
                 (loss / stage.grad_accum).backward()
             step_loss += loss.detach() / stage.grad_accum
             step_tokens += torch.tensor([real, int((batch["labels"] != IGNORE).sum())], device=dist.device)
+        if dist.world > 1:  # every rank sees the same loss, so all of them stop together on a bad one
+            torch.distributed.all_reduce(step_loss)
+            step_loss /= dist.world
+            torch.distributed.all_reduce(step_tokens)
+        loss_value = float(step_loss)
+        if not math.isfinite(loss_value):  # before the optimiser step: the weights and checkpoints stay finite
+            bar.close()
+            raise MsmError(f"{stage.name}: the loss is {loss_value} at step {step + 1} (lr {stage.lr:g}); the run "
+                           "stopped and is marked failed", "lower lr, set max_grad_norm, or use fp32 or bf16 "
+                           "precision, then rerun: it resumes from the last checkpoint")
         if stage.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(trainable, stage.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if dist.world > 1:
-            torch.distributed.all_reduce(step_loss)
-            step_loss /= dist.world
-            torch.distributed.all_reduce(step_tokens)
-        loss_value = float(step_loss)
         first_loss = loss_value if first_loss is None else first_loss
         final_loss = loss_value
         tokens += int(step_tokens[0])

@@ -101,6 +101,9 @@ def run_training(config: TrainConfig, progress: bool | None = None, log=print) -
     from train.data import collate, encode_chats, load_corpus, load_demos, pack_documents, with_system
     from train.loop import init_distributed, steps_for, train_stage
 
+    from train.config import check_context
+
+    check_context(config, context_window(config.base_model), config.base_model)  # before anything is written
     settings = load_settings()
     dist = init_distributed()
     if not dist.main:
@@ -181,6 +184,42 @@ def run_training(config: TrainConfig, progress: bool | None = None, log=print) -
     return result
 
 
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def context_window(base_model: str) -> int | None:
+    """The base model's context window, read from its config file without loading weights; None
+    when it cannot be told here (then it is checked once the model is loaded)."""
+    from msm.models import TINY, prepared_dir, registry
+
+    if base_model == TINY:
+        import inspect
+
+        from msm.tiny import tiny_causal_lm
+
+        return inspect.signature(tiny_causal_lm).parameters["max_positions"].default
+    path = Path(base_model)
+    if not path.is_dir() and base_model in registry()["models"]:
+        path = prepared_dir(base_model)
+    raw = None
+    if (path / "config.json").is_file():
+        try:
+            raw = json.loads((path / "config.json").read_text())
+        except ValueError:
+            return None
+    elif "/" in base_model and not path.exists():
+        try:
+            from transformers import AutoConfig
+
+            raw = AutoConfig.from_pretrained(base_model, local_files_only=True).to_dict()
+        except Exception:  # noqa: BLE001 - not in the local cache: load_model says so in one line
+            return None
+    if not isinstance(raw, dict):
+        return None
+    raw = raw.get("text_config") or raw
+    return next((int(raw[k]) for k in CONTEXT_KEYS if isinstance(raw.get(k), int) and raw[k] > 0), None)
+
+
 def _silent(_line: str) -> None:
     return None
 
@@ -199,6 +238,10 @@ def _prepare(model, tokenizer, config: TrainConfig, stage, previous: Path | None
     if model is not None and stage.init == "continue":
         return model, tokenizer  # the previous stage's weights are already in place
     base, tokenizer = load_base(config.base_model, dtype, device)
+    from train.config import check_context
+
+    check_context(config, next((getattr(base.config, k) for k in CONTEXT_KEYS
+                                if isinstance(getattr(base.config, k, None), int)), None), config.base_model)
     if config.chat_template:
         tokenizer.chat_template = read_chat_template(config.chat_template)
     model = _lora(base, config.adapter) if config.adapter.kind == "lora" else base
