@@ -338,17 +338,23 @@ def check_context_window(ctx, plan, spec_path: str) -> None:
 def _stopped_builds_recorded(db, build_id: str, logs: Path):
     """SIGINT and SIGTERM stop the build cleanly and mark it interrupted; any other error marks it
     failed, puts the full trace in the build's log file and becomes one line naming that file."""
-    handlers = _catch_signals()
+    caught: dict = {}
+    handlers = _catch_signals(caught)
     try:
         yield
-    except _Interrupted as stop:
+    except BaseException as exc:
         _restore_signals(handlers)
-        name = signal.Signals(stop.signum).name
-        _mark(db, build_id, "interrupted")
-        raise BuildStopped(f"build {build_id} interrupted by {name}",
-                           "rerun the same command to resume (finished calls come from the cache)",
-                           exit_code=128 + stop.signum) from None
-    except Exception as exc:  # noqa: BLE001 - every fatal error becomes one line and a failed build
+        # a signal can surface as another error on the way out (datatrove's manager process, in the
+        # same process group, dies of the same SIGTERM): the signal is what happened
+        signum = exc.signum if isinstance(exc, _Interrupted) else caught.get("signum")
+        if signum is not None:
+            _log_trace(logs, exc, f"interrupted by {signal.Signals(signum).name}")
+            _mark(db, build_id, "interrupted")
+            raise BuildStopped(f"build {build_id} interrupted by {signal.Signals(signum).name}",
+                               "rerun the same command to resume (finished calls come from the cache)",
+                               exit_code=128 + signum) from None
+        if not isinstance(exc, Exception):  # KeyboardInterrupt from elsewhere, SystemExit
+            raise
         log = _log_trace(logs, exc)
         _mark(db, build_id, "failed")
         raise BuildStopped(*_one_line(exc, build_id, log)) from None
@@ -356,11 +362,12 @@ def _stopped_builds_recorded(db, build_id: str, logs: Path):
         _restore_signals(handlers)
 
 
-def _catch_signals():
+def _catch_signals(caught: dict):
     if threading.current_thread() is not threading.main_thread():
         return None
 
     def stop(signum, frame):
+        caught["signum"] = signum
         _restore_signals(previous)  # a second signal acts at once
         raise _Interrupted(signum)
 
@@ -377,12 +384,12 @@ def _restore_signals(previous) -> None:
         signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
-def _log_trace(logs: Path, exc: BaseException) -> Path:
+def _log_trace(logs: Path, exc: BaseException, what: str = "failed") -> Path:
     path = logs / "build.log"
     try:
         logs.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as fh:
-            fh.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} build failed\n")
+            fh.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} build {what}\n")
             fh.write("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
     except OSError:
         pass  # a full disk: the line still names where the trace would be

@@ -1,0 +1,219 @@
+"""A corpus build killed at any moment resumes to exactly what an uninterrupted build makes.
+
+Kill points are chosen by the number of requests the loopback server has answered (not by time),
+and each kill is checked to have landed mid-run. Calls are counted at the server: only the calls
+in flight at a kill may be paid twice.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from msm.llm.testing import LoopbackServer
+from tests.conftest import LOOPBACK_KEY, REPO
+
+SPEC = REPO / "specs" / "value_augmented.md"
+MODEL = "claude-sonnet-4-6"
+DOCS, TASKS, CONCURRENCY = 24, 2, 2
+
+
+def _server() -> LoopbackServer:
+    server = LoopbackServer(api_key=LOOPBACK_KEY, min_cache_tokens=256, latency=0.1, output_tokens=400)
+    return server.start()
+
+
+def _command(server) -> list[str]:
+    return [sys.executable, "-m", "msm.cli", "corpus", "build", str(SPEC), "--docs", str(DOCS), "--tasks", str(TASKS),
+            "--backend", "anthropic", "--model", MODEL, "--base-url", server.url, "--concurrency", str(CONCURRENCY),
+            "--dedup", "minhash", "--no-progress"]
+
+
+def _env(home: Path) -> dict:
+    env = {**os.environ, "ANTHROPIC_API_KEY": LOOPBACK_KEY, "MSM_HOME": str(home)}
+    env.pop("MSM_DB", None)
+    return env
+
+
+def _answered(server) -> int:
+    with server.lock:
+        return sum(server.stats.answered.values())
+
+
+def _cached_purposes(home: Path) -> list[str]:
+    path = home / "cache" / "calls.sqlite"
+    if not path.exists():
+        return []
+    con = sqlite3.connect(path)
+    try:
+        return [p for (p,) in con.execute("SELECT purpose FROM calls ORDER BY created_at, rowid")]
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        con.close()
+
+
+def _query(home: Path, sql: str):
+    con = duckdb.connect(str(home / "msm.duckdb"), read_only=True)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def _state(home: Path) -> dict:
+    """What a finished build leaves in the warehouse, in a form two homes can be compared in."""
+    q = lambda sql: sorted(_query(home, sql))  # noqa: E731
+    return {
+        "builds": q("SELECT id, status FROM builds"),
+        "documents": q("SELECT id, plan_row_id, status, drop_reason, text_hash, n_tokens FROM documents"),
+        "distinct_texts": q("SELECT count(DISTINCT text_hash) FROM documents"),
+        "kept": q("SELECT id FROM documents WHERE status = 'kept'"),
+        "corpora": q("SELECT c.name, c.corpus_id, v.n_docs, v.n_tokens FROM corpora c "
+                     "JOIN corpus_versions v ON v.id = c.corpus_id"),
+        "plan_rows": q("SELECT id, status, reason FROM plan_rows"),
+        "judgments": q("SELECT subject_id, judge, criterion, verdict, rationale FROM judgments"),
+        "calls": q("SELECT key, purpose, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens "
+                   "FROM llm_calls"),
+        "call_uses": q("SELECT call_key, subject_id, purpose FROM call_uses"),
+    }
+
+
+def _start(server, home: Path) -> subprocess.Popen:
+    return subprocess.Popen(_command(server), env=_env(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def _wait_until(proc: subprocess.Popen, ready, what: str, limit: float = 240) -> None:
+    deadline = time.monotonic() + limit
+    while not ready():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the build ended (exit {proc.returncode}) before {what}: {err[-2000:]}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def _requests(server) -> int:
+    with server.lock:
+        return server.stats.requests["messages"]
+
+
+def _kill(proc: subprocess.Popen, server, home: Path, sig: int, at_start: tuple[int, int]) -> dict:
+    """Signal the build's process group mid-run. In flight: requests this run sent whose answers
+    it had not stored in the call cache when it died (they are what a rerun may pay again)."""
+    assert proc.poll() is None, "the build had already ended: the kill would not be mid-run"
+    answered = _answered(server)
+    os.killpg(proc.pid, sig)
+    out, err = proc.communicate(timeout=120)
+    time.sleep(3 * server.latency)  # handlers still running finish (or fail on the closed socket)
+    sent, stored = _requests(server) - at_start[0], len(_cached_purposes(home)) - at_start[1]
+    with server.lock:
+        snapshot = dict(server.stats.answered)
+    return {"signal": signal.Signals(sig).name, "answered": answered, "in_flight": sent - stored,
+            "exit": proc.returncode, "stderr": err, "stdout": out, "snapshot": snapshot}
+
+
+def _mark(server, home: Path) -> tuple[int, int]:
+    return _requests(server), len(_cached_purposes(home))
+
+
+@pytest.mark.heavy
+def test_killed_in_generation_judging_and_load_resumes_to_the_uninterrupted_build(tmp_path):
+    started = time.monotonic()
+    reference_home, home = tmp_path / "reference", tmp_path / "killed"
+    reference, server = _server(), _server()
+    try:
+        done = subprocess.run(_command(reference), env=_env(reference_home), capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr
+        order = _cached_purposes(reference_home)  # the purposes in the order the calls were answered
+        total = _answered(reference)
+        assert total == len(order) and order.count("generate") >= DOCS and order.count("judge") >= DOCS // 2
+        generate_total, judge_total = order.count("generate"), order.count("judge")
+        # kill 1: halfway through the first task's generation; kill 2: three quarters through judging
+        first_gen = [i for i, p in enumerate(order, 1) if p == "generate"]
+        judges = [i for i, p in enumerate(order, 1) if p == "judge"]
+        kill_1, kill_2 = first_gen[len(first_gen) // 4], judges[(3 * len(judges)) // 4]
+        kills = []
+
+        # 1. SIGKILL during generation
+        proc = _start(server, home)
+        _wait_until(proc, lambda: _answered(server) >= kill_1, f"{kill_1} answers")
+        kills.append(_kill(proc, server, home, signal.SIGKILL, (0, 0)))
+        assert kills[-1]["exit"] == -signal.SIGKILL
+        cached = _cached_purposes(home)
+        assert 0 < cached.count("generate") < generate_total, "not killed during generation"
+
+        # 2. SIGTERM during judging: the build stops cleanly, says so in one line, and is marked interrupted
+        at_start = _mark(server, home)
+        proc = _start(server, home)
+        _wait_until(proc, lambda: _answered(server) >= kill_2, f"{kill_2} answers")
+        kills.append(_kill(proc, server, home, signal.SIGTERM, at_start))
+        assert kills[-1]["exit"] == 128 + signal.SIGTERM, kills[-1]["stderr"][-2000:]
+        lines = [ln for ln in kills[-1]["stderr"].splitlines() if ln.strip()]
+        assert len(lines) == 1 and "interrupted by SIGTERM" in lines[0] and "rerun" in lines[0], lines
+        cached = _cached_purposes(home)
+        assert 0 < cached.count("judge") < judge_total, "not killed during judging"
+        assert _query(home, "SELECT status FROM builds") == [("interrupted",)]
+        assert _query(home, "SELECT count(*) FROM documents") == [(0,)]
+
+        # 3. SIGKILL during the load: every call is made, and the load is held at the warehouse lock
+        #    (taken here), so the kill lands after the calls and before the load's transaction.
+        at_start = _mark(server, home)
+        proc = _start(server, home)
+        _wait_until(proc, lambda: len(server.stats.answered) >= len(reference.stats.answered), "every answer")
+        holder = None
+        deadline = time.monotonic() + 120
+        while holder is None:
+            try:
+                holder = duckdb.connect(str(home / "msm.duckdb"))
+            except duckdb.IOException:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+        try:
+            waiting = proc.stderr.readline()
+            assert "waiting for the warehouse" in waiting, waiting
+            stage = next((home / "builds").glob("*/logs/stage")).read_text().strip()
+            assert stage == "load", stage
+            kills.append(_kill(proc, server, home, signal.SIGKILL, at_start))
+            assert kills[-1]["exit"] == -signal.SIGKILL
+        finally:
+            holder.close()
+        assert _query(home, "SELECT status, (SELECT count(*) FROM documents) FROM builds") == [("running", 0)]
+
+        # one rerun finishes it
+        final = subprocess.run(_command(server), env=_env(home), capture_output=True, text=True, timeout=600)
+        assert final.returncode == 0, final.stderr
+        assert "complete" in final.stdout
+
+        # the same home as the uninterrupted build: documents, texts, kept set, judgments, calls
+        want, got = _state(reference_home), _state(home)
+        for key in want:
+            assert got[key] == want[key], key
+        assert want["builds"][0][1] == "complete" and want["kept"]
+        # calls counted at the server: the same requests, and only those in flight at a kill twice
+        assert set(server.stats.answered) == set(reference.stats.answered)
+        paid_twice = _answered(server) - total
+        final_counts = dict(server.stats.answered)
+        for kill, after in zip(kills, [k["snapshot"] for k in kills[1:]] + [final_counts]):
+            kill["paid_twice"] = sum(1 for key, n in kill["snapshot"].items() if after.get(key, 0) > n)
+        assert sum(k["paid_twice"] for k in kills) == paid_twice
+        for kill in kills:  # at most the calls in flight at each kill are paid twice
+            assert kill["paid_twice"] <= kill["in_flight"] <= CONCURRENCY, kills
+        assert kills[-1]["in_flight"] == 0  # at the load every call was already made
+        print(f"\nreference {total} calls ({generate_total} generate, {judge_total} judge); killed at "
+              + ", ".join(f"{k['signal']} after {k['answered']} answers ({k['in_flight']} in flight, "
+                        f"{k['paid_twice']} paid twice)" for k in kills)
+              + f"; {paid_twice} call(s) paid twice; {time.monotonic() - started:.0f} s")
+    finally:
+        reference.stop()
+        server.stop()
