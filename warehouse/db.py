@@ -77,11 +77,10 @@ def reraise_damage(exc: BaseException, path: str | os.PathLike) -> None:
 
 def sandbox_config() -> dict:
     """DuckDB's own settings for SQL that may read the warehouse and change nothing, given when the
-    file is opened: no file, network or extension access beyond the database file itself
-    (enable_external_access off; allowed_directories and allowed_paths, its exceptions, stay empty:
-    DuckDB refuses to set them before the database starts, and `lock_down` keeps them so), and no
-    automatic extension install or load. `lock_down` then locks the configuration so no SET undoes
-    any of it."""
+    file is opened: no file, network or extension access beyond the database's own files
+    (enable_external_access off; DuckDB then fills allowed_paths with the file and its WAL files,
+    and allowed_directories with its temp folder, and nothing else), and no automatic extension
+    install or load. `lock_down` then locks the configuration so no SET undoes any of it."""
     return {"enable_external_access": False, "autoinstall_known_extensions": False,
             "autoload_known_extensions": False, "allow_community_extensions": False}
 
