@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from msm.errors import MsmError
+from pipelines.calls import Interrupted, check_stop, clear_stop, request_stop
 
 # Exit codes of `msm corpus build` (the README lists them): 0 complete, 1 bad input or a fatal
 # error (the build is marked failed), INCOMPLETE_EXIT when plan rows are left pending or in error,
@@ -78,15 +79,6 @@ class BuildStopped(MsmError):
 
     def __reduce__(self):
         return (BuildStopped, (self.problem, self.fix, self.exit_code))
-
-
-class _Interrupted(BaseException):
-    """Raised in the main thread by the SIGINT/SIGTERM handler: a BaseException, so no
-    `except Exception` on the way up swallows it."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
 
 
 @dataclass
@@ -254,7 +246,9 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _stage(logs: Path, stage: str) -> None:
-    """The stage a build is in, for whoever watches it (`cat $MSM_HOME/builds/B/logs/stage`)."""
+    """The stage a build is in, for whoever watches it (`cat $MSM_HOME/builds/B/logs/stage`); a
+    signal whose exception was swallowed stops the build here."""
+    check_stop()
     try:
         logs.mkdir(parents=True, exist_ok=True)
         (logs / "stage").write_text(stage + "\n")
@@ -346,7 +340,7 @@ def _stopped_builds_recorded(db, build_id: str, logs: Path):
         _restore_signals(handlers)
         # a signal can surface as another error on the way out (datatrove's manager process, in the
         # same process group, dies of the same SIGTERM): the signal is what happened
-        signum = exc.signum if isinstance(exc, _Interrupted) else caught.get("signum")
+        signum = exc.signum if isinstance(exc, Interrupted) else caught.get("signum")
         if signum is not None:
             _log_trace(logs, exc, f"interrupted by {signal.Signals(signum).name}")
             _mark(db, build_id, "interrupted")
@@ -363,18 +357,34 @@ def _stopped_builds_recorded(db, build_id: str, logs: Path):
 
 
 def _catch_signals(caught: dict):
+    clear_stop()
     if threading.current_thread() is not threading.main_thread():
         return None
 
     def stop(signum, frame):
         caught["signum"] = signum
         _restore_signals(previous)  # a second signal acts at once
-        raise _Interrupted(signum)
+        request_stop(signum)  # raises Interrupted here, and again at the next safe point if swallowed
 
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     for sig in previous:
         signal.signal(sig, stop)
+    if not getattr(sys.unraisablehook, "msm_quiet", False):
+        sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
     return previous
+
+
+def _quiet_unraisable(original):
+    """A signal landing in a garbage-collector callback: Python would print the ignored exception;
+    check_stop raises it again at the next safe point, so say nothing here."""
+
+    def hook(unraisable):
+        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, Interrupted):
+            return
+        original(unraisable)
+
+    hook.msm_quiet = True
+    return hook
 
 
 def _restore_signals(previous) -> None:

@@ -20,6 +20,32 @@ from typing import Any, Iterator
 from msm.llm.types import Request, Response
 
 _TASKS: dict[tuple[str, int], "TaskCalls"] = {}
+_STOP: list[int] = []  # signals received by this process's build (pipelines.build installs the handler)
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM asked the build to stop: a BaseException, so no `except Exception` on the
+    way up swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def request_stop(signum: int) -> None:
+    _STOP.append(signum)
+    raise Interrupted(signum)
+
+
+def check_stop() -> None:
+    """Raise again at a safe point when the handler's own raise was swallowed (a signal that lands
+    in a garbage-collector callback is printed and ignored by Python)."""
+    if _STOP:
+        raise Interrupted(_STOP[0])
+
+
+def clear_stop() -> None:
+    _STOP.clear()
 
 
 class TaskCalls:
@@ -99,6 +125,7 @@ class Channel:
         self.queued: list[tuple[Any, Request]] = []
 
     def submit(self, request: Request, tag: Any) -> None:
+        check_stop()
         self.outstanding += 1
         if not self.calls.streaming:
             self.queued.append((tag, request))
@@ -107,6 +134,7 @@ class Channel:
         future.add_done_callback(lambda done: self.inbox.put((tag, done)))
 
     def ready(self) -> Iterator[tuple[Any, Response]]:
+        check_stop()
         while True:
             try:
                 tag, done = self.inbox.get_nowait()
@@ -116,6 +144,7 @@ class Channel:
 
     def drain(self) -> Iterator[tuple[Any, Response]]:
         while self.outstanding:
+            check_stop()
             if self.queued and self.inbox.empty():
                 self._flush()
             tag, done = self.inbox.get()

@@ -217,3 +217,45 @@ def test_killed_in_generation_judging_and_load_resumes_to_the_uninterrupted_buil
     finally:
         reference.stop()
         server.stop()
+
+
+def test_an_unreadable_shard_is_redone_from_the_cache(loopback, monkeypatch, isolated_home):
+    """A 0-byte or cut-off shard (an older msm, a full disk) never blocks a rerun: its task runs
+    again, all from the call cache, whatever datatrove's completion marker says."""
+    from pipelines.build import BuildOptions, build_corpus
+
+    monkeypatch.setenv("ANTHROPIC_API_KEY", LOOPBACK_KEY)
+    loopback.output_tokens = 400
+    opts = BuildOptions(docs=8, tasks=2, backend="anthropic", model=MODEL, base_url=loopback.url, progress=False,
+                        concurrency=4, dedup=("minhash",))
+    first = build_corpus(str(SPEC), opts)
+    assert first.complete
+    staged = isolated_home / "builds" / first.build_id / "staged"
+    assert sorted(p.name for p in staged.iterdir()) == ["00000.parquet", "00001.parquet"]  # no .partial left
+    (staged / "00000.parquet").write_bytes(b"")
+    cut = (staged / "00001.parquet").read_bytes()
+    (staged / "00001.parquet").write_bytes(cut[: len(cut) // 2])
+    (staged / "00001.parquet.partial").write_bytes(b"PAR1")
+    calls = loopback.stats.requests["messages"]
+    again = build_corpus(str(SPEC), opts)
+    assert again.complete and again.corpus_id == first.corpus_id
+    assert loopback.stats.requests["messages"] == calls
+    assert sorted(p.name for p in staged.iterdir()) == ["00000.parquet", "00001.parquet"]
+
+
+def test_sigint_stops_the_build_in_one_line_and_marks_it_interrupted(loopback, isolated_home):
+    loopback.latency, loopback.output_tokens = 0.1, 400
+    proc = _start(loopback, isolated_home)
+    _wait_until(proc, lambda: _answered(loopback) >= 4, "4 answers")
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGINT)  # Ctrl-C reaches the main process
+    out, err = proc.communicate(timeout=120)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert proc.returncode == 130 and len(lines) == 1, err
+    assert "interrupted by SIGINT" in lines[0] and "rerun the same command" in lines[0]
+    assert _query(isolated_home, "SELECT status FROM builds") == [("interrupted",)]
+    for shard in (isolated_home / "builds").glob("*/staged/*.parquet"):  # whatever is there can be read
+        import pyarrow.parquet as pq
+
+        pq.read_table(shard)
+    assert "Traceback" in next((isolated_home / "builds").glob("*/logs/build.log")).read_text()
