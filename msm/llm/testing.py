@@ -621,6 +621,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         prompts = body.get("prompt")
         prompts = [prompts] if isinstance(prompts, str) else prompts
+        if srv.latency:
+            time.sleep(srv.latency)
         choices = []
         for index, prompt in enumerate(prompts):
             tokens, offsets, pos = [], [], 0
@@ -638,3 +640,5 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, {"id": f"cmpl-{uuid.uuid4().hex[:20]}", "object": "text_completion", "created": int(time.time()),
                          "model": body["model"], "choices": choices,
                          "usage": {"prompt_tokens": n_tokens, "completion_tokens": 0, "total_tokens": n_tokens}})
+        with srv.lock:
+            srv.stats.requests["completions_answered"] += 1  # sent whole: a paid scoring call
