@@ -116,9 +116,13 @@ def refuse_duplicate_ids(items: list) -> None:
 
 
 def _check_warehouse(db) -> None:
+    """A damaged or busy warehouse fails before the model is asked; a missing one is made at the end."""
+    from pathlib import Path
+
     from warehouse.db import connect
 
-    connect(db).close()
+    if Path(db).exists():
+        connect(db, read_only=True).close()
 
 
 def spread(items: list, limit: int) -> list:
