@@ -336,7 +336,8 @@ class CallCache:
         """The stored request for a key, with its system prefix filled back in."""
         for path in self._paths():
             con = self._reader(path)
-            row = con.execute("SELECT request FROM calls WHERE key = ?", [key]).fetchone() if con else None
+            with _reading(path):
+                row = con.execute("SELECT request FROM calls WHERE key = ?", [key]).fetchone() if con else None
             if row:
                 fields = json.loads(row[0])
                 ref = fields.get("system_prefix")
@@ -382,10 +383,12 @@ class CallCache:
                 continue
             totals["files"] += 1
             totals["bytes"] += sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
-            for backend, model, purpose, n, errors, cost, tin, tout, cread in con.execute(
-                "SELECT backend, model, purpose, count(*), sum(error IS NOT NULL), sum(cost_usd),"
-                " sum(input_tokens), sum(output_tokens), sum(cache_read_tokens) FROM calls GROUP BY 1, 2, 3"
-            ):
+            with _reading(path):
+                grouped = con.execute(
+                    "SELECT backend, model, purpose, count(*), sum(error IS NOT NULL), sum(cost_usd),"
+                    " sum(input_tokens), sum(output_tokens), sum(cache_read_tokens) FROM calls GROUP BY 1, 2, 3"
+                ).fetchall()
+            for backend, model, purpose, n, errors, cost, tin, tout, cread in grouped:
                 g = groups.setdefault((backend, model, purpose), [0, 0, 0.0, 0, 0, 0])
                 for i, v in enumerate((n, errors, cost, tin, tout, cread)):
                     g[i] += v or 0
