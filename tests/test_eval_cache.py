@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import duckdb
+import pytest
 
 from msm.llm.client import SCORE_CHUNK
 from tests.conftest import LOOPBACK_KEY, assert_one_line_error, run_msm
@@ -143,6 +144,7 @@ def test_a_run_that_cannot_record_after_its_calls_reruns_without_paying(tmp_path
     assert eval_rows(isolated_home) == (1, N_ITEMS)
 
 
+@pytest.mark.heavy
 def test_kill_minus_nine_mid_run_pays_at_most_the_call_in_flight_twice(tmp_path, isolated_home, loopback):
     bank = write(tmp_path / "bank.jsonl", items())
     loopback.latency = 0.4

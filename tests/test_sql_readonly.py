@@ -131,6 +131,7 @@ def test_limit_stops_each_result(warehouse):
     assert whole[-1] == "(25 rows)"
 
 
+@pytest.mark.heavy
 def test_a_million_rows_stream_in_bounded_memory(tmp_path, isolated_home):
     """Before streaming, 1M rows took 400 MB (csv) and 595 MB (table) at peak; now about 130 MB."""
     db = tmp_path / "big.duckdb"
