@@ -18,22 +18,33 @@ from tests.conftest import LOOPBACK_KEY, REPO, assert_one_line_error, run_msm
 ROWS = 300_000
 
 
-@pytest.fixture
-def warehouse(isolated_home):
-    """A warehouse with a spec and a table big enough to span several blocks, and a call cache."""
-    assert run_msm("spec", "load", str(REPO / "specs" / "rules.md")).returncode == 0
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    """A home with a warehouse (a spec and a table big enough to span several blocks) and a call cache
+    of five answers, made once per module."""
+    root = tmp_path_factory.mktemp("stores_template")
+    env = {"MSM_HOME": str(root)}
+    assert run_msm("spec", "load", str(REPO / "specs" / "rules.md"), env=env, cwd=root).returncode == 0
     made = run_msm("warehouse", "sql", f"CREATE TABLE big AS SELECT range AS i, md5(range::VARCHAR) AS s "
-                   f"FROM range({ROWS})", "--write")
+                   f"FROM range({ROWS})", "--write", env=env, cwd=root)
     assert made.returncode == 0, made.stderr
     from msm.llm.cache import CallCache
     from msm.llm.types import Request, Response
 
-    cache = CallCache(isolated_home / "cache")
+    cache = CallCache(root / "cache")
     for i in range(5):
         request = Request.user(f"question {i}", purpose="generate")
         cache.put(request, Response(text=f"answer {i}", stop_reason="end_turn", key=f"k{i}", backend="anthropic",
                                     model="m"))
+    cache._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     cache.close()
+    return root
+
+
+@pytest.fixture
+def warehouse(template, isolated_home):
+    """Each test's own copy of the template home; returns its warehouse file."""
+    shutil.copytree(template, isolated_home, ignore=shutil.ignore_patterns("*-wal", "*-shm"))
     return isolated_home / "msm.duckdb"
 
 

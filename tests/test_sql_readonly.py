@@ -7,6 +7,7 @@ import csv
 import hashlib
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,13 +26,23 @@ def snapshot(*roots: Path) -> dict[str, str]:
     return out
 
 
-@pytest.fixture
-def warehouse(tmp_path, isolated_home):
-    """A warehouse with a loaded spec and a small table of our own."""
-    assert run_msm("spec", "load", str(REPO / "specs" / "rules.md")).returncode == 0
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    """A warehouse with a loaded spec and a small table of our own, made once per module."""
+    root = tmp_path_factory.mktemp("sql_template")
+    env = {"MSM_HOME": str(root)}
+    assert run_msm("spec", "load", str(REPO / "specs" / "rules.md"), env=env, cwd=root).returncode == 0
     made = run_msm("warehouse", "sql", "CREATE TABLE notes AS SELECT range AS id, 'note ' || range AS body "
-                   "FROM range(25)", "--write")
+                   "FROM range(25)", "--write", env=env, cwd=root)
     assert made.returncode == 0, made.stderr
+    return root / "msm.duckdb"
+
+
+@pytest.fixture
+def warehouse(template, isolated_home):
+    """Each test's own copy of the template warehouse."""
+    isolated_home.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, isolated_home / "msm.duckdb")
     return isolated_home / "msm.duckdb"
 
 
