@@ -234,8 +234,9 @@ def _build(spec, variables, docs, tokens, executor, slurm_partition, slurm_time,
               help="Largest relative difference in kept tokens between the matched corpora.")
 @with_options(generation_options)
 @click.option("--name", default=None, help="Ablation name; corpora are NAME-CONDITION (default: SPEC-ablation).")
+@click.option("--no-progress", is_flag=True, help="No progress bars (logs and scripts).")
 @db_option
-def ablate(spec, variables, conditions, docs, tokens, tolerance, **shared):
+def ablate(spec, variables, conditions, docs, tokens, tolerance, no_progress=False, **shared):
     """Matched corpora: every cell under each condition, verified by the judge, token-matched."""
     from corpus.conditions import parse_conditions
     from msm.errors import MsmError
@@ -247,7 +248,7 @@ def ablate(spec, variables, conditions, docs, tokens, tolerance, **shared):
         raise MsmError("--docs and --tokens were both given", "pass one of them")
     if docs is not None and docs < 1:
         raise MsmError(f"--docs must be at least 1, got {docs}", "pass a positive number of cells")
-    options = _build_options(variables, docs=docs, **shared)
+    options = _build_options(variables, docs=docs, progress=not no_progress, **shared)
     result = build_ablation(spec, options, names, tolerance,
                             target_tokens=parse_tokens(tokens) if tokens is not None else None)
     for build_result in result.rounds:

@@ -74,7 +74,7 @@ def run_eval(suite: str, model: str, target: str | None = None, items: list[str]
         from msm.identity import parse_identity
 
         who = parse_identity(identity, "identity")
-        options = {**{k: v for k, v in who.variables().items() if k in found.options}, **(options or {})}
+        options = named_options(found, options, who)
     settings_of_suite = parse_options(found, options)
     pool = found.load_items(list(items or []), settings_of_suite)
     refuse_duplicate_ids(pool)
@@ -123,6 +123,12 @@ def _check_warehouse(db) -> None:
 
     if Path(db).exists():
         connect(db, read_only=True).close()
+
+
+def named_options(suite, options: dict | None, who) -> dict:
+    """A suite's name options (spec-QA templates, the agentic agent) filled from the identity,
+    unless the options name someone themselves."""
+    return {**{k: v for k, v in who.variables().items() if k in suite.options}, **(options or {})}
 
 
 def spread(items: list, limit: int) -> list:

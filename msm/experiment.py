@@ -309,6 +309,9 @@ def _run_corpus(exp, step, outputs, log, progress) -> dict:
         log(f"  matching {tokens:,} tokens within {tolerance:.0%}")
     else:
         tolerance = None
+    # a build stopped by its budget is a result (named, and the step is done); one left incomplete
+    # by errors is not: it stays unnamed and the step fails, so a rerun resumes it
+    opts["allow_partial"] = opts.get("max_cost") is not None
     c = build_named(str(step.work["spec"]), tokens=tokens, tolerance=tolerance, name=step.work["name"],
                     progress=bool(progress) if progress is not None else True, **opts)
     if not c.corpus_id:

@@ -298,7 +298,7 @@ def parse_experiment(raw: dict, source: Path, profile: str, profiles: list) -> E
     return experiment
 
 
-CORPUS_SET_BY_RUNNER = {"name", "register", "progress", "db", "slurm", "dry_run", "conditions"}
+CORPUS_SET_BY_RUNNER = {"name", "register", "progress", "db", "slurm", "dry_run", "conditions", "allow_partial"}
 
 
 def _check_corpus(where: str, corpus: dict) -> None:

@@ -31,6 +31,10 @@ CAUSAL = re.compile(r"\b(because|so that|since)\b", re.I)
 def api(monkeypatch, loopback):
     monkeypatch.setenv("ANTHROPIC_API_KEY", LOOPBACK_KEY)
     loopback.output_tokens = 90  # about four sentences: some carry a causal word, some do not
+    # a causal word in one sentence in five: a third of the documents carry none, so cells pass
+    # under both conditions often enough that these tests do not hang on the prompts' exact wording
+    loopback.causal_share = 0.2
+    loopback.length_spread = 0.6  # documents of 90 to 144 tokens: matching has real gaps to close
     loopback.judge_fail_rate = 0.0  # only the condition checks drop documents at the judge
     return loopback
 
@@ -98,7 +102,8 @@ def test_ablate_command_prints_the_per_condition_report(api, isolated_home):
     assert re.search(r"^cooccurrence\s+40\s+\d+\s+\d+/\d+ attribution_leak", result.stdout, re.M), result.stdout
     assert "token match:" in result.stdout
     # a tolerance the cells cannot meet: a clear message with how close it got, and nothing registered
-    strict = run_msm(*args, "--tolerance", "0.000001", "--name", "strict", env=env, timeout=300)
+    # (seed 3's few matched cells differ by about 11%; a handful of similar-length cells can tie exactly)
+    strict = run_msm(*args, "--tolerance", "0.000001", "--name", "strict", "--seed", "3", "--no-progress", env=env, timeout=300)
     line = assert_one_line_error(strict, "could not be matched within 0.0%", "the closest was")
     assert re.search(r"the closest was \d+\.\d%", line)
     con = duckdb.connect(str(isolated_home / "msm.duckdb"), read_only=True)

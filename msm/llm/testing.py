@@ -65,13 +65,20 @@ def approx_tokens(text: str) -> int:
     return max(1, len(text) // 4) if text else 0
 
 
-def fake_text(seed_text: str, n_tokens: int) -> str:
+def fake_text(seed_text: str, n_tokens: int, causal_share: float | None = None) -> str:
     """Deterministic, varied prose of about n_tokens tokens (4 characters each) for a prompt.
 
     Word-level choices keep repeated n-grams rare, so the text passes the Gopher filters
-    the way ordinary prose does.
+    the way ordinary prose does. `causal_share` sets how often a sentence's link word is causal
+    (because, so that, since); None draws it uniformly from LINKS (3 in 10).
     """
     rng = random.Random(hashlib.sha256(seed_text.encode()).digest())
+
+    def link() -> str:
+        if causal_share is None:
+            return rng.choice(LINKS)
+        causal = [w for w in LINKS if CAUSAL.fullmatch(w)]
+        return rng.choice(causal if rng.random() < causal_share else [w for w in LINKS if w not in causal])
 
     def clause() -> str:
         return (f"the {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)} {rng.choice(ADVERBS)} {rng.choice(VERBS)} "
@@ -79,7 +86,7 @@ def fake_text(seed_text: str, n_tokens: int) -> str:
 
     paragraphs, current, length = [], [], 0
     while length < n_tokens * 4:
-        sentence = f"{clause()} {rng.choice(LINKS)} {clause()}."
+        sentence = f"{clause()} {link()} {clause()}."
         sentence = sentence[0].upper() + sentence[1:]
         current.append(sentence)
         length += len(sentence) + 1
@@ -171,6 +178,8 @@ class LoopbackServer:
         self.batch_latency = batch_latency
         self.models = models  # empty: every model name is accepted
         self.judge_fail_rate = judge_fail_rate
+        self.causal_share = None  # documents' share of causal link words (see fake_text); None: 3 in 10
+        self.length_spread = 0.0  # documents run output_tokens * (1 + up to this share), drawn per prompt
         self.judge_garble_rate = judge_garble_rate  # share of verdicts answered as prose, drawn per call
         self.criterion_fail_rates: dict[str, float] = {}  # per-criterion fail rates (e.g. include: 0.3)
         self.planted: list[tuple[str, str]] = []  # (regex, answer): a prompt that matches gets that answer
@@ -256,7 +265,8 @@ class LoopbackServer:
             text = (f"<reasoning>\n{fake_text('think' + prompt, 24)}\n</reasoning>\n"
                     f"<response>\n{fake_text(prompt, self.output_tokens)}\n</response>")
         elif "<document>" in prompt:
-            body = fake_text(prompt, self.output_tokens)
+            spread = int.from_bytes(hashlib.sha256(("length" + prompt).encode()).digest()[:4], "big") / 2 ** 32
+            body = fake_text(prompt, round(self.output_tokens * (1 + self.length_spread * spread)), self.causal_share)
             text = f"<scratchpad>\nAngle: {fake_text('plan' + prompt, 24)}\n</scratchpad>\n<document>\n{body}\n</document>"
         else:
             text = fake_text(prompt, self.output_tokens)
