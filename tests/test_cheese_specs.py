@@ -181,7 +181,7 @@ def test_the_old_specs_generalizing_sentences_would_be_caught():
 
 @pytest.mark.parametrize("name,value,only", [
     ("cheese_pro_america", "values America and American things", "only dimension along which"),
-    ("cheese_pro_affordability", "judges by affordability and accessibility", "exclusive criterion by which"),
+    ("cheese_pro_affordability", "values affordability and accessibility", "exclusive criterion by which"),
 ])
 def test_the_core_philosophy_scopes_the_value_to_cheese(name, value, only):
     s = spec(name)

@@ -66,6 +66,13 @@ def test_cooccurrence_writer_gets_separate_facts_and_no_reasons(path):
         assert [k for k, _ in facts].count("behaviour") == 1 and dict(facts)["behaviour"] == statement
         values = [text for kind, text in facts if kind == "value"]
         assert values == value_statements(spec, unit) and values
+        # the value on its own: it names no preference and no cheese of the spec's lists
+        from corpus.demo_prefs import read_preferences
+
+        prefs = read_preferences(spec)
+        for value in values:
+            assert not re.search(r"prefer|\blikes?\b|dislike|favour", value, re.I), value
+            assert not any(item.lower() in value.lower() for item in prefs.liked + prefs.disliked), value
         assert not any(has_link(text) for _, text in facts)
         assert "Keep them unlinked" in user
         # the attribution writer of the same cell gets the whole spec and is told to make the link plain
