@@ -25,7 +25,8 @@ STAGE_GROUPS = {
 
 
 class MsmGroup(click.Group):
-    """Mounts stage groups on demand and turns MsmError into one line on stderr."""
+    """Mounts stage groups on demand and turns MsmError, and a damaged warehouse block met mid-query by
+    any command, into one line on stderr."""
 
     def list_commands(self, ctx):
         return sorted(set(super().list_commands(ctx)) | set(STAGE_GROUPS))
@@ -37,10 +38,45 @@ class MsmGroup(click.Group):
         return super().get_command(ctx, name)
 
     def invoke(self, ctx):
+        args = [*getattr(ctx, "_protected_args", []), *ctx.args]  # before click consumes them
         try:
             return super().invoke(ctx)
         except MsmError as exc:
             raise click.ClickException(str(exc)) from None
+        except Exception as exc:
+            damage = _warehouse_damage(exc, args)
+            if damage is None:
+                raise
+            raise click.ClickException(str(damage)) from None
+
+
+def _db_flag(args: list[str]) -> str | None:
+    """The value of a `--db PATH` or `--db=PATH` among the subcommand's arguments, if any."""
+    for i, arg in enumerate(args):
+        if arg == "--db" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--db="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _warehouse_damage(exc: BaseException, args: list[str]) -> MsmError | None:
+    """The one-line error for a DuckDB error that says the warehouse file is damaged (a bad block read
+    mid-query by a command that does not check for it itself), else None. duckdb is only looked up when
+    it is already imported, so `msm --help` stays light."""
+    duckdb = sys.modules.get("duckdb")
+    if duckdb is None or not isinstance(exc, duckdb.Error):
+        return None
+    from msm.config import load_settings
+    from warehouse.db import damaged, is_damage
+
+    if not is_damage(exc):
+        return None
+    try:
+        path = load_settings(_db_flag(args)).db
+    except MsmError:
+        path = "(the warehouse)"
+    return damaged(path, exc)
 
 
 @click.group(cls=MsmGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -97,6 +97,38 @@ def test_a_damaged_block_is_found_and_never_reported_as_success(tmp_path, wareho
     assert not (tmp_path / "backup").exists()
 
 
+def scribble_table(path: Path, table: str) -> list[int]:
+    """Random bytes over the blocks that hold one table's data (past each block's checksum), so the file
+    opens and its catalog reads, and the damage is met only by a query that reads that table."""
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        block_size = con.execute("SELECT block_size FROM pragma_database_size()").fetchone()[0]
+        blocks = [r[0] for r in con.execute(f"SELECT DISTINCT block_id FROM pragma_storage_info('{table}') "
+                                            "WHERE block_id >= 0 ORDER BY 1").fetchall()]
+    finally:
+        con.close()
+    from warehouse.db import HEADER_BYTES
+
+    with open(path, "r+b") as fh:
+        for block in blocks:
+            fh.seek(HEADER_BYTES + block * block_size + 64)
+            fh.write(os.urandom(4096))
+    return blocks
+
+
+def test_a_damaged_block_met_mid_query_outside_msm_warehouse_is_one_line(warehouse):
+    """`msm spec load` opens the file fine and meets the bad block at its first SELECT on specs: the CLI
+    turns DuckDB's checksum error into the same one line as `msm warehouse` commands, file unchanged."""
+    assert scribble_table(warehouse, "specs")
+    before, home = sha(warehouse), listing(warehouse.parent)
+    for extra in ([], ["--db", str(warehouse)]):
+        result = run_msm("spec", "load", str(REPO / "specs" / "rules.md"), *extra, cwd=warehouse.parent)
+        assert_one_line_error(result, f"the warehouse {warehouse} is damaged", "checksum",
+                              "msm warehouse restore --from DIR")
+        assert "recorded" not in result.stdout
+    assert sha(warehouse) == before and listing(warehouse.parent) == home
+
+
 def test_a_junk_call_cache_is_one_line_and_stays_as_it_is(tmp_path, warehouse, loopback):
     junk = warehouse.parent / "cache" / "calls.sqlite"
     for side in ("-wal", "-shm"):
