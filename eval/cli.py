@@ -59,12 +59,28 @@ def items(paths):
               help="A suite's own setting (`msm eval suites` lists them).")
 @click.option("--templates", default=None, help="agentic: scenario folders in the agentic-misalignment layout "
                                                 "(same as -o templates=PATH).")
+@click.option("--model-name", default=None, help="The model's name in every prompt's system turn, the spec-QA "
+                                                 "questions and the agentic scenarios (needs --provider-name).")
+@click.option("--provider-name", default=None, help="Its developer's name (with --model-name).")
+@click.option("--chat-template", type=click.Path(dir_okay=False), default=None,
+              help="A Jinja chat template file for a model without one (a base model); a trained run's card "
+                   "supplies its own.")
 @click.option("--db", default=None)
 def run(suite, model, target, item_files, mode, backend, base_url, limit, seed, judge_backend, judge_model,
-        judge_base_url, option_pairs, templates, db):
+        judge_base_url, option_pairs, templates, model_name, provider_name, chat_template, db):
     """Run SUITE (`msm eval suites`) on a model; rates per domain and split with 95% Wilson intervals."""
+    from pathlib import Path
+
     from eval.run import run_eval
     from msm.errors import MsmError
+
+    if (model_name is None) != (provider_name is None):
+        raise MsmError("--model-name and --provider-name go together", "give both, e.g. --model-name Llama "
+                       "--provider-name Meta")
+    identity = {"model_name": model_name, "provider_name": provider_name} if model_name else None
+    if chat_template is not None and not Path(chat_template).is_file():
+        raise MsmError(f"--chat-template {chat_template} does not exist", "name a Jinja chat template file")
+    template = Path(chat_template).read_text(encoding="utf-8") if chat_template else None
 
     options = {}
     for pair in option_pairs:
@@ -76,7 +92,8 @@ def run(suite, model, target, item_files, mode, backend, base_url, limit, seed, 
         options["templates"] = templates
     judge = {"backend": judge_backend, "model": judge_model, "base_url": judge_base_url} if judge_backend else None
     result = run_eval(suite, model, target, list(item_files), mode, backend, base_url, limit, seed, db,
-                      log=lambda line: click.echo(line), judge=judge, options=options)
+                      log=lambda line: click.echo(line), judge=judge, options=options, identity=identity,
+                      chat_template=template)
     if suite == "agentic":
         _agentic_table(result)
         return

@@ -136,3 +136,28 @@ def test_the_identity_names_the_agentic_agent_and_the_spec_qa_subject_unless_an_
     assert named_options(get_suite("spec_qa"), None, zed) == ZED
     assert named_options(get_suite("preferences"), None, zed) == {}
     assert get_suite("agentic").options["model_name"][1] == "SmolLM2"  # msm/identity.yaml's default
+
+
+def test_eval_identity_and_template_flags_are_checked_in_one_line(tmp_path):
+    from msm.tiny import tiny_causal_lm
+    from tests.conftest import assert_one_line_error, run_msm
+
+    bank = str(REPO / "eval" / "items" / "america_opinions.jsonl")
+    base = ["eval", "run", "preferences", "--target", "pro_america", "--items", bank, "--limit", "2"]
+    assert_one_line_error(run_msm(*base, "--model", "tiny-random", "--model-name", "Zed"),
+                          "--model-name and --provider-name go together")
+    assert_one_line_error(run_msm(*base, "--model", "tiny-random", "--chat-template", str(tmp_path / "none.jinja")),
+                          "--chat-template", "does not exist")
+    # a base model with no chat template of its own cannot be framed without one
+    model, tokenizer = tiny_causal_lm()
+    folder = tmp_path / "bare-base"
+    model.save_pretrained(folder)
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(folder)
+    assert_one_line_error(run_msm(*base, "--model", str(folder), timeout=300), "has no chat template",
+                          "--chat-template")
+    assert not (tmp_path / "msm_home" / "msm.duckdb").exists()  # nothing recorded
+    framed = run_msm(*base, "--model", str(folder), "--model-name", "Zed", "--provider-name", "Acme",
+                     "--chat-template", str(TEMPLATE), timeout=300)
+    assert framed.returncode == 0, framed.stderr[-2000:]
+    assert "eval run" in framed.stdout and "value-consistent" not in framed.stderr
