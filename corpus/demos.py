@@ -210,9 +210,14 @@ async def _llm_rounds(spec, opts: DemoOptions, log, decontaminate):
     from msm.llm.select import default_cache, make_backend
 
     backend, model = make_backend(opts.backend, opts.model, opts.base_url)
-    client = LLMClient(backend, model, cache=default_cache(), max_cost=opts.max_cost, concurrency=opts.concurrency)
     names = spec.names
     prefix = render("demo_system.j2", spec_name=spec.name, spec_text=spec.text, **names)
+    try:
+        check_context_window(prefix, opts, backend.name, model, spec.path)
+    except MsmError:
+        await backend.aclose()
+        raise
+    client = LLMClient(backend, model, cache=default_cache(), max_cost=opts.max_cost, concurrency=opts.concurrency)
     embed = _question_embedder() if opts.embed_dedup else None
     try:
         domains, domains_key = await _domains(client, prefix, opts, names)
@@ -250,6 +255,32 @@ async def _llm_rounds(spec, opts: DemoOptions, log, decontaminate):
         await backend.aclose()
     demos = [d for d in demos if d.reason != "pending"]  # cached or not made yet: a rerun picks them up
     return demos, rounds, stop, backend.name, model, client.stats.spent_usd
+
+
+QUESTION_TOKENS = 4096  # the question stage's answer room; the other stages ask for less or for --max-tokens
+
+
+def check_context_window(prefix: str, opts: DemoOptions, backend: str, model: str, spec_path) -> None:
+    """Refuse a spec whose cached system prefix (demo_system.j2: the whole spec) plus the largest answer
+    any stage asks for does not fit the model's context window (msm/llm/context_windows.yaml, the
+    table `msm corpus build` checks against), before the cache is opened or any call is made. The
+    small local models are not checked, as in the corpus build."""
+    from pipelines.build import context_window
+
+    window = None if backend == "local" else context_window(model)
+    if window is None:
+        return
+    answer = max(QUESTION_TOKENS, opts.max_tokens)
+    prompt = len(prefix) // 4
+    if answer + len(prefix) // 8 <= window < answer + prompt * 2:  # close to the limit: count it properly
+        from msm.tokens import default_counter
+
+        prompt = default_counter().count_many([prefix])[0]
+    if prompt + answer > window:
+        raise MsmError(f"{spec_path}: the demonstrations' system prefix (the whole spec) is about {prompt:,} tokens "
+                       f"plus {answer:,} for the answer, over {model}'s {window:,}-token context window",
+                       "shorten or split the spec, or use a model with a larger window "
+                       "(msm/llm/context_windows.yaml)")
 
 
 async def _calls(client, requests: list[Request], opts: DemoOptions, stage: str):

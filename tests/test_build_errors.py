@@ -147,6 +147,31 @@ def test_context_windows_are_data_beside_the_prices(api, warehouse, tmp_path):
                           "context-window file", "models:")
 
 
+def demo_args(server, spec: Path = SPEC) -> list[str]:
+    return ["demos", "build", str(spec), "--n", "5", "--backend", "anthropic", "--model", MODEL,
+            "--base-url", server.url, "--no-embeddings"]
+
+
+def test_demos_refuse_a_spec_prefix_over_the_context_window_before_any_call(api, warehouse, tmp_path):
+    """`msm demos build` puts the whole spec in a cached system prefix too: the same table, checked
+    before the call cache is opened or the model asked (a huge spec, then a small window that the
+    spec alone fits but not with the question stage's 4,096 answer tokens)."""
+    from msm.llm.testing import fake_text
+
+    huge = tmp_path / "huge.md"
+    huge.write_text("---\nname: huge\n---\n\n# A very long spec\n\n" +
+                    "\n".join(f"## Part {i}\n\n{fake_text(f'part {i}', 2000)}\n" for i in range(200)))
+    before = files(warehouse)
+    out = run_msm(*demo_args(api, huge), env=ENV, timeout=300)
+    assert_one_line_error(out, "huge.md", "system prefix", "context window", "200,000", MODEL,
+                          "shorten or split the spec")
+    small = tmp_path / "windows.yaml"
+    small.write_text(f"models:\n  {MODEL}: 4500\n")  # rules.md is about 1,100 tokens: 1,100 + 4,096 > 4,500
+    out = run_msm(*demo_args(api), env={**ENV, "MSM_CONTEXT_WINDOWS": str(small)})
+    assert_one_line_error(out, "rules.md", "4,096 for the answer", "4,500-token context window")
+    assert api.stats.requests["messages"] == 0 and files(warehouse) == before
+
+
 # ---- 10: UTF-16 and UTF-32 specs ------------------------------------------------------------
 
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le"])
