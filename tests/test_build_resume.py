@@ -107,12 +107,16 @@ def _requests(server) -> int:
         return server.stats.requests["messages"]
 
 
-def _kill(proc: subprocess.Popen, server, home: Path, sig: int, at_start: tuple[int, int]) -> dict:
-    """Signal the build's process group mid-run. In flight: requests this run sent whose answers
-    it had not stored in the call cache when it died (they are what a rerun may pay again)."""
+def _kill(proc: subprocess.Popen, server, home: Path, sig: int, at_start: tuple[int, int],
+          frozen: bool = False) -> dict:
+    """Signal the build's process group mid-run (a frozen group, stopped with SIGSTOP, is continued
+    after the signal). In flight: requests this run sent whose answers it had not stored in the call
+    cache when it died (they are what a rerun may pay again)."""
     assert proc.poll() is None, "the build had already ended: the kill would not be mid-run"
     answered = _answered(server)
     os.killpg(proc.pid, sig)
+    if frozen:
+        os.killpg(proc.pid, signal.SIGCONT)
     out, err = proc.communicate(timeout=120)
     time.sleep(3 * server.latency)  # handlers still running finish (or fail on the closed socket)
     sent, stored = _requests(server) - at_start[0], len(_cached_purposes(home)) - at_start[1]
@@ -259,3 +263,124 @@ def test_sigint_stops_the_build_in_one_line_and_marks_it_interrupted(loopback, i
 
         pq.read_table(shard)
     assert "Traceback" in next((isolated_home / "builds").glob("*/logs/build.log")).read_text()
+
+
+# ---- the slow sweep: ten kill points over every stage ------------------------------------------
+
+SWEEP_SHARES = {"generate": (0.1, 0.35, 0.6, 0.85), "judge": (0.3, 0.6, 0.9)}  # of each purpose's answers
+
+
+def _stage_of(home: Path) -> str | None:
+    found = list((home / "builds").glob("*/logs/stage"))
+    return found[0].read_text().strip() if found else None
+
+
+def _kill_in_stage(proc: subprocess.Popen, server, home: Path, stage: str, sig: int, at_start) -> dict:
+    """Every call made, wait for the build to enter `stage` (the stage file, written as each stage
+    starts), freeze its process group there (SIGSTOP), check it is still in that stage, then signal it."""
+    _wait_until(proc, lambda: _stage_of(home) == stage, f"the {stage} stage", limit=300)
+    os.killpg(proc.pid, signal.SIGSTOP)
+    frozen = _stage_of(home)
+    assert frozen == stage, f"the build had left {stage} for {frozen} before it was frozen"
+    kill = _kill(proc, server, home, sig, at_start, frozen=True)
+    kill["stage"] = stage
+    return kill
+
+
+@pytest.mark.slow
+def test_ten_kill_points_over_every_stage_resume_to_the_uninterrupted_build(tmp_path):
+    """Seven kills chosen by answers (four in generation, three in judging), then one each in
+    near-duplicate detection (MinHash), decontamination and the load, alternating SIGKILL and SIGTERM,
+    all in one home; one rerun then equals an uninterrupted reference, and only the calls in flight
+    at a kill are paid twice."""
+    started = time.monotonic()
+    reference_home, home = tmp_path / "reference", tmp_path / "killed"
+    reference, server = _server(), _server()
+    try:
+        done = subprocess.run(_command(reference), env=_env(reference_home), capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr
+        order = _cached_purposes(reference_home)
+        total = _answered(reference)
+        assert total == len(order)
+        totals = {p: order.count(p) for p in SWEEP_SHARES}
+        points = sorted({[i for i, p in enumerate(order, 1) if p == purpose][int(share * totals[purpose])]: purpose
+                         for purpose, shares in SWEEP_SHARES.items() for share in shares}.items())
+        assert len(points) == 7 and all(b - a > CONCURRENCY for (a, _), (b, _) in zip(points, points[1:])), points
+        signals = [signal.SIGKILL, signal.SIGTERM]
+        kills = []
+        for n, (answers, purpose) in enumerate(points):
+            at_start = _mark(server, home)
+            before = _cached_purposes(home)
+            proc = _start(server, home)
+            _wait_until(proc, lambda: _answered(server) >= answers, f"{answers} answers")
+            sig = signals[n % 2]
+            kills.append(_kill(proc, server, home, sig, at_start))
+            kills[-1]["stage"] = purpose
+            assert kills[-1]["exit"] == (-sig if sig == signal.SIGKILL else 128 + sig), kills[-1]["stderr"][-2000:]
+            if sig == signal.SIGTERM:
+                lines = [ln for ln in kills[-1]["stderr"].splitlines() if ln.strip()]
+                assert len(lines) == 1 and "interrupted by SIGTERM" in lines[0], lines
+                assert _query(home, "SELECT status FROM builds") == [("interrupted",)]
+            cached = _cached_purposes(home)
+            assert 0 < cached.count(purpose) < totals[purpose], f"not killed during {purpose}"
+            assert len(cached) > len(before), "the run was killed before it did any work"
+        assert _query(home, "SELECT count(*) FROM documents") == [(0,)]
+
+        # every call made: near-duplicates, decontamination (frozen in the stage, then signalled) and the load
+        for stage, sig in (("near-dup", signal.SIGKILL), ("decontaminate", signal.SIGTERM)):
+            at_start = _mark(server, home)
+            for stale in (home / "builds").glob("*/logs/stage"):
+                stale.unlink()  # the last run's stage, so the wait sees this run's
+            proc = _start(server, home)
+            kills.append(_kill_in_stage(proc, server, home, stage, sig, at_start))
+            assert len(server.stats.answered) == len(reference.stats.answered), "a call was still to be made"
+            assert kills[-1]["exit"] == (-sig if sig == signal.SIGKILL else 128 + sig), kills[-1]["stderr"][-2000:]
+        # the load: frozen as it enters it; the warehouse lock taken then makes it wait, and it is killed
+        # waiting (or, when it already holds the warehouse, inside the load's transaction)
+        at_start = _mark(server, home)
+        for stale in (home / "builds").glob("*/logs/stage"):
+            stale.unlink()
+        proc = _start(server, home)
+        _wait_until(proc, lambda: _stage_of(home) == "load", "the load stage", limit=300)
+        os.killpg(proc.pid, signal.SIGSTOP)
+        assert _stage_of(home) == "load"
+        try:
+            holder = duckdb.connect(str(home / "msm.duckdb"))
+        except duckdb.IOException:
+            holder = None
+        try:
+            if holder is not None:
+                os.killpg(proc.pid, signal.SIGCONT)
+                waiting = proc.stderr.readline()
+                assert "waiting for the warehouse" in waiting, waiting
+            kills.append(_kill(proc, server, home, signal.SIGKILL, at_start))
+            kills[-1]["stage"] = "load (waiting for the lock)" if holder is not None else "load (in its transaction)"
+        finally:
+            if holder is not None:
+                holder.close()
+        assert len(kills) == 10
+        assert _query(home, "SELECT count(*) FROM documents") == [(0,)]
+
+        final = subprocess.run(_command(server), env=_env(home), capture_output=True, text=True, timeout=600)
+        assert final.returncode == 0, final.stderr
+        want, got = _state(reference_home), _state(home)
+        for key in want:
+            assert got[key] == want[key], key
+        assert want["builds"][0][1] == "complete" and want["kept"]
+        assert set(server.stats.answered) == set(reference.stats.answered)
+        paid_twice = _answered(server) - total
+        final_counts = dict(server.stats.answered)
+        for kill, after in zip(kills, [k["snapshot"] for k in kills[1:]] + [final_counts]):
+            kill["paid_twice"] = sum(1 for key, n in kill["snapshot"].items() if after.get(key, 0) > n)
+        assert sum(k["paid_twice"] for k in kills) == paid_twice
+        for kill in kills:
+            assert kill["paid_twice"] <= kill["in_flight"] <= CONCURRENCY, kills
+        assert all(k["in_flight"] == 0 for k in kills[-3:])  # after the calls, nothing is paid again
+        print(f"\nreference {total} calls ({totals}); killed in "
+              + ", ".join(f"{k['stage']} by {k['signal']} after {k['answered']} answers ({k['paid_twice']} paid twice)"
+                          for k in kills)
+              + f"; {paid_twice} call(s) paid twice; {time.monotonic() - started:.0f} s")
+    finally:
+        reference.stop()
+        server.stop()
