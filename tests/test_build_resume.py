@@ -384,3 +384,77 @@ def test_ten_kill_points_over_every_stage_resume_to_the_uninterrupted_build(tmp_
     finally:
         reference.stop()
         server.stop()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 48 MiB tmpfs (root only), unmounted afterwards."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.slow
+def test_a_disk_filled_mid_build_then_freed_resumes_to_the_uninterrupted_build(tmp_path, small_disk):
+    """The home on a small tmpfs; after a quarter of the generation answers a ballast file fills the
+    disk. The build stops by itself with one line naming the full disk and the log;
+    once the ballast is gone one rerun equals an uninterrupted build, paying again at most the calls
+    in flight. Fails today on the one line and the calls paid twice (see the end)."""
+    import errno
+
+    reference_home, home = tmp_path / "reference", small_disk / "home"
+    reference, server = _server(), _server()
+    try:
+        done = subprocess.run(_command(reference), env=_env(reference_home), capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr
+        order = _cached_purposes(reference_home)
+        fill_at = [i for i, p in enumerate(order, 1) if p == "generate"][len(order) // 4 // 2]
+        proc = _start(server, home)
+        _wait_until(proc, lambda: _answered(server) >= fill_at, f"{fill_at} answers")
+        ballast = small_disk / "ballast"
+        with open(ballast, "wb", buffering=0) as fh:
+            with pytest.raises(OSError) as full:
+                while True:
+                    fh.write(b"\0" * (1 << 20))
+        assert full.value.errno == errno.ENOSPC
+        assert proc.poll() is None, "the build ended before the disk was full"
+        out, err = proc.communicate(timeout=300)  # it stops by itself
+        ballast.unlink()
+        cached = _cached_purposes(home)
+        assert proc.returncode not in (0, 75) and 0 < cached.count("generate") < order.count("generate"), err[-2000:]
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert ("no space left on device" in lines[-1] or "disk is full" in lines[-1]) and "build.log" in lines[-1], \
+            lines[-1]  # a shard or the call cache, whichever met the full disk first
+        # the mark itself is a write: on the full disk the warehouse may not take it (the rerun resumes either way)
+        assert _query(home, "SELECT status FROM builds") in ([("failed",)], [("running",)])
+
+        final = subprocess.run(_command(server), env=_env(home), capture_output=True, text=True, timeout=600)
+        assert final.returncode == 0, final.stderr
+        want, got = _state(reference_home), _state(home)
+        for key in want:
+            assert got[key] == want[key], key
+        paid_twice = _answered(server) - _answered(reference)
+        assert set(server.stats.answered) == set(reference.stats.answered)
+        print(f"\nfilled after {fill_at} of {len(order)} answers; exit {proc.returncode}, {len(lines)} stderr line(s); "
+              f"{paid_twice} call(s) paid twice")
+        # what issue 20 asks and the build does not do yet (2026-12-02: 74 lines, 7 calls paid twice): the
+        # logging errors of datatrove's loguru sink on the full disk reach stderr, and the calls go on being
+        # made after the call cache has stopped storing them
+        problems = []
+        if len(lines) != 1:
+            problems.append(f"{len(lines)} lines on stderr, not one: " + " | ".join(lines[:6]))
+        if paid_twice > CONCURRENCY:
+            problems.append(f"{paid_twice} calls paid twice, more than the {CONCURRENCY} in flight")
+        assert not problems, problems
+    finally:
+        reference.stop()
+        server.stop()
