@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import sys
 import threading
 from typing import Any, Iterator
 
@@ -86,6 +87,11 @@ class TaskCalls:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
 
     def close(self) -> None:
+        # at interpreter exit (a SIGTERM'd build collecting a step's generator) the loop's daemon
+        # thread no longer runs: waiting on it would hang the process after its one line
+        if sys.is_finalizing() or not self.thread.is_alive():
+            self.cache.close()
+            return
         try:
             self.run(self._shutdown())
         finally:
