@@ -69,6 +69,25 @@ def _query(home: Path, sql: str):
         con.close()
 
 
+def _assert_resumed(reference_home: Path, home: Path, reference, server, kills: list, total: int) -> int:
+    """The resumed home equals the uninterrupted one (documents, texts, kept set, judgments, calls),
+    the server answered the same requests, and each kill paid twice at most the calls it had in
+    flight; returns the calls paid twice."""
+    want, got = _state(reference_home), _state(home)
+    for key in want:
+        assert got[key] == want[key], key
+    assert want["builds"][0][1] == "complete" and want["kept"]
+    assert set(server.stats.answered) == set(reference.stats.answered)
+    paid_twice = _answered(server) - total
+    final_counts = dict(server.stats.answered)
+    for kill, after in zip(kills, [k["snapshot"] for k in kills[1:]] + [final_counts]):
+        kill["paid_twice"] = sum(1 for key, n in kill["snapshot"].items() if after.get(key, 0) > n)
+    assert sum(k["paid_twice"] for k in kills) == paid_twice
+    for kill in kills:
+        assert kill["paid_twice"] <= kill["in_flight"] <= CONCURRENCY, kills
+    return paid_twice
+
+
 def _state(home: Path) -> dict:
     """What a finished build leaves in the warehouse, in a form two homes can be compared in."""
     q = lambda sql: sorted(_query(home, sql))  # noqa: E731
@@ -200,19 +219,8 @@ def test_killed_in_generation_judging_and_load_resumes_to_the_uninterrupted_buil
         assert "complete" in final.stdout
 
         # the same home as the uninterrupted build: documents, texts, kept set, judgments, calls
-        want, got = _state(reference_home), _state(home)
-        for key in want:
-            assert got[key] == want[key], key
-        assert want["builds"][0][1] == "complete" and want["kept"]
-        # calls counted at the server: the same requests, and only those in flight at a kill twice
-        assert set(server.stats.answered) == set(reference.stats.answered)
-        paid_twice = _answered(server) - total
-        final_counts = dict(server.stats.answered)
-        for kill, after in zip(kills, [k["snapshot"] for k in kills[1:]] + [final_counts]):
-            kill["paid_twice"] = sum(1 for key, n in kill["snapshot"].items() if after.get(key, 0) > n)
-        assert sum(k["paid_twice"] for k in kills) == paid_twice
-        for kill in kills:  # at most the calls in flight at each kill are paid twice
-            assert kill["paid_twice"] <= kill["in_flight"] <= CONCURRENCY, kills
+        # the same home as the uninterrupted build; calls counted at the server
+        paid_twice = _assert_resumed(reference_home, home, reference, server, kills, total)
         assert kills[-1]["in_flight"] == 0  # at the load every call was already made
         print(f"\nreference {total} calls ({generate_total} generate, {judge_total} judge); killed at "
               + ", ".join(f"{k['signal']} after {k['answered']} answers ({k['in_flight']} in flight, "
@@ -364,18 +372,7 @@ def test_ten_kill_points_over_every_stage_resume_to_the_uninterrupted_build(tmp_
 
         final = subprocess.run(_command(server), env=_env(home), capture_output=True, text=True, timeout=600)
         assert final.returncode == 0, final.stderr
-        want, got = _state(reference_home), _state(home)
-        for key in want:
-            assert got[key] == want[key], key
-        assert want["builds"][0][1] == "complete" and want["kept"]
-        assert set(server.stats.answered) == set(reference.stats.answered)
-        paid_twice = _answered(server) - total
-        final_counts = dict(server.stats.answered)
-        for kill, after in zip(kills, [k["snapshot"] for k in kills[1:]] + [final_counts]):
-            kill["paid_twice"] = sum(1 for key, n in kill["snapshot"].items() if after.get(key, 0) > n)
-        assert sum(k["paid_twice"] for k in kills) == paid_twice
-        for kill in kills:
-            assert kill["paid_twice"] <= kill["in_flight"] <= CONCURRENCY, kills
+        paid_twice = _assert_resumed(reference_home, home, reference, server, kills, total)
         assert all(k["in_flight"] == 0 for k in kills[-3:])  # after the calls, nothing is paid again
         print(f"\nreference {total} calls ({totals}); killed in "
               + ", ".join(f"{k['stage']} by {k['signal']} after {k['answered']} answers ({k['paid_twice']} paid twice)"

@@ -14,6 +14,7 @@ import duckdb
 import pytest
 
 from tests.conftest import LOOPBACK_KEY, REPO, assert_one_line_error, run_msm
+from tests.test_sql_readonly import counts
 
 ROWS = 300_000
 
@@ -161,15 +162,6 @@ def test_doctor_checks_the_warehouse_and_the_call_cache(warehouse):
     assert "is damaged" in bad_db and "-> restore a backup with `msm warehouse restore --from DIR`" in bad_db
     bad_cache = next(line for line in lines if line.startswith("[FAIL] call cache:"))
     assert "calls.sqlite is damaged" in bad_cache and "msm warehouse restore" in bad_cache
-
-
-def counts(db: Path) -> dict[str, int]:
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        names = [r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'").fetchall()]
-        return {n: con.execute(f'SELECT count(*) FROM "{n}"').fetchone()[0] for n in names}
-    finally:
-        con.close()
 
 
 def test_backup_then_restore_brings_back_a_damaged_warehouse_and_cache(tmp_path, warehouse):
