@@ -230,6 +230,7 @@ def test_the_front_matter_names_the_default_local_model(name):
 
 
 # --- MiniLM: no spec unit or sentence is close to a held-out item --------------------------------
+# The real embedding model (about a minute on 2 cores): the smoke tier (`make smoke`, CI's second step).
 
 @pytest.fixture(scope="module")
 def embed():
@@ -277,12 +278,16 @@ def closest(s, embed, items) -> tuple[float, str, str, str]:
     return float(sims[row, col]), texts[row][0], texts[row][1], ids[col]
 
 
+@pytest.mark.smoke
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_no_spec_text_is_close_to_a_held_out_item(name, embed, items):
     cosine, unit, text, item = closest(spec(name), embed, items)
     assert cosine < SIMILARITY, f"{name} {unit}: {text[:100]!r} is {cosine:.3f} from {item}"
 
 
+@pytest.mark.smoke
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_a_planted_paraphrase_of_an_item_is_caught(name, embed, items, tmp_path):
     item_id, sentence = PLANTED[name]
