@@ -162,6 +162,7 @@ def test_rules_only_variant_is_deterministic_and_matches_the_family(tmp_path):
     assert_one_line_error(run_msm("spec", "variants", str(out), "--rules-only", "-o", str(out)), "the spec itself")
 
 
+@pytest.mark.heavy  # several builds in a row: in `make smoke`, keeping the fast suite in budget
 def test_match_tokens_builds_a_corpus_within_two_percent(api, isolated_home):
     api.output_tokens = 400
     api.judge_fail_rate = 0.05
@@ -189,6 +190,7 @@ def test_an_ablation_without_a_matching_cell_says_so(api):
         build_ablation(str(SPEC), opts(api, docs=3), ("attribution", "cooccurrence"))
 
 
+@pytest.mark.heavy  # several builds in a row: in `make smoke`, keeping the fast suite in budget
 def test_ablate_to_a_token_target_runs_rounds_until_each_matched_corpus_holds_it(api, isolated_home):
     result = build_ablation(str(SPEC), opts(api, docs=None), ("attribution", "cooccurrence"), target_tokens=150)
     assert result.stop == "target reached", result.stop

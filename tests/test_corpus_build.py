@@ -363,6 +363,7 @@ def test_slurm_dry_run_script_runs_as_array_tasks_then_loads(api, isolated_home,
     assert con.execute("SELECT count(*) FROM llm_calls").fetchone()[0] >= 8  # read from the rank shards
 
 
+@pytest.mark.heavy  # several builds in a row: in `make smoke`, keeping the fast suite in budget
 def test_export_and_import_round_trip(api, isolated_home, tmp_path):
     env = {"ANTHROPIC_API_KEY": LOOPBACK_KEY}
     built = run_msm("corpus", "build", str(SPEC), "--docs", "12", "--backend", "anthropic", "--model", MODEL,
