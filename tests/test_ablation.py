@@ -92,6 +92,7 @@ def test_matched_cells_pass_every_condition_and_leaks_are_caught_by_content(api,
     assert reports["cooccurrence"].guard == "attribution_leak"
 
 
+@pytest.mark.heavy  # several builds in a row: in `make smoke`, keeping the fast suite in budget
 def test_ablate_command_prints_the_per_condition_report(api, isolated_home):
     env = {"ANTHROPIC_API_KEY": LOOPBACK_KEY}
     args = ["corpus", "ablate", str(SPEC), "--conditions", "attribution,cooccurrence", "--docs", "40",

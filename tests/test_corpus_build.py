@@ -147,6 +147,7 @@ def test_truncated_answers_regrow_or_trim(api, isolated_home, policy):
         assert all(t.rstrip().endswith(".") for t in texts)
 
 
+@pytest.mark.heavy  # several builds in a row: in `make smoke`, keeping the fast suite in budget
 def test_near_duplicates_are_dropped_with_their_cluster_and_redecided_on_rerun(api, isolated_home):
     # filler prose embeds alike, so at 0.9 embedding dedup finds clusters among these documents
     result = build_corpus(str(SPEC), opts(api, docs=16, dedup=("minhash", "embedding"), dedup_threshold=0.9))
@@ -289,6 +290,7 @@ def test_offline_default_build_with_the_real_model(isolated_home):
     assert calls[0] == 4 and calls[1] > 0
 
 
+@pytest.mark.heavy  # several builds in a row: in `make smoke`, keeping the fast suite in budget
 def test_token_target_is_reached_within_one_document(api, isolated_home):
     from pipelines.target import build_to_target
 
