@@ -158,7 +158,7 @@ def plan_steps(exp: Experiment) -> list[Step]:
                 body = config.to_json()
                 body.pop("output_dir")
                 if body.get("chat_template"):  # the template's text, not where the checkout lies
-                    body["chat_template"] = _file_sha(body["chat_template"])
+                    body["chat_template"] = template or _file_sha(body["chat_template"])  # hashed once per plan
                 model_key = add(_make("train", f"train {arm.name} seed {seed}", {"config": body}, upstream,
                                       arm=arm.name, seed=seed,
                                       work={"corpus": corpus_key, "condition": condition,
