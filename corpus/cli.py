@@ -27,7 +27,7 @@ def _load(path: str, variables: tuple[str, ...]):
 @click.option("--json", "as_json", is_flag=True, help="Emit the unit tree as JSON.")
 @click.option("--max-depth", type=int, default=None, help="Only show units up to this depth.")
 def show(path, variables, as_json, max_depth):
-    """Print the unit tree: id, kind, title and tokens of every unit."""
+    """Print the style and the unit tree: id, kind, title and tokens of every unit."""
     spec = _load(path, variables)
     if as_json:
         click.echo(json.dumps(spec.to_json(), ensure_ascii=False, indent=1))
@@ -38,7 +38,7 @@ def show(path, variables, as_json, max_depth):
     tokens = counter.count_many([u.text for u in spec.units])
     total = sum(tokens)
     note = "" if counter.exact else " (approximate; `msm models prepare` enables exact counts)"
-    click.echo(f"{spec.name}  version {spec.version}  {len(spec.units)} units  "
+    click.echo(f"{spec.name}  version {spec.version}  style: {spec.style}  {len(spec.units)} units  "
                f"{total:,} tokens by {counter.name}{note}")
     if spec.variables:
         click.echo("variables: " + ", ".join(f"{k}={v}" for k, v in spec.variables.items()))

@@ -68,7 +68,8 @@ def known_conditions() -> list[str]:
     return list(_catalogue()["conditions"])
 
 
-def load_condition(name: str) -> Condition:
+def load_condition(name: str, style: str = "values") -> Condition:
+    """A condition as a spec of `style` gets it: `by_style` may replace its instruction and short."""
     entries = _catalogue()["conditions"]
     if name not in entries:
         raise MsmError(f"unknown condition '{name}'", f"use one of {', '.join(entries)}")
@@ -77,9 +78,50 @@ def load_condition(name: str) -> Condition:
     if prompt not in PROMPT_KINDS:
         raise MsmError(f"{CONDITIONS_FILE}: condition '{name}' has prompt '{prompt}'",
                        f"use one of {', '.join(PROMPT_KINDS)}")
-    return Condition(name, e["description"], bool(e.get("uses_value")), " ".join(e["instruction"].split()),
-                     e["short"], tuple(Criterion(c["name"], c["question"], c["fails_as"]) for c in e["criteria"]),
-                     e.get("offline"), prompt, bool(e.get("uses_behaviour", True)))
+    words = {**e, **(e.get("by_style") or {}).get(style, {})}
+    return Condition(name, e["description"], bool(e.get("uses_value")), " ".join(words["instruction"].split()),
+                     words["short"], tuple(_criteria(e["criteria"])), e.get("offline"), prompt,
+                     bool(e.get("uses_behaviour", True)))
+
+
+def _criteria(entries: list) -> list[Criterion]:
+    return [Criterion(c["name"], c["question"], c["fails_as"]) for c in entries]
+
+
+@dataclass(frozen=True)
+class WriterTemplates:
+    system: str  # API models: the system prompt (a cached prefix)
+    user: str
+    local: str  # small local models: the one compact prompt
+
+
+def _style_entry(style: str) -> dict:
+    styles = _catalogue()["styles"]
+    if style not in styles:
+        raise MsmError(f"unknown spec style '{style}'", f"use one of {', '.join(styles)}")
+    return styles[style]
+
+
+def writer_templates(style: str, condition: Condition) -> WriterTemplates:
+    """The one choice of writer templates: by the spec's style and the condition's prompt kind
+    (conditions.yaml, `styles`). A combination the table refuses is a one-line error."""
+    entry = _style_entry(style)["prompts"][condition.prompt]
+    if "refuse" in entry:
+        raise MsmError(f"the '{condition.name}' condition cannot be used with a {style}-style spec: "
+                       f"{' '.join(entry['refuse'].split())}",
+                       "build it with other conditions, or without --conditions")
+    return WriterTemplates(entry["system"], entry["user"], entry["local"])
+
+
+def check_style(style: str, conditions: tuple[str, ...]) -> None:
+    """Refuse, before any planning, a condition the spec's style cannot be written under."""
+    for name in ("standard", *conditions):
+        writer_templates(style, load_condition(name, style))
+
+
+def style_criteria(style: str) -> tuple[Criterion, ...]:
+    """Judge criteria every document of a spec of this style is checked for (conditions.yaml)."""
+    return tuple(_criteria(_style_entry(style).get("criteria") or []))
 
 
 def parse_conditions(text: str) -> tuple[str, ...]:

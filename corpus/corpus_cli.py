@@ -427,7 +427,9 @@ def show(doc_id, db):
     click.echo(f"unit      {d['unit_id']} ({unit[0]}: {unit[1]}, lines {unit[2]}-{unit[3]})")
     click.echo(f"plan row  {d['plan_row_id']}  genre {d['genre']}  audience {d['audience']}  "
                f"condition {d['condition']}  seed {d['seed']}")
-    click.echo(f"build     {d['build_id']}  {d['backend']}/{d['model']}  prompts {d['prompt_hash']}  "
+    style = con.execute("SELECT style FROM builds WHERE id = ?", [d["build_id"]]).fetchone()
+    click.echo(f"build     {d['build_id']}  style {style[0] if style and style[0] else '-'}  "
+               f"{d['backend']}/{d['model']}  prompts {d['prompt_hash']}  "
                f"tokens {d['n_tokens']} ({d['token_counter']})  cost ${d['cost_usd']:.4f}")
     for key in json.loads(d["call_keys"]):
         call = con.execute("SELECT purpose, stop_reason, input_tokens, output_tokens, cache_read_tokens, cost_usd "

@@ -81,6 +81,9 @@ class Spec:
     text: str  # the rendered body: every line after the front matter
     units: list[Unit]
     problems: list[Problem]
+    # how documents about it are written (front matter `style:`): "values" explains behaviour by the
+    # reasons the spec gives; "rules" (R, R+) presents the rules and adds no reason the spec lacks
+    style: str = "values"
 
     @property
     def names(self) -> dict[str, str]:
@@ -99,6 +102,7 @@ class Spec:
             "name": self.name,
             "sha256": self.sha256,
             "variables": self.variables,
+            "style": self.style,
             "units": [u.to_json() for u in self.units],
         }
 
@@ -230,6 +234,23 @@ def resolve_variables(front: dict, overrides: dict[str, str], source: str) -> tu
     return declared, dict(sorted(values.items()))
 
 
+def spec_styles() -> list[str]:
+    """The styles a spec may declare; the first is the default."""
+    return list(spec_format()["styles"])
+
+
+def resolve_style(front: dict, source: str) -> str:
+    """The front matter's `style:`, checked against spec_format.yaml's `styles`."""
+    styles = spec_styles()
+    style = front.get("style")
+    if style is None:
+        return styles[0]
+    if not isinstance(style, str) or style.strip().lower() not in styles:
+        raise SpecError(f"{source}: unknown style {str(style)!r} in the front matter",
+                        f"use one of {', '.join(styles)} (default {styles[0]})")
+    return style.strip().lower()
+
+
 def parse_spec_text(text: str, source: str = "<text>", variables: dict[str, str] | None = None) -> Spec:
     from corpus.spec_parse import scan_units  # the block scanner
 
@@ -244,6 +265,7 @@ def parse_spec_text(text: str, source: str = "<text>", variables: dict[str, str]
     if not any(ln.strip() for ln in body):
         raise SpecError(f"{source} has front matter but no content after it", "write the spec below the '---' line")
     declared, values = resolve_variables(front, variables or {}, source)
+    style = resolve_style(front, source)
     body_start = body_index + 1
     units, problems = scan_units(body, body_start)
 
@@ -281,6 +303,7 @@ def parse_spec_text(text: str, source: str = "<text>", variables: dict[str, str]
         text=rendered,
         units=units,
         problems=problems,
+        style=style,
     )
 
 

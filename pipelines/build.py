@@ -123,7 +123,7 @@ def _writable_home(home: Path) -> None:
 
 def build_corpus(spec_path: str, opts: BuildOptions) -> BuildResult:
     from corpus.catalog import load_audiences, load_genres
-    from corpus.conditions import ablation_units
+    from corpus.conditions import ablation_units, check_style
     from corpus.plan import expand_conditions, make_plan, plan_units
     from corpus.spec import load_spec
     from msm.config import load_settings
@@ -144,6 +144,7 @@ def build_corpus(spec_path: str, opts: BuildOptions) -> BuildResult:
     if docs is None:
         raise MsmError(f"say how many documents to build with the {backend_name} backend", "pass --docs N")
     units = ablation_units(spec) if opts.conditions else None
+    check_style(spec.style, opts.conditions)  # e.g. a rules spec refuses the value-attribution ablations
     plan = make_plan(spec, genres, audiences, docs, seed=opts.seed, units=units)
     backend, model = make_backend(backend_name, model, base_url)
     load_prices().cost(backend_name, model, _zero_usage())  # an unpriced model fails before any work
@@ -166,7 +167,8 @@ def build_corpus(spec_path: str, opts: BuildOptions) -> BuildResult:
                     "genres": [g.name for g in genres], "audiences": [a.name for a in audiences]}
     ideas_hash = hashlib.sha256(json.dumps([[r.id, r.idea, r.doc_type, r.assertion] for r in plan]).encode())
     build_key = {"spec": spec.version, "plan": [r.id for r in plan], "ideas": ideas_hash.hexdigest()[:16],
-                 "plan_mode": opts.plan_mode, "prompts": ctx.prompt_hash,
+                 "plan_mode": opts.plan_mode, "prompts": ctx.prompt_hash, "style": ctx.style,
+                 "style_criteria": ctx.style_criteria,
                  "backend": backend_name, "model": model, "code": code_version(), **settings_key}
     build_id = "b" + hashlib.sha256(json.dumps(build_key, sort_keys=True).encode()).hexdigest()[:15]
     root = settings.home / "builds" / build_id
@@ -538,9 +540,9 @@ def _record_start(db, spec, build_id, build_key, backend, model, counter_name, p
             return
         con.execute("BEGIN TRANSACTION")
         con.execute("INSERT INTO builds (id, spec_version, config, code_version, backend, model, count_tokenizer, "
-                    "status, n_planned) VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?)",
+                    "status, n_planned, style) VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, ?)",
                     [build_id, spec.version, json.dumps(build_key), build_key["code"], backend, model, counter_name,
-                     len(plan)])
+                     len(plan), build_key["style"]])
         insert_rows(con, "INSERT INTO plan_rows", [
             {"id": r.id, "build_id": build_id, "spec_version": r.spec_version, "unit_id": r.unit_id,
              "unit_kind": r.unit_kind, "genre": r.genre, "audience": r.audience, "condition": r.condition,

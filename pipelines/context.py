@@ -47,6 +47,11 @@ class BuildContext:
     executor: str = "local"  # cluster workers write their own call-cache shard
     # condition name -> rendered instruction, short, criteria, offline check (corpus/conditions.yaml)
     conditions: dict = field(default_factory=dict)
+    style: str = "values"  # the spec's style (front matter `style:`): values or rules
+    # the writer's templates, by prompt kind ("spec", "facts") -> {system, user, local}: the
+    # style x prompt-kind table of corpus/conditions.yaml, resolved for this build
+    templates: dict = field(default_factory=dict)
+    style_criteria: list = field(default_factory=list)  # judge criteria every document of the style gets
 
     def save(self, path: str) -> None:
         with open(path, "w", encoding="utf-8") as fh:
@@ -64,35 +69,41 @@ class BuildContext:
     def condition(self, row: dict) -> dict:
         return self.conditions[row.get("condition") or "standard"]
 
+    def extra_criteria(self, row: dict) -> list[dict]:
+        """The judge criteria beyond the standard four: the style's, then the condition's."""
+        return [*self.style_criteria, *self.condition(row)["criteria"]]
+
     def judge_criteria(self, row: dict) -> tuple[str, ...]:
         from corpus.prompting import JUDGE_CRITERIA
 
-        return JUDGE_CRITERIA + tuple(c["name"] for c in self.condition(row)["criteria"])
+        return JUDGE_CRITERIA + tuple(c["name"] for c in self.extra_criteria(row))
 
     def generate_request(self, row: dict, grow: bool = False) -> Request:
         from corpus.prompting import render
 
         slots = self._slots(row)
-        facts = slots["condition"].get("prompt") == "facts"  # only the statements, never the spec
+        kind = slots["condition"].get("prompt", "spec")
+        facts = kind == "facts"  # only the statements, never the spec
+        templates = self.templates[kind]
         if self.compact and facts:
             max_tokens = self.max_tokens
-            request = dict(messages=[("user", render("generate_local_facts.j2", **slots))])
+            request = dict(messages=[("user", render(templates["local"], **slots))])
         elif facts:
             max_tokens = min(self.max_tokens, int(slots["genre"]["words"][1] * 1.6) + (600 if self.scratchpad else 0))
-            request = dict(system_prefix=render("generate_system_facts.j2", **slots),
-                           messages=[("user", render("generate_user_facts.j2", scratchpad=self.scratchpad, **slots))])
+            request = dict(system_prefix=render(templates["system"], **slots),
+                           messages=[("user", render(templates["user"], scratchpad=self.scratchpad, **slots))])
         elif self.compact:
             unit_text = slots["unit"]["text"]
             slots.update(unit_text=unit_text if len(unit_text) <= 700 else unit_text[:700].rsplit(" ", 1)[0] + " ...",
                          spec_summary=self.spec["summary"])
             max_tokens = self.max_tokens
-            request = dict(messages=[("user", render("generate_local.j2", **slots))])
+            request = dict(messages=[("user", render(templates["local"], **slots))])
         else:
             words_max = slots["genre"]["words"][1]
             max_tokens = min(self.max_tokens, int(words_max * 1.6) + (600 if self.scratchpad else 0))
-            request = dict(system_prefix=render("generate_system.j2", spec_name=self.spec["name"],
+            request = dict(system_prefix=render(templates["system"], spec_name=self.spec["name"],
                                                 spec_text=self.spec["text"], **slots),
-                           messages=[("user", render("generate_user.j2", scratchpad=self.scratchpad, **slots))])
+                           messages=[("user", render(templates["user"], scratchpad=self.scratchpad, **slots))])
         if grow:
             max_tokens = int(max_tokens * self.regrow)
         from msm.llm.types import Message
@@ -123,7 +134,7 @@ class BuildContext:
         from corpus.prompting import render
         from msm.llm.types import Message
 
-        text = render("judge.j2", document=document, **self._slots(row))
+        text = render("judge.j2", document=document, criteria=self.extra_criteria(row), **self._slots(row))
         return Request(messages=(Message("user", text),), max_tokens=600, temperature=0.0 if not retry else 0.7,
                        seed=row["seed"] + (1 if retry else 0), purpose="judge")
 
@@ -135,20 +146,27 @@ def make_context(spec, units_for_summary, genres, audiences, backend: str, model
                  max_tokens: int | None = None, judge: str | None = None, truncation: str | None = None,
                  conditions: tuple[str, ...] = (), **run) -> BuildContext:
     """The one place that decides how a build prompts: small local models get a compact prompt
-    without scratchpad or whole spec; API models get the spec as a cached prefix."""
-    from corpus.conditions import ablation_units, behaviour_statement, check_facts, load_condition, value_statements, \
-        value_text
+    without scratchpad or whole spec; API models get the spec as a cached prefix. The writer's
+    templates come from the spec's style and each condition's prompt kind (`writer_templates`)."""
+    from corpus.conditions import ablation_units, behaviour_statement, check_facts, load_condition, style_criteria, \
+        value_statements, value_text, writer_templates
     from corpus.prompting import prompt_hash, render_string
 
     local = backend == "local"
     model_name, provider_name = spec.names["model_name"], spec.names["provider_name"]
+    style = spec.style
     names = ("standard", *[c for c in conditions if c != "standard"])
-    rendered = {}
+    rendered, templates = {}, {}
     for name in names:
-        cond = load_condition(name).to_json()
+        condition = load_condition(name, style)
+        templates[condition.prompt] = writer_templates(style, condition).__dict__  # refuses what the table refuses
+        cond = condition.to_json()
         for key in ("instruction", "short"):
             cond[key] = render_string(cond[key], model_name=model_name, provider_name=provider_name)
         rendered[name] = cond
+    if style == "rules" and run.get("revise"):
+        raise MsmError(f"--revise cannot be used with {spec.name}, a rules-style spec: its editor asks for "
+                       "the reasons behind the behaviour, which a rules document must not add", "drop --revise")
     judge = judge or ("offline" if local else "llm")
     if judge == "offline":
         blind = [n for n in names if rendered[n]["criteria"] and not rendered[n]["offline"]]
@@ -168,20 +186,21 @@ def make_context(spec, units_for_summary, genres, audiences, backend: str, model
             units[unit.id].update(value_text=value_text(spec, unit), statement=behaviour_statement(unit),
                                   value_statements=value_statements(spec, unit))
     titles = "; ".join(u.title for u in units_for_summary[:10])
-    templates = ("generate_local.j2",) if local else ("generate_system.j2", "generate_user.j2")
-    if facts:
-        templates += ("generate_local_facts.j2",) if local else ("generate_system_facts.j2", "generate_user_facts.j2")
+    used = [name for t in templates.values() for name in ((t["local"],) if local else (t["system"], t["user"]))]
     defaults = dict(build_id="preview", plan_path="", staged_dir="", cache_dir="")
     return BuildContext(
         **{**defaults, **run}, backend=backend, model=model, base_url=base_url,
         spec={"name": spec.name, "text": spec.text, "model_name": model_name,
               "provider_name": provider_name,
               "summary": f"{spec.front_matter.get('description') or spec.name}. Main points: {titles}."},
-        units=units, conditions=rendered,
+        units=units, conditions=rendered, style=style, templates=templates,
+        # the offline judge cannot read a document for invented reasons, any more than for
+        # faithfulness: it checks topic and names only, so style criteria go to LLM judges
+        style_criteria=[c.__dict__ for c in style_criteria(style)] if judge == "llm" else [],
         genres={g.name: {"name": g.name, "description": g.description, "words": list(g.words), "style": list(g.style)}
                 for g in genres},
         audiences={a.name: {"name": a.name, "description": a.description} for a in audiences},
-        prompt_hash=prompt_hash(*templates, "judge.j2", "revise_critique.j2", "revise_rewrite.j2",
+        prompt_hash=prompt_hash(*used, "judge.j2", "revise_critique.j2", "revise_rewrite.j2",
                                 "brainstorm_assertions.j2", "brainstorm_ideas.j2"),
         compact=local, scratchpad=not local, max_tokens=max_tokens or (384 if local else 4096),
         temperature=0.8 if local else 1.0, truncation=truncation or ("trim" if local else "regrow"),

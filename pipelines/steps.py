@@ -342,7 +342,7 @@ class Judge(_LLMStep):
             elif verdicts is None:
                 meta["status"], meta["reason"] = "dropped", "judge: the verdict was not the JSON asked for, twice"
             else:
-                self.apply(doc, verdicts, f"llm:{calls.model}", response.key, ctx.condition(meta["plan"]))
+                self.apply(doc, verdicts, f"llm:{calls.model}", response.key, ctx.extra_criteria(meta["plan"]))
             self.stat_update(meta["status"])
             return doc
 
@@ -352,15 +352,16 @@ class Judge(_LLMStep):
             bar.close()
 
     @staticmethod
-    def apply(doc: Document, verdicts: dict, judge: str, call_key: str, condition: dict) -> None:
-        """A failed condition check names what the condition guards against (attribution_leak,
-        missing_attribution...): the ablation report counts those; other failures are listed."""
+    def apply(doc: Document, verdicts: dict, judge: str, call_key: str, guarded: list[dict]) -> None:
+        """A failed guarded criterion (the style's, then the condition's) names what it guards
+        against (invented_rationale, attribution_leak, missing_attribution...): the reports count
+        those; other failures are listed."""
         meta = doc.metadata
         for criterion, (verdict, reason) in verdicts.items():
             meta["judgments"].append({"judge": judge, "criterion": criterion, "verdict": verdict, "score": None,
                                       "rationale": reason, "call_key": call_key})
         failed = [c for c, (v, _) in verdicts.items() if not v]
-        guards = {c["name"]: c["fails_as"] for c in condition["criteria"]}
+        guards = {c["name"]: c["fails_as"] for c in guarded}
         if any(c in guards for c in failed):
             meta["status"], meta["reason"] = "dropped", next(guards[c] for c in failed if c in guards)
         elif failed:
