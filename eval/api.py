@@ -20,5 +20,12 @@ def count_items(suite: str, items: list[str] | None = None, target: str | None =
     return min(len(pool), limit) if limit else len(pool)
 
 
+def suite_options(suite: str, options: dict | None = None) -> dict:
+    """A suite's options as a run would use them: the given ones over the suite's defaults."""
+    from eval.run import parse_options
+
+    return parse_options(get_suite(suite), options)
+
+
 __all__ = ["ChoiceItem", "OpenItem", "aggregate_runs", "audit_bank", "compare_runs", "count_items", "get_suite",
-           "load_bank", "load_banks", "load_runs", "mcnemar", "registry", "run_eval", "value_labels", "wilson"]
+           "load_bank", "load_banks", "load_runs", "mcnemar", "registry", "run_eval", "suite_options", "value_labels", "wilson"]

@@ -109,14 +109,21 @@ def run(suite, model, target, item_files, mode, backend, base_url, limit, seed, 
 
 
 def _agentic_table(result):
+    """HARM leaves truncated replies out; IF TRUNC 0..1 is the rate with them all harmless, all harmful."""
     scoring = result.summary["all"]["scoring"]
     click.echo(f"eval run {result.run_id}: agentic on {result.model}, scored {scoring}")
-    click.echo(f"{'GROUP':<46} {'N':>4} {'ERR':>4} {'TRUNC':>5}  {'HARM':>5}  95% CI            INTENT, NO ACTION")
+    click.echo(f"{'GROUP':<46} {'N':>4} {'ERR':>4} {'TRUNC':>5} {'SHARE':>5}  {'HARM':>5}  95% CI            "
+               f"IF TRUNC 0..1   INTENT, NO ACTION")
     for key, row in result.summary.items():
         rate = "  n/a" if row["n"] == 0 else f"{row['rate']:.3f}"
         ci = "" if row["n"] == 0 else f"[{row['low']:.3f}, {row['high']:.3f}]"
         intent = "" if row["intent_only"] is None else f"{row['intent_only']:.3f}"
-        click.echo(f"{key:<46} {row['n']:>4} {row['errors']:>4} {row['truncated']:>5}  {rate:>5}  {ci:<17} {intent}")
+        share = row.get("truncated_share")
+        bounds = ("" if share is None else
+                  f"{row['rate_if_truncated_harmless']:.3f}..{row['rate_if_truncated_harmful']:.3f}")
+        share = "" if share is None else f"{share:.2f}"
+        click.echo(f"{key:<46} {row['n']:>4} {row['errors']:>4} {row['truncated']:>5} {share:>5}  {rate:>5}  "
+                   f"{ci:<17} {bounds:<15} {intent}")
 
 
 @eval_group.command("suites")

@@ -250,4 +250,8 @@ def aggregate_runs(db, run_ids: list[str]) -> dict:
         out[group] = {"runs": k, "mean": mean, "seed_low": low, "seed_high": high, "n": n,
                       "errors": sum(row["errors"] for row in rows), "pooled": pooled.value,
                       "pooled_low": pooled.low, "pooled_high": pooled.high}
+        if all(row.get("truncated_share") is not None for row in rows):  # agentic: truncation, seed-averaged
+            out[group]["truncated"] = sum(row["truncated"] for row in rows)
+            for key in ("truncated_share", "rate_if_truncated_harmless", "rate_if_truncated_harmful"):
+                out[group][key] = sum(row[key] for row in rows) / k
     return out

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 
 TOOL = re.compile(r"<tool_use:(\w+)>(.*?)</tool_use:\1>", re.S)
-THINKING = re.compile(r"<(thinking|reasoning|scratchpad)>.*?(</\1>|\Z)", re.S | re.I)
+THINKING = re.compile(r"<(think|thinking|reasoning|scratchpad)>.*?(</\1>|\Z)", re.S | re.I)  # <think>: Qwen3's own
 FIELD = re.compile(r"^\s*(\w+)\s*:\s*(.*)$")
 ADDRESS = re.compile(r"[\w.+-]+@([\w-]+(?:\.[\w-]+)+)")
 

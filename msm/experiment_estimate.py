@@ -94,13 +94,15 @@ def demos(step, exp) -> Estimate:
     if model is None:
         model = make_backend(backend, None, base_url)[0].default_model
     calls = n * sizes["demo_calls_per_kept"]
+    reasoning = 2 if opts.get("cot") else 1  # written with reasoning: about twice the answer (an upper bound)
     usage = Usage(input_tokens=int(calls * sizes["demo_call_tokens"]["input"]),
-                  output_tokens=int(calls * sizes["demo_call_tokens"]["output"]))
+                  output_tokens=int(calls * sizes["demo_call_tokens"]["output"] * reasoning))
     cost = load_prices().cost(backend, model, usage, batch=bool(opts.get("batch")))
     hours = 0.0
     if backend == "local":
         hours = _hours(2 * parameters(model) * usage.output_tokens, device(exp.device)["decode_tflops"])
-    return Estimate(n * sizes["tokens_per_demo"]["written"], cost, hours, f"{n:,} written by {backend}:{model}")
+    return Estimate(n * sizes["tokens_per_demo"]["written"] * reasoning, cost, hours,
+                    f"{n:,} written by {backend}:{model}" + (" with reasoning" if reasoning > 1 else ""))
 
 
 def train(step, exp, upstream: dict) -> Estimate:
@@ -129,9 +131,10 @@ def train(step, exp, upstream: dict) -> Estimate:
 
 
 def evaluation(step, exp, model_name: str) -> Estimate:
-    from eval.api import count_items
+    from eval.api import count_items, suite_options
 
     spec = exp.evals[step.eval]
+    options = suite_options(spec.suite, spec.options)
     sizes = throughput()["sizes"]
     rate = device(exp.device)
     n = parameters(model_name)
@@ -140,7 +143,7 @@ def evaluation(step, exp, model_name: str) -> Estimate:
     if spec.suite == "preferences" and (spec.mode or "logprob") == "logprob":
         read, written = items * 2 * prompt, 0  # both orders, one pass each
     else:
-        written = items * int(spec.options.get("max_tokens", sizes["answer_tokens"].get(spec.suite, 512)))
+        written = items * int(options.get("max_tokens") or sizes["answer_tokens"].get(spec.suite, 512))
         read = items * prompt
     hours = _hours(2 * n * read, rate["prefill_tflops"]) + _hours(2 * n * written, rate["decode_tflops"])
     cost = 0.0
@@ -152,7 +155,10 @@ def evaluation(step, exp, model_name: str) -> Estimate:
         usage = Usage(input_tokens=items * sizes["grader_tokens"]["input"],
                       output_tokens=items * sizes["grader_tokens"]["output"])
         cost = load_prices().cost(spec.judge.get("backend", "anthropic"), spec.judge.get("model", ""), usage)
-    return Estimate(read + written, cost, hours, f"{items:,} samples" + (" + grader calls" if graded else ""))
+    sampling = (f" at temperature {options['temperature']:g}, <= {options['max_tokens']:,} tokens"
+                if "temperature" in options and "max_tokens" in options else "")
+    return Estimate(read + written, cost, hours,
+                    f"{items:,} samples{sampling}" + (" + grader calls" if graded else ""))
 
 
 def _with_tokens(step, tokens: int):

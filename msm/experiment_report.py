@@ -28,6 +28,7 @@ class Cell:
     seeds: int
     pooled: tuple | None = None  # (rate, low, high) over every item, when seeds > 1
     unscored: int = 0  # errors, and agentic replies cut off before any action
+    truncation: tuple | None = None  # agentic: (truncated share, rate if all harmless, rate if all harmful)
 
     def err(self) -> tuple[float, float]:
         """Distances to the interval's ends for an error bar (never negative: Wilson's end at a
@@ -42,7 +43,11 @@ class Cell:
         band = f" [{self.low:.2f}, {self.high:.2f}]" if self.low is not None else ""
         extra = (f", {self.seeds} seeds" if self.seeds > 1 else "") + (f", {self.unscored} unscored"
                                                                         if self.unscored else "")
-        return f"{self.rate:.2f}{band} (n={self.n}{extra})"
+        cut = ""
+        if self.truncation and self.truncation[0]:
+            share, harmless, harmful = self.truncation
+            cut = f"; {share:.0%} truncated: {harmless:.2f}..{harmful:.2f} counting them harmless..harmful"
+        return f"{self.rate:.2f}{band} (n={self.n}{extra}{cut})"
 
 
 def _cells(db, run_ids: list[str]) -> dict[str, Cell]:
@@ -51,11 +56,18 @@ def _cells(db, run_ids: list[str]) -> dict[str, Cell]:
     if len(run_ids) == 1:
         summary = load_runs(db, run_ids)[0]["summary"]
         return {g: Cell(v["rate"] if v.get("n") else None, v.get("low"), v.get("high"), v.get("n", 0), 1,
-                        unscored=v.get("errors", 0) + v.get("truncated", 0)) for g, v in summary.items()
-                if isinstance(v, dict) and "n" in v}
+                        unscored=v.get("errors", 0) + v.get("truncated", 0), truncation=_truncation(v))
+                for g, v in summary.items() if isinstance(v, dict) and "n" in v}
     agg = aggregate_runs(db, run_ids)
     return {g: Cell(v["mean"], v["seed_low"], v["seed_high"], v["n"], v["runs"],
-                    (v["pooled"], v["pooled_low"], v["pooled_high"]), v.get("errors", 0)) for g, v in agg.items()}
+                    (v["pooled"], v["pooled_low"], v["pooled_high"]), v.get("errors", 0) + v.get("truncated", 0),
+                    _truncation(v)) for g, v in agg.items()}
+
+
+def _truncation(v: dict) -> tuple | None:
+    if v.get("truncated_share") is None:
+        return None
+    return v["truncated_share"], v["rate_if_truncated_harmless"], v["rate_if_truncated_harmful"]
 
 
 def collect(exp, steps, outputs, db) -> dict:
