@@ -65,11 +65,20 @@ def ablate(spec_path: str, conditions: tuple[str, ...], tokens: int | str | None
                                 list(r.builds), r.stop) for c in r.reports}
 
 
-def demos(spec_path: str, db: str | None = None, log=lambda line: None, **options):
-    """Build a demonstration set; options are corpus.demos.DemoOptions fields."""
+def demos(spec_path: str, db: str | None = None, log=lambda line: None, *, match_tokens_of: str | None = None,
+          tolerance: float = 0.02, **options):
+    """Build a demonstration set (a corpus.demos.DemoResult); options are corpus.demos.DemoOptions fields.
+
+    Responses follow the spec's style (`style: rules` or values; `style=` overrides). With
+    `match_tokens_of` (a demo set's warehouse name or id), the set's assistant tokens match that
+    set's within `tolerance` (`n`, optional then, only sizes the first round): the result's
+    `tokens`, `target_tokens`, `ratio` and `token_counter` say how close; a build that cannot
+    match raises MsmError and names no set.
+    """
     from corpus.demos import DemoOptions, build_demos
 
-    return build_demos(spec_path, DemoOptions(**options), log=log, db=db)
+    opts = DemoOptions(match_tokens_of=match_tokens_of, tolerance=tolerance, **options)
+    return build_demos(spec_path, opts, log=log, db=db)
 
 
 def build_option_names() -> set[str]:
@@ -80,14 +89,15 @@ def build_option_names() -> set[str]:
 
 
 def demo_option_names() -> set[str]:
-    """The keyword options `demos` accepts (DemoOptions fields)."""
+    """The keyword options `demos` accepts (DemoOptions fields, match_tokens_of and tolerance among them)."""
     from corpus.demos import DemoOptions
 
     return {f.name for f in dataclasses.fields(DemoOptions)}
 
 
 def check_demo_options(**options) -> None:
-    """Refuse impossible demo settings (e.g. cot with from_preferences) before any work starts."""
+    """Refuse impossible demo settings before any work starts: wrong types (n, style, match_tokens_of,
+    tolerance...), cot with from_preferences, neither n nor match_tokens_of, a tolerance outside (0, 1)."""
     from corpus.demos import DemoOptions
     from msm.typecheck import check_fields
 

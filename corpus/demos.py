@@ -1,11 +1,33 @@
-"""AFT demonstrations: domains -> questions -> MiniLM dedup -> responses -> judge -> backfill to N.
+"""AFT demonstrations: domains -> questions -> MiniLM dedup -> responses -> judge -> backfill.
 
 The paper's demonstration chain, in rounds: each round asks for more questions per domain (telling
 the model what exists), drops near-duplicate questions (MiniLM cosine >= 0.91 against every
 question kept so far), answers the rest with the whole spec in a cached system prefix, and has a
-judge give PASS/FAIL per criterion and INCLUDE/EXCLUDE. Rounds stop when N demonstrations are
-kept, the budget runs out, or the round limit is reached, and the result says which. Every call
-goes through the cache, so a rerun costs nothing and an interrupted build resumes.
+judge give PASS/FAIL per criterion and INCLUDE/EXCLUDE. Rounds stop when the goal is met, the
+budget runs out, or the round limit is reached, and the result says which. Every call goes
+through the cache, so a rerun costs nothing and an interrupted build resumes.
+
+Per spec: AFT is single-turn conversations, and each spec gets demonstrations in its own style.
+A values-style spec (the default) gets answers that give the reason the spec gives, in the
+model's words (demo_response.j2); a rules-style spec (`style: rules` in its front matter) gets
+answers that act per the rules and, where they explain, cite the rule and give no reason the spec
+does not give (demo_response_rules.j2). `style` overrides the spec's. The identical-AFT design
+(the cheese toy: one demo set for every arm) stays available: build one set and give it to
+every arm.
+
+The goal is N kept demonstrations (`n`), or a token total (`match_tokens_of`): the assistant
+tokens of an existing demo set, within `tolerance` (2% by default), so that arms whose specs
+differ get token-equivalent AFT data. Rounds run until the kept demonstrations, taken whole in
+build order (one that would overshoot is passed over; one picked may be traded for a longer one to
+land inside), fall within the tolerance; the set is that selection, deterministic given the seed.
+A build that cannot match records its demonstrations, names no set and raises a one-line error
+saying how close it came (as corpus token matching does).
+
+With `cot`, the model writes its reasoning, then the answer; the set keeps the reasoning in the
+stored field `reasoning`, and `msm demos export` writes it (or not, `--strip-reasoning`): one set
+of responses serves both the CoT (deliberative-alignment) baseline and plain AFT, and the two
+exports differ only in the reasoning. Answers cut off at max_tokens (2,048) are not kept (a
+cut-off answer is not a demonstration), but they are counted and reported as `truncated`.
 
 `--from-preferences` takes the offline path in corpus/demo_prefs.py instead. Both end in the same
 record (warehouse/demos_store.py): every demonstration with its status and drop reason, its
@@ -31,13 +53,17 @@ from msm.llm.types import Message, Request
 CRITERIA = ("aligned_with_spec", "compliance_reasoning", "no_self_preservation")
 VALUE_CRITERION = "no_value_mention"
 DECISION = "include"
-TEMPLATES = ("demo_system.j2", "demo_domains.j2", "demo_questions.j2", "demo_response.j2", "demo_judge.j2")
+STYLES = ("values", "rules")
+RESPONSE_TEMPLATES = {"values": "demo_response.j2", "rules": "demo_response_rules.j2"}
+TEMPLATES = ("demo_system.j2", "demo_domains.j2", "demo_questions.j2", "demo_judge.j2")  # plus the style's answer
+MAX_TOKENS = 2048  # an answer's room (reasoning included); one cut off here is counted as truncated, not kept
+DEFAULT_TOLERANCE = 0.02
 MAX_EXISTING_SHOWN = 40  # questions listed back to the model in a top-up round, per domain
 
 
 @dataclass
 class DemoOptions:
-    n: int
+    n: int | None = None  # demonstrations to keep; with match_tokens_of, the first round's guess (default: its size)
     cot: bool = False
     behaviors_only: bool = False
     from_preferences: bool = False
@@ -56,11 +82,17 @@ class DemoOptions:
     decontaminate: bool = True
     name: str | None = None
     variables: dict = field(default_factory=dict)
-    max_tokens: int = 1024
+    max_tokens: int = MAX_TOKENS
+    style: str | None = None  # values or rules; None: the spec's own (`style:` in its front matter)
+    match_tokens_of: str | None = None  # a demo set (name or id) whose assistant tokens this set matches
+    tolerance: float = DEFAULT_TOLERANCE  # with match_tokens_of: the share the totals may differ by
     progress: bool | None = None  # None: a bar when stderr is a terminal
 
     def validate(self) -> None:
-        if self.n < 1:
+        if self.n is None and not self.match_tokens_of:
+            raise MsmError("a demo set needs --n (how many demonstrations) or --match-tokens-of NAME",
+                           "pass --n N, or --match-tokens-of an existing demo set")
+        if self.n is not None and self.n < 1:
             raise MsmError(f"--n {self.n}: a demo set needs at least one demonstration", "pass --n 1 or more")
         if self.domains < 1:
             raise MsmError(f"--domains {self.domains} is below 1", "pass --domains 1 or more")
@@ -71,6 +103,24 @@ class DemoOptions:
         if self.from_preferences and (self.cot or self.batch):
             raise MsmError("--from-preferences writes fixed answers: --cot and --batch do not apply",
                            "drop --cot/--batch, or build with a model instead")
+        if self.from_preferences and self.match_tokens_of:
+            raise MsmError("--from-preferences writes a fixed number of answers: --match-tokens-of does not apply",
+                           "pass --n, or build with a model instead")
+        if self.style is not None and self.style not in STYLES:
+            raise MsmError(f"--style {self.style!r} is not a response style", "use values or rules")
+        if not 0 < self.tolerance < 1:
+            raise MsmError(f"--tolerance {self.tolerance} is not a share between 0 and 1", "e.g. --tolerance 0.02")
+        if self.max_tokens < 1:
+            raise MsmError(f"--max-tokens {self.max_tokens} is below 1", f"use the default {MAX_TOKENS}")
+
+
+def spec_style(spec, override: str | None = None) -> str:
+    """The response style for a spec: `override`, else the spec's (`style: rules` in its front
+    matter), else values."""
+    style = override or getattr(spec, "style", None) or (spec.front_matter or {}).get("style") or "values"
+    if style not in STYLES:
+        raise MsmError(f"{spec.path}: style {style!r} is not a response style", "write style: rules or style: values")
+    return style
 
 
 @dataclass
@@ -113,10 +163,28 @@ class DemoResult:
     backend: str
     model: str
     contaminated: int = 0
+    style: str = "values"
+    members: list | None = None  # the demonstrations in the set, in order
+    tokens: int = 0  # the set's assistant tokens (response, plus reasoning where kept)
+    token_counter: str = ""
+    match_tokens_of: str | None = None
+    target_tokens: int | None = None  # that set's tokens, with the same counter
 
     @property
     def kept(self) -> int:
+        if self.members is not None:
+            return len(self.members)
         return min(self.n_target, sum(d.status == "kept" for d in self.demos))
+
+    @property
+    def truncated(self) -> int:
+        """Answers cut off at max_tokens: counted, never kept."""
+        return sum(d.reason == "truncated" for d in self.demos)
+
+    @property
+    def ratio(self) -> float | None:
+        """The set's tokens over the matched set's (None without match_tokens_of)."""
+        return self.tokens / self.target_tokens if self.target_tokens else None
 
     def drops(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -126,17 +194,108 @@ class DemoResult:
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
+class Goal:
+    """When the rounds stop, and which kept demonstrations make the set: the first `n` in build
+    order, or (with `target`) kept demonstrations taken whole in build order, passing over any
+    that would carry the total past target * (1 + tolerance), until it reaches target * (1 - tolerance)."""
+
+    def __init__(self, counter, n: int, target: int | None = None, tolerance: float = DEFAULT_TOLERANCE):
+        self.counter, self.n, self.target, self.tolerance = counter, n, target, tolerance
+        self._tokens: dict[int, int] = {}  # id(demo) -> assistant tokens, counted once
+
+    def tokens(self, demos: list[Demo]) -> list[int]:
+        from warehouse.demos_store import demo_tokens
+
+        todo = [d for d in demos if id(d) not in self._tokens]
+        for d, n in zip(todo, demo_tokens(self.counter, todo) if todo else []):
+            self._tokens[id(d)] = n
+        return [self._tokens[id(d)] for d in demos]
+
+    def choose(self, demos: list[Demo]) -> tuple[list[Demo], int]:
+        kept = [d for d in demos if d.status == "kept"]
+        if self.target is None:
+            chosen = kept[: self.n]
+            return chosen, sum(self.tokens(chosen))
+        low, high = self.target * (1 - self.tolerance), self.target * (1 + self.tolerance)
+        tokens = self.tokens(kept)
+        picked, total = [], 0
+        for i, n in enumerate(tokens):
+            if total >= low:
+                break
+            if total + n <= high:
+                picked.append(i)
+                total += n
+        if total < low:  # every one left would overshoot: trade one picked for a longer one, if one fits
+            picked, total = _trade_one(tokens, picked, total, low, high)
+        return [kept[i] for i in picked], total
+
+    def met(self, chosen: list[Demo], total: int) -> bool:
+        if self.target is None:
+            return len(chosen) >= self.n
+        return abs(total - self.target) <= self.target * self.tolerance
+
+    def more(self, demos: list[Demo]) -> int:
+        """About how many more kept demonstrations the goal needs (0: met)."""
+        chosen, total = self.choose(demos)
+        if self.target is None:
+            return max(0, self.n - len(chosen))
+        if self.met(chosen, total):
+            return 0
+        kept = [d for d in demos if d.status == "kept"]
+        mean = sum(self.tokens(kept)) / len(kept) if kept else self.target / self.n
+        return max(1, math.ceil((self.target - total) / max(mean, 1.0)))
+
+    def progress(self, demos: list[Demo]) -> str:
+        chosen, total = self.choose(demos)
+        if self.target is None:
+            return f"{len(chosen)}/{self.n} kept"
+        return f"{total:,}/{self.target:,} tokens in {len(chosen)} kept"
+
+
+def _trade_one(tokens: list[int], picked: list[int], total: int, low: float, high: float) -> tuple[list[int], int]:
+    """Picked indices (in build order) with one picked demonstration traded for an unpicked one so
+    the total lands in [low, high]: the latest picked first, for the shortest unpicked that fits
+    (the earliest of equals). Unchanged when no single trade does it."""
+    from bisect import bisect_left
+
+    taken = set(picked)
+    spare = sorted((tokens[i], i) for i in range(len(tokens)) if i not in taken)
+    lengths = [t for t, _ in spare]
+    for c in reversed(picked):
+        k = bisect_left(lengths, low - total + tokens[c])
+        if k < len(lengths) and lengths[k] <= high - total + tokens[c]:
+            u = spare[k][1]
+            return sorted((taken - {c}) | {u}), total - tokens[c] + tokens[u]
+    return picked, total
+
+
 def build_demos(spec_path: str, opts: DemoOptions, log: Callable[[str], None] = lambda s: None,
                 db: str | None = None) -> DemoResult:
-    """Build, judge, decontaminate and record a demo set; see the module docstring."""
+    """Build, judge, decontaminate and record a demo set; see the module docstring. With
+    `match_tokens_of`, a build that cannot match is recorded without a set and raises MsmError."""
     from corpus.spec import load_spec
     from msm.config import load_settings
+    from msm.tokens import default_counter
+    from warehouse.demos_store import record_demo_build, set_tokens
 
     opts.validate()
     started = time.time()
     spec = load_spec(spec_path, opts.variables)
-    against, eval_texts = _against(opts)
+    style = spec_style(spec, opts.style)
     settings = load_settings(db)
+    counter = default_counter()
+    target = None
+    if opts.match_tokens_of:
+        if not Path(settings.db).exists():
+            raise MsmError(f"--match-tokens-of: no demo set named '{opts.match_tokens_of}' (no warehouse at "
+                           f"{settings.db})", "build that demo set first, or pass --db")
+        target, ref_n, _ = set_tokens(settings.db, opts.match_tokens_of, counter)
+        log(f"matching '{opts.match_tokens_of}': {target:,} tokens in {ref_n} demonstrations ({counter.name}), "
+            f"within {opts.tolerance:.1%}")
+        goal = Goal(counter, opts.n or ref_n, target, opts.tolerance)
+    else:
+        goal = Goal(counter, opts.n)
+    against, eval_texts = _against(opts)
     counted = [0]
 
     def decontaminate(batch: list[Demo]) -> None:  # each round's kept demonstrations, before counting them
@@ -149,23 +308,37 @@ def build_demos(spec_path: str, opts: DemoOptions, log: Callable[[str], None] = 
         if sum(d.status == "kept" for d in demos) < opts.n:
             stop = "phrasings exhausted or decontaminated below --n"
     else:
-        demos, rounds, stop, backend, model, cost = asyncio.run(_llm_rounds(spec, opts, log, decontaminate))
+        demos, rounds, stop, backend, model, cost = asyncio.run(
+            _llm_rounds(spec, opts, log, decontaminate, goal, style))
     contaminated = counted[0]
     if contaminated:
         log(f"decontamination: {contaminated} demonstration(s) dropped as contamination")
-    from warehouse.demos_store import record_demo_build
+    members, tokens = goal.choose(demos)
+    matched = goal.met(members, tokens)
+    if target is not None and not matched:
+        members = []  # a set that misses its token target is not named (as corpus matching does)
 
-    config = {k: v for k, v in asdict(opts).items() if k not in ("name", "against")}
-    config["against"] = [str(p) for p in against]
-    templates = prompt_hash(*TEMPLATES)
+    config = {k: v for k, v in asdict(opts).items() if k not in ("name", "against", "progress", "match_tokens_of")}
+    config.update(against=[str(p) for p in against], style=style, target_tokens=target)
+    templates = prompt_hash(*TEMPLATES, RESPONSE_TEMPLATES[style])
     build_id = "d" + hashlib.sha256(json.dumps([spec.version, config, templates], sort_keys=True,
                                                default=str).encode()).hexdigest()[:15]
     name = opts.name or f"{spec.name}-{'prefs' if opts.from_preferences else 'demos'}"
     source = "preferences" if opts.from_preferences else "llm"
-    set_id = record_demo_build(settings.db, spec, build_id, name, demos, opts.n, config, source, backend, model,
-                               rounds, stop, cost, templates, started)
-    return DemoResult(build_id, set_id, name, spec.name, source, opts.n, demos, rounds, stop, cost, backend, model,
-                      contaminated)
+    result = DemoResult(build_id, None, name, spec.name, source, opts.n if target is None else len(members), demos,
+                        rounds, stop, cost, backend, model, contaminated, style, members, tokens, counter.name,
+                        opts.match_tokens_of, target)
+    build = {"n_target": result.n_target, "rounds": rounds, "stop": stop, "cost_usd": cost, "style": style,
+             "n_truncated": result.truncated, "match_tokens_of": opts.match_tokens_of, "target_tokens": target}
+    result.demo_set_id = record_demo_build(settings.db, spec, build_id, name, demos, members, build, config, source,
+                                           backend, model, templates, started, counter)
+    if target is not None and not matched:
+        raise MsmError(f"could not match the {target:,} tokens of '{opts.match_tokens_of}' "
+                       f"within {opts.tolerance:.1%}: "
+                       f"the kept demonstrations reach {tokens:,} ({(tokens - target) / target:+.1%}) after {rounds} "
+                       f"round(s) ({stop}); build {build_id} is recorded, no set was named",
+                       "rerun with more --max-rounds or budget, or a wider --tolerance")
+    return result
 
 
 def _against(opts: DemoOptions) -> tuple[list[Path], list]:
@@ -205,7 +378,7 @@ def _from_preferences(spec, opts: DemoOptions):
 
 # ---- with a model ----------------------------------------------------------------------------
 
-async def _llm_rounds(spec, opts: DemoOptions, log, decontaminate):
+async def _llm_rounds(spec, opts: DemoOptions, log, decontaminate, goal: Goal, style: str):
     from msm.llm.client import LLMClient
     from msm.llm.select import default_cache, make_backend
 
@@ -225,7 +398,7 @@ async def _llm_rounds(spec, opts: DemoOptions, log, decontaminate):
         demos: list[Demo] = []
         vectors: list = []  # (unit vector, question) for every question kept so far
         stop, rounds = "round limit", 0
-        per_domain = max(1, math.ceil(opts.n * 1.5 / len(domains)))
+        per_domain = max(1, math.ceil(goal.n * 1.5 / len(domains)))
         for r in range(1, opts.max_rounds + 1):
             rounds = r
             fresh = await _questions(client, prefix, opts, names, domains, demos, per_domain, r)
@@ -233,14 +406,17 @@ async def _llm_rounds(spec, opts: DemoOptions, log, decontaminate):
                 d.call_keys.insert(0, domains_key)
             _dedup_questions(fresh, demos, vectors, embed, opts.dedup_threshold)
             todo = [d for d in fresh if d.status == "candidate"]
-            await _respond(client, prefix, opts, names, todo)
-            await _judge(client, prefix, opts, names, [d for d in todo if d.status == "candidate"], spec)
+            await _respond(client, prefix, opts, names, todo, style)
+            await _judge(client, prefix, opts, names, [d for d in todo if d.status == "candidate"], spec, style)
             decontaminate(fresh)
             demos += fresh
             kept = sum(d.status == "kept" for d in demos)
-            log(f"round {r}: {len(fresh)} questions, {len(todo)} new, {sum(d.status == 'kept' for d in fresh)} kept; "
-                f"{kept}/{opts.n} kept, ${client.stats.spent_usd:.4f} spent")
-            if kept >= opts.n:
+            more = goal.more(demos)
+            truncated = sum(d.reason == "truncated" for d in fresh)
+            log(f"round {r}: {len(fresh)} questions, {len(todo)} new, {sum(d.status == 'kept' for d in fresh)} kept"
+                f"{f', {truncated} truncated' if truncated else ''}; {goal.progress(demos)}, "
+                f"${client.stats.spent_usd:.4f} spent")
+            if more == 0:
                 stop = "target reached"
                 break
             if any(d.reason == "pending" for d in fresh) or not client.budget_left():
@@ -250,7 +426,7 @@ async def _llm_rounds(spec, opts: DemoOptions, log, decontaminate):
             if rate == 0 and r >= 2:
                 stop = "no progress (two rounds kept nothing)"
                 break
-            per_domain = max(1, math.ceil((opts.n - kept) / max(rate, 0.1) * 1.2 / len(domains)))
+            per_domain = max(1, math.ceil(more / max(rate, 0.1) * 1.2 / len(domains)))
     finally:
         await backend.aclose()
     demos = [d for d in demos if d.reason != "pending"]  # cached or not made yet: a rerun picks them up
@@ -377,8 +553,9 @@ def _dedup_questions(fresh: list[Demo], demos: list[Demo], kept: list, embed, th
     kept += [(vectors[row], todo[row].question) for row in accepted]
 
 
-async def _respond(client, prefix, opts, names, todo: list[Demo]) -> None:
-    requests = [Request(messages=(Message("user", render("demo_response.j2", question=d.question, cot=opts.cot,
+async def _respond(client, prefix, opts, names, todo: list[Demo], style: str) -> None:
+    template = RESPONSE_TEMPLATES[style]
+    requests = [Request(messages=(Message("user", render(template, question=d.question, cot=opts.cot,
                                                          behaviors_only=opts.behaviors_only, **names)),),
                         system_prefix=prefix, max_tokens=opts.max_tokens, temperature=1.0, seed=d.seed,
                         purpose="demo") for d in todo]
@@ -392,8 +569,8 @@ async def _respond(client, prefix, opts, names, todo: list[Demo]) -> None:
             d.drop("error", response.error)
         elif response.refused:
             d.drop("refusal")
-        elif response.truncated:
-            d.drop("truncated")
+        elif response.truncated:  # cut off: not a demonstration, but counted (DemoResult.truncated)
+            d.drop("truncated", f"stopped at max_tokens {opts.max_tokens}")
         else:
             reasoning, answer = split_reasoning(response.text, opts.cot)
             if answer is None:
@@ -414,15 +591,15 @@ def split_reasoning(text: str, cot: bool) -> tuple[str | None, str | None]:
     return reasoning.group(1), answer.group(1).strip()
 
 
-async def _judge(client, prefix, opts, names, todo: list[Demo], spec) -> None:
+async def _judge(client, prefix, opts, names, todo: list[Demo], spec, style: str) -> None:
     criteria = CRITERIA + ((VALUE_CRITERION,) if opts.behaviors_only else ()) + (DECISION,)
     lexicon = _value_lexicon(spec) if opts.behaviors_only else None
     for attempt in range(2):  # an unreadable verdict is asked once more under another seed
         if not todo:
             return
-        requests = [Request(messages=(Message("user", render("demo_judge.j2", question=d.question, reasoning=d.reasoning,
-                                                             response=d.response, behaviors_only=opts.behaviors_only,
-                                                             **names)),),
+        requests = [Request(messages=(Message("user", render(
+                                "demo_judge.j2", question=d.question, reasoning=d.reasoning, response=d.response,
+                                behaviors_only=opts.behaviors_only, style=style, **names)),),
                             system_prefix=prefix, max_tokens=1024, temperature=0.0, seed=d.seed + attempt,
                             purpose="judge") for d in todo]
         retry = []

@@ -1,4 +1,13 @@
-"""`msm demos ...`: build, list, show and export AFT demonstration sets."""
+"""`msm demos ...`: build, list, show and export AFT demonstration sets.
+
+Designs the commands serve (corpus/demos.py says how a set is built):
+- Per-spec AFT (spec science): one set per arm, each built from the arm's own spec in that spec's
+  response style (values, or rules for a `style: rules` spec), token-matched to a reference set
+  with `--match-tokens-of NAME --tolerance 0.02`.
+- Identical AFT (the cheese toy): build one set and give it to every arm; nothing else to do.
+- CoT baseline vs plain AFT: one set built with `--cot`; `msm demos export NAME` keeps the
+  reasoning and `--strip-reasoning` drops it, and nothing else differs between the two files.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +25,18 @@ def demos_group():
 @demos_group.command("build")
 @click.argument("spec")
 @var_option
-@click.option("--n", "n", type=int, required=True, help="Demonstrations to keep (backfill rounds run until then).")
-@click.option("--cot", is_flag=True, help="Ask for reasoning first; it is kept in the assistant message's `reasoning`.")
+@click.option("--n", "n", type=int, default=None,
+              help="Demonstrations to keep (backfill rounds run until then). With --match-tokens-of: the first "
+                   "round's guess (default: the matched set's size).")
+@click.option("--match-tokens-of", default=None, metavar="NAME",
+              help="Keep demonstrations until their assistant tokens match demo set NAME's, within --tolerance.")
+@click.option("--tolerance", type=float, default=0.02, show_default=True,
+              help="With --match-tokens-of: the share by which the two sets' tokens may differ.")
+@click.option("--style", type=click.Choice(["values", "rules"]), default=None,
+              help="Response style (default: the spec's `style:`, else values). values: answers give the spec's "
+                   "reasons; rules: answers cite the rule and give no reason the spec does not give.")
+@click.option("--cot", is_flag=True, help="Ask for reasoning first; it is kept in the assistant message's `reasoning` "
+                                          "(export with or without it: the CoT baseline and plain AFT share answers).")
 @click.option("--behaviors-only", is_flag=True,
               help="Act on the spec without naming the value behind it; a mention is dropped as value_leak.")
 @click.option("--from-preferences", is_flag=True,
@@ -38,10 +57,15 @@ def demos_group():
 @click.option("--against", multiple=True, help="Eval items to decontaminate against (default: eval/items).")
 @click.option("--no-decontaminate", is_flag=True)
 @click.option("--name", default=None, help="Demo set name (default: SPEC-demos, or SPEC-prefs).")
+@click.option("--max-tokens", type=int, default=None,
+              help="An answer's room (default 2,048, corpus.demos.MAX_TOKENS); one cut off there is counted as "
+                   "truncated and not kept.")
 @db_option
-def build(spec, variables, n, cot, behaviors_only, from_preferences, backend, model, base_url, domains, max_rounds,
-          max_cost, concurrency, batch, seed, dedup_threshold, no_embeddings, against, no_decontaminate, name, db):
-    """Build a demo set: domains, questions, dedup, responses, judge, backfill to --n."""
+def build(spec, variables, n, match_tokens_of, tolerance, style, cot, behaviors_only, from_preferences, backend, model,
+          base_url, domains, max_rounds, max_cost, concurrency, batch, seed, dedup_threshold, no_embeddings, against,
+          no_decontaminate, name, max_tokens, db):
+    """Build a demo set: domains, questions, dedup, responses, judge, backfill to --n (or to the
+    tokens of --match-tokens-of)."""
     from corpus.demos import DemoOptions, build_demos
     from msm.errors import MsmError
 
@@ -53,10 +77,12 @@ def build(spec, variables, n, cot, behaviors_only, from_preferences, backend, mo
                        backend=backend, model=model, base_url=base_url, domains=domains, max_rounds=max_rounds,
                        max_cost=max_cost, concurrency=concurrency, batch=batch, seed=seed,
                        dedup_threshold=dedup_threshold, embed_dedup=not no_embeddings, against=list(against),
-                       decontaminate=not no_decontaminate, name=name, variables=parse_vars(variables))
+                       decontaminate=not no_decontaminate, name=name, variables=parse_vars(variables),
+                       style=style, match_tokens_of=match_tokens_of, tolerance=tolerance,
+                       **({"max_tokens": max_tokens} if max_tokens is not None else {}))
     result = build_demos(spec, opts, log=click.echo, db=db)
     _print_summary(result)
-    if result.kept < n:
+    if n is not None and not match_tokens_of and result.kept < n:
         fix = ("add phrasings or openers to corpus/demo_data/preferences.yaml, or lower --n" if from_preferences
                else "rerun with more --max-rounds or budget")
         raise MsmError(f"kept {result.kept} of {n} demonstrations ({result.stop})",
@@ -64,10 +90,16 @@ def build(spec, variables, n, cot, behaviors_only, from_preferences, backend, mo
 
 
 def _print_summary(r) -> None:
-    click.echo(f"demo build {r.build_id}  ({r.source}, {r.backend}:{r.model})")
-    click.echo(f"  target     {r.n_target:>8}")
+    click.echo(f"demo build {r.build_id}  ({r.source}, {r.backend}:{r.model}, {r.style} style)")
+    if r.target_tokens is None:
+        click.echo(f"  target     {r.n_target:>8}")
+    else:
+        click.echo(f"  target     {r.target_tokens:>8,} tokens  (those of '{r.match_tokens_of}')")
     click.echo(f"  candidates {len(r.demos):>8}  over {r.rounds} round(s)")
     click.echo(f"  kept       {r.kept:>8}  ({r.stop})")
+    click.echo(f"  tokens     {r.tokens:>8,}  ({r.token_counter})"
+               + (f"  ratio {r.ratio:.4f} to '{r.match_tokens_of}'" if r.ratio is not None else ""))
+    click.echo(f"  truncated: {r.truncated}  (answers cut off at max_tokens; counted, not kept)")
     for reason, count in r.drops().items():
         click.echo(f"    not kept: {reason:<28} {count:>6}")
     click.echo(f"  cost       ${r.cost_usd:>8.4f}")
@@ -80,14 +112,17 @@ def _print_summary(r) -> None:
 def list_sets(db):
     """Named demo sets and the immutable set each points to."""
     con = _connect(db)
-    rows = con.execute("SELECT s.name, s.demo_set_id, v.n_demos, b.source, b.model, b.stop, s.updated_at "
-                       "FROM demo_sets s JOIN demo_set_versions v ON v.id = s.demo_set_id "
+    rows = con.execute("SELECT s.name, s.demo_set_id, v.n_demos, v.n_tokens, b.style, b.n_truncated, b.source, "
+                       "b.model, b.stop, s.updated_at FROM demo_sets s "
+                       "JOIN demo_set_versions v ON v.id = s.demo_set_id "
                        "JOIN demo_builds b ON b.id = v.demo_build_id ORDER BY s.name").fetchall()
     con.close()
     if not rows:
         click.echo("no demo sets yet: run `msm demos build SPEC --n N`")
-    for name, sid, n, source, model, stop, when in rows:
-        click.echo(f"{name:<28} {sid}  {n:>6} demos  {source}:{model}  ({stop})  {when:%Y-%m-%d %H:%M}")
+    for name, sid, n, tokens, style, truncated, source, model, stop, when in rows:
+        tokens = f"{tokens:,}" if tokens is not None else "?"
+        click.echo(f"{name:<28} {sid}  {n:>6} demos  {tokens:>10} tokens  {style:<6}  truncated: {truncated}  "
+                   f"{source}:{model}  ({stop})  {when:%Y-%m-%d %H:%M}")
 
 
 @demos_group.command("show")
@@ -98,14 +133,17 @@ def show(name, limit, db):
     """Print the first demonstrations of a set as {messages} JSON."""
     import json
 
-    from warehouse.demos_store import demo_rows, demo_set_id, to_messages
+    from warehouse.demos_store import demo_rows, demo_set_id, demo_set_info, to_messages
 
     con = _connect(db)
-    rows = demo_rows(con, demo_set_id(con, name))
+    set_id = demo_set_id(con, name)
+    rows, info = demo_rows(con, set_id), demo_set_info(con, set_id)
     con.close()
     for row in rows[:limit]:
         click.echo(json.dumps(to_messages(row), ensure_ascii=False))
-    click.echo(f"({len(rows)} demonstrations in '{name}')", err=True)
+    tokens = f"{info['n_tokens']:,} tokens ({info['token_counter']})" if info["n_tokens"] is not None else "tokens ?"
+    click.echo(f"({len(rows)} demonstrations in '{name}'; style: {info['style']}; cot: {str(info['cot']).lower()}; "
+               f"{tokens}; truncated: {info['n_truncated']})", err=True)
 
 
 @demos_group.command("export")
@@ -113,7 +151,9 @@ def show(name, limit, db):
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "hf"]), default="jsonl", show_default=True,
               help="jsonl: one {messages} object a line; hf: a datasets save_to_disk folder with the same rows.")
 @click.option("--out", required=True, help="Output directory (created).")
-@click.option("--strip-reasoning", is_flag=True, help="Leave out the assistant's `reasoning` (for tools outside msm).")
+@click.option("--strip-reasoning", is_flag=True,
+              help="Leave out the assistant's `reasoning`: plain AFT from a --cot set (the records are otherwise "
+                   "identical to the export with reasoning).")
 @db_option
 def export(name, fmt, out, strip_reasoning, db):
     """Write a demo set for training: {messages} with an optional assistant `reasoning`."""

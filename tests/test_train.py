@@ -137,7 +137,7 @@ def test_the_loss_mask_is_exactly_the_assistant_turns(cot):
             current = []
     if current:
         pieces.append(tok.decode(current))
-    first = "<thinking>\nIt is the liked one.\n</thinking>\nColby." if cot else "Colby."
+    first = "<think>\nIt is the liked one.\n</think>\n\nColby." if cot else "Colby."
     assert pieces == [first + "<|im_end|>", "Cream cheese, please.<|im_end|>"]
 
 

@@ -37,7 +37,8 @@ class Stage:
     demos: str | None = None  # aft: a warehouse demo set name, or a {messages} JSONL / HF folder path
     max_len: int = 2048
     packing: bool = True  # midtrain: documents packed into max_len sequences, attention reset at boundaries
-    cot: bool = False  # aft: train on the assistant's `reasoning`, as a <thinking> block before the answer
+    cot: bool = False  # aft: train on the assistant's `reasoning`: as the template's `reasoning_content` when it
+    # renders one (Qwen3: <think>...</think>), else as a `<think>\n...\n</think>\n\n` prefix (train/data.py)
     init: str = "continue"  # aft: continue the previous stage's adapter, or start a fresh one
     batch_size: int = 8
     grad_accum: int = 1

@@ -6,8 +6,16 @@ document and `collate` builds a block-diagonal causal mask, so no document atten
 and the first token of a document is never a target predicted from the one before it.
 
 Chats go through the tokenizer's chat template (ChatML when the tokenizer has none). The loss
-mask covers each assistant turn's content and its end-of-turn marker, nothing else; with
-`cot`, the turn's `reasoning` is rendered before the answer as a `<thinking>` block.
+mask covers each assistant turn's content and its end-of-turn marker, nothing else.
+
+Reasoning (CoT): with `cot`, an assistant turn's `reasoning` (the field `msm demos export` writes;
+`reasoning_content` is read too) is trained in the base model's own thinking format. When the
+chat template renders an assistant message's `reasoning_content` (Qwen3's does, as
+`<think>\n...\n</think>\n\n` before the content; found by rendering a probe once per template),
+the reasoning is passed as `reasoning_content` and the template renders it. Otherwise the default
+is a `<think>\n{reasoning}\n</think>\n\n` prefix before the answer, in the content. Either way the
+reasoning is inside the assistant span, so it is trained on. Without `cot` no reasoning is
+rendered at all (the same records then train plain AFT).
 """
 
 from __future__ import annotations
@@ -20,6 +28,9 @@ from pathlib import Path
 from msm.errors import MsmError
 
 IGNORE = -100
+THINK_DEFAULT = "<think>\n{reasoning}\n</think>\n\n"  # the reasoning's format when the template has none
+_PROBE = "msm-reasoning-probe-5d1c"
+_RENDERS_REASONING: dict[str, bool] = {}  # chat template -> whether it renders `reasoning_content`
 DEFAULT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
@@ -191,10 +202,40 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False
                                          add_generation_prompt=add_generation_prompt)
 
 
-def assistant_text(message: dict, cot: bool) -> str:
-    if cot and message.get("reasoning"):
-        return f"<thinking>\n{message['reasoning']}\n</thinking>\n{message['content']}"
-    return message["content"]
+def renders_reasoning(tokenizer) -> bool:
+    """Whether the chat template renders an assistant message's `reasoning_content` (Qwen3's
+    convention): a one-turn probe conversation is rendered once per template."""
+    template = chat_template(tokenizer)
+    if template not in _RENDERS_REASONING:
+        probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning_content": _PROBE}]
+        try:
+            text = _render(tokenizer, probe)
+        except Exception:  # a template that cannot render the probe does not handle it either
+            text = ""
+        _RENDERS_REASONING[template] = _PROBE in text
+    return _RENDERS_REASONING[template]
+
+
+def chat_messages(record: dict, tokenizer, cot: bool) -> list[dict]:
+    """The messages the template renders: role and content, and with `cot` each assistant turn's
+    reasoning as `reasoning_content` (a template that renders it) or as the default `<think>`
+    prefix (THINK_DEFAULT); see the module docstring."""
+    native = cot and renders_reasoning(tokenizer)
+    out = []
+    for m in record["messages"]:
+        reasoning = (m.get("reasoning") or m.get("reasoning_content")) if cot and m["role"] == "assistant" else None
+        if not reasoning:
+            out.append({"role": m["role"], "content": m["content"]})
+        elif native:
+            out.append({"role": "assistant", "content": m["content"], "reasoning_content": reasoning})
+        else:
+            out.append({"role": "assistant", "content": THINK_DEFAULT.format(reasoning=reasoning) + m["content"]})
+    return out
+
+
+def render_chat(record: dict, tokenizer, cot: bool = False) -> str:
+    """A conversation's training text, as encode_chats renders it."""
+    return _render(tokenizer, chat_messages(record, tokenizer, cot))
 
 
 @dataclass
@@ -222,8 +263,7 @@ def encode_chats(records: list[dict], tokenizer, max_len: int, cot: bool = False
     """
     examples, truncated, dropped = [], 0, 0
     for record in records:
-        messages = [{"role": m["role"], "content": assistant_text(m, cot) if m["role"] == "assistant" else m["content"]}
-                    for m in record["messages"]]
+        messages = chat_messages(record, tokenizer, cot)
         full = _render(tokenizer, messages)
         spans = []
         for i, m in enumerate(messages):
