@@ -57,12 +57,20 @@ def show(path, variables, as_json, max_depth):
 @click.argument("path")
 @var_option
 @click.option("--strict", is_flag=True, help="Fail on warnings too.")
-def check(path, variables, strict):
-    """Validate a spec: unfilled placeholders, empty sections, duplicate ids, unknown keys."""
+@click.option("--scenarios", "--templates", "scenarios", multiple=True,
+              help="Agentic scenario folders (the agentic-misalignment layout) no unit may rehearse, besides the "
+                   "project's eval/agentic/scenarios; repeatable.")
+@click.option("--embeddings", is_flag=True,
+              help="Also compare units and sentences with the scenarios by MiniLM similarity (loads the model).")
+def check(path, variables, strict, scenarios, embeddings):
+    """Validate a spec: unfilled placeholders, empty sections, duplicate ids, unknown keys, units
+    that rehearse an agentic eval scenario (13-grams; MiniLM with --embeddings)."""
+    from corpus.decontam import default_scenario_dirs, scenario_folders
     from corpus.spec_check import check_spec
 
+    scenario_folders(scenarios)  # a missing or empty folder is a one-line error
     spec = _load(path, variables)
-    problems = check_spec(spec)
+    problems = check_spec(spec, default_scenario_dirs() + list(scenarios), embeddings)
     for problem in problems:
         click.echo(f"{path}: {problem}")
     errors = sum(p.severity == "error" for p in problems)

@@ -107,12 +107,15 @@ generation_options = [
                       "idea per cell, with top-up rounds; cells: the balanced matrix alone."),
     click.option("--against", multiple=True,
                  help="Eval items to decontaminate against (directory or file, repeatable); default eval/items."),
-    click.option("--no-decontaminate", is_flag=True, help="Skip the check against eval items."),
+    click.option("--scenarios", "--templates", "scenarios", multiple=True,
+                 help="Agentic scenario folders (the agentic-misalignment layout, as `msm eval run --templates`) "
+                      "to decontaminate against besides the project's eval/agentic/scenarios; repeatable."),
+    click.option("--no-decontaminate", is_flag=True, help="Skip the check against eval items and scenarios."),
 ]
 
 
 def _build_options(variables, tasks, workers, concurrency, max_cost, dedup, against=(), no_decontaminate=False,
-                   **fields):
+                   scenarios=(), **fields):
     """BuildOptions from the shared flags, refusing impossible values with one line."""
     from msm.errors import MsmError
     from pipelines.build import BuildOptions
@@ -127,9 +130,14 @@ def _build_options(variables, tasks, workers, concurrency, max_cost, dedup, agai
 
         if not Path(path).exists():
             raise MsmError(f"--against: {path} does not exist", "pass an item-bank directory or file")
+    from corpus.decontam import default_scenario_dirs, scenario_folders
+
+    scenario_folders(scenarios)  # a missing or empty folder fails before any work
+    chosen = tuple(str(p) for p in default_scenario_dirs()) + tuple(scenarios) if scenarios else None
     return BuildOptions(variables=parse_vars(variables), tasks=tasks, workers=workers, concurrency=concurrency,
                         max_cost=max_cost, dedup=parse_methods(dedup),
-                        against=() if no_decontaminate else (tuple(against) or None), **fields)
+                        against=() if no_decontaminate else (tuple(against) or None),
+                        scenarios=() if no_decontaminate else chosen, **fields)
 
 
 @corpus_group.command("build")
@@ -380,24 +388,36 @@ def report(name, out, no_embeddings, db):
 @click.argument("name")
 @click.option("--against", multiple=True, help="Eval item banks (a directory of JSONL, or files); repeatable. "
                                                 "Default: the project's eval/items.")
-@click.option("--ngram", type=click.IntRange(4, 50), default=13, show_default=True, help="Word n-gram length.")
-@click.option("--similarity", type=click.FloatRange(0.0, 1.0), default=0.9, show_default=True,
-              help="MiniLM cosine at or above which a document counts as a paraphrase of an item.")
+@click.option("--ngram", type=click.IntRange(4, 50), default=None,
+              help="Word n-gram length (default: corpus/decontam.yaml's, 13).")
+@click.option("--similarity", type=click.FloatRange(0.0, 1.0), default=None,
+              help="MiniLM cosine at or above which a document counts as a paraphrase of an item or a scenario "
+                   "passage (default: corpus/decontam.yaml's, 0.9).")
+@click.option("--scenarios", "--templates", "scenarios", multiple=True,
+              help="Agentic scenario folders (the agentic-misalignment layout, as `msm eval run --templates`) to "
+                   "check besides the project's eval/agentic/scenarios; repeatable.")
 @click.option("--no-embeddings", is_flag=True, help="Check n-grams only.")
 @db_option
-def decontaminate(name, against, ngram, similarity, no_embeddings, db):
-    """Drop documents that contain an eval item (n-grams, embeddings); the name moves to the rest."""
+def decontaminate(name, against, ngram, similarity, scenarios, no_embeddings, db):
+    """Drop documents that contain an eval item or rehearse an agentic scenario (n-grams, embeddings);
+    the name moves to the rest."""
     from pathlib import Path
 
-    from corpus.decontam import decontaminate_corpus, default_item_dirs
+    from corpus.decontam import (decontaminate_corpus, default_item_dirs, default_scenario_dirs, scenario_folders,
+                                 thresholds)
     from msm.config import load_settings
 
+    scenario_folders(scenarios)  # a missing or empty folder fails before the warehouse is opened
     settings = load_settings(db)
     paths = [Path(p) for p in against] or default_item_dirs()
+    folders = default_scenario_dirs() + [Path(p) for p in scenarios]
+    limits = thresholds()
     hits, new_id, report = decontaminate_corpus(settings.db, settings.home, name, paths, not no_embeddings,
-                                                similarity, ngram)
+                                                limits["similarity"] if similarity is None else similarity,
+                                                limits["ngram"] if ngram is None else ngram, scenarios=folders)
     for hit in hits:
-        click.echo(f"{hit.document}: {hit.method} match with {hit.item.item_id} ({hit.item.source}): {hit.evidence}")
+        what = f"scenario {hit.item.scenario}, {hit.item.item_id}" if hit.item.scenario else hit.item.item_id
+        click.echo(f"{hit.document}: {hit.method} match with {what} ({hit.item.source}): {hit.evidence}")
     if hits:
         click.echo(f"{len(hits)} contaminated document(s) dropped; corpus '{name}' -> "
                    f"{new_id or '(none left: the name was removed)'}")

@@ -59,6 +59,10 @@ class BuildOptions:
     # eval files to decontaminate against (n-grams; embeddings too when embedding dedup is on):
     # None means the project's item banks when they exist, () means no check
     against: tuple[str, ...] | None = None
+    # agentic scenario folders (the agentic-misalignment layout) checked the same way: None means
+    # the project's eval/agentic/scenarios, () means no check (`msm corpus build --scenarios` adds
+    # folders to the project's)
+    scenarios: tuple[str, ...] | None = None
     max_tokens: int | None = None
     variables: dict = field(default_factory=dict)
     db: str | None = None
@@ -138,6 +142,10 @@ def build_corpus(spec_path: str, opts: BuildOptions) -> BuildResult:
     spec = load_spec(spec_path, opts.variables)
     refuse_unfilled_placeholders(spec)
     genres, audiences = load_genres(opts.genres), load_audiences(opts.audiences)
+    if opts.scenarios:
+        from corpus.decontam import scenario_folders
+
+        scenario_folders(list(opts.scenarios))  # a missing or empty scenario folder fails before any work
     backend_name, model, base_url = choose(opts.backend, opts.model, opts.base_url)
     local = backend_name == "local"
     docs = opts.docs if opts.docs is not None else (24 if local else None)
@@ -221,12 +229,13 @@ def _run_build(spec, opts: BuildOptions, settings, ctx, ctx_path: str, root: Pat
     stages["near-dup"] = time.monotonic() - mark
     mark = time.monotonic()
     _stage(logs, "decontaminate")
-    from corpus.decontam import default_item_dirs, mark_contaminated
+    from corpus.decontam import default_item_dirs, default_scenario_dirs, mark_contaminated
 
     against = default_item_dirs() if opts.against is None else [Path(p) for p in opts.against]
-    if "embedding" in opts.dedup and against:
+    scenarios = default_scenario_dirs() if opts.scenarios is None else [Path(p) for p in opts.scenarios]
+    if "embedding" in opts.dedup and (against or scenarios):
         _wait_for_warehouse(settings.db, lock_wait, build_id)
-    mark_contaminated(rows, against, settings.db, "embedding" in opts.dedup)
+    mark_contaminated(rows, against, settings.db, "embedding" in opts.dedup, scenarios=scenarios)
     stages["decontaminate"] = time.monotonic() - mark
     mark = time.monotonic()
     _stage(logs, "load")
