@@ -133,12 +133,18 @@ def plan_steps(exp: Experiment) -> list[Step]:
             corpus_of[arm.name] = (key, arm.condition)
     banks = {name: [_file_sha(p) for p in spec.items] for name, spec in exp.evals.items()}  # read once
     demos_of: dict[str, str] = {}
-    for name, demo in exp.demos.items():
-        if not any(a.demos == name for a in exp.arms):
+    used = {a.demos for a in exp.arms if a.demos}
+    used |= {exp.demos[d].options["match_tokens_of"] for d in used if exp.demos[d].options.get("match_tokens_of")}
+    # reference sets first: a token-matched set's target is its reference's kept tokens
+    for name, demo in sorted(exp.demos.items(), key=lambda kv: bool(kv[1].options.get("match_tokens_of"))):
+        if name not in used:
             continue
+        ref = demo.options.get("match_tokens_of")
         version = spec_version(demo.spec, demo.options.get("variables"), versions)
-        demos_of[name] = add(_make("demos", f"demos {name}", {"spec": version, "options": demo.options},
-                                   work={"spec": demo.spec, "name": f"{prefix}-{name}"}))
+        demos_of[name] = add(_make("demos", f"demos {name}" + (f" (matching {ref})" if ref else ""),
+                                   {"spec": version, "options": demo.options}, [demos_of[ref]] if ref else [],
+                                   work={"spec": demo.spec, "name": f"{prefix}-{name}",
+                                         "match": demos_of[ref] if ref else None}))
     template = _file_sha(exp.chat_template) if exp.chat_template else None
     identity = exp.identity.variables() if exp.identity else None
     for arm in exp.arms:
@@ -348,9 +354,12 @@ def _run_demos(exp, step, outputs, log, progress) -> dict:
     from corpus.api import demos
 
     options = dict(step.inputs["options"])
+    if step.work.get("match"):  # token-matched to the reference set, named as the warehouse knows it
+        options["match_tokens_of"] = outputs[step.work["match"]]["demo_set"]
+        log(f"  matching the tokens of demo set '{options['match_tokens_of']}'")
     r = demos(str(step.work["spec"]), name=step.work["name"], progress=progress, log=lambda s: log(f"  {s}"),
               **options)
-    if r.kept < options["n"] or not r.demo_set_id:
+    if not r.demo_set_id or (not options.get("match_tokens_of") and r.kept < options["n"]):
         raise MsmError(f"demo set '{step.work['name']}' kept {r.kept} of {options['n']} ({r.stop})",
                        "lower n, or give the build more rounds or budget")
     log(f"  demo set '{r.name}' -> {r.demo_set_id}: {r.kept} demonstrations, ${r.cost_usd:.4f}")

@@ -266,6 +266,19 @@ def parse_experiment(raw: dict, source: Path, profile: str, profiles: list) -> E
         arms.append(Arm(str(aname), str(body.get("label", aname)), spec, body.get("condition"), corpus,
                         bool(midtrain), demo, bool(body.get("cot", False)), arm_train,
                         _seeds(label, body.get("seeds", seeds)), list(wanted), body.get("series")))
+    for arm in arms:  # the CoT baseline trains on reasoning: its set must be written with it
+        if arm.cot and not arm.demos:
+            raise ExperimentError(f"{where}: arms.{arm.name}: cot needs demos", "give the arm a demo set, or drop cot")
+        if arm.cot and not demos[arm.demos].options.get("cot") and not demos[arm.demos].options.get("from_preferences"):
+            raise ExperimentError(f"{where}: arms.{arm.name}: cot is set but demos '{arm.demos}' are written without "
+                                  "reasoning", f"set cot: true on demos.{arm.demos} (the plain arms strip it)")
+    for dname, demo in demos.items():  # demo sets token-matched to another set of this file
+        ref = demo.options.get("match_tokens_of")
+        if ref is None:
+            continue
+        if ref not in demos or ref == dname or demos[ref].options.get("match_tokens_of"):
+            raise ExperimentError(f"{where}: demos.{dname}: match_tokens_of '{ref}' is not another demo set of this "
+                                  "file that is matched to none", "name one reference set and match every other to it")
     by_name = {a.name: a for a in arms}
     for arm in arms:
         ref = arm.corpus.get("match_tokens_of")

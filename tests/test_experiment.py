@@ -239,11 +239,29 @@ def test_paper_profiles_use_the_published_recipe(path):
                 if stage["kind"] == "aft":
                     assert stage["init"] == "continue"
         if s.kind == "eval" and s.inputs["suite"] == "agentic":
-            assert s.inputs["options"]["samples"] == 30 and s.inputs["judge"]["backend"] == "anthropic"
+            # the paper's agentic protocol, from the suite's one definition (eval/agentic/protocol.yaml)
+            from eval.api import suite_options
+
+            used = suite_options("agentic", s.inputs["options"])
+            assert (used["samples"], used["temperature"], used["max_tokens"]) == (30, 0.7, 4096)
+            assert s.inputs["judge"]["backend"] == "anthropic"
         if s.kind == "eval" and s.inputs["suite"] == "preferences":
             assert s.inputs["limit"] is None
-    if exp.name != "aft_scaling":
-        assert all(a.seeds == [0, 1, 2] for a in exp.arms)
+    # four training seeds for the agentic work (the paper), three for cheese
+    agentic = any(e.suite == "agentic" for e in exp.evals.values())
+    assert all(a.seeds == ([0, 1, 2, 3] if agentic else [0, 1, 2]) for a in exp.arms)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_paper_demo_budgets_cover_their_own_estimate(path):
+    """A budget below the price table's upper bound would stop a normal build short."""
+    from msm.experiment_estimate import demos
+
+    exp = load_experiment(path, "paper")
+    for step in plan_steps(exp):
+        if step.kind == "demos" and not step.inputs["options"].get("from_preferences"):  # those are free
+            cost = demos(step, exp).cost_usd
+            assert 0 < cost <= step.inputs["options"]["max_cost"], (step.label, cost)
 
 
 def test_plan_prices_and_times_the_paper_profile_from_the_tables():
@@ -276,6 +294,38 @@ def test_plan_prices_and_times_the_paper_profile_from_the_tables():
     assert "on meta-llama/Llama-3.1-8B\n" in result.stdout and "claude-opus-4-6" in result.stdout
 
 
+def test_the_agentic_arms_share_one_set_written_with_reasoning():
+    """The paper's CoT baseline: the same responses, reasoning kept (CoT arms) or stripped."""
+    exp = load_experiment(REPO / "experiments" / "agentic.yaml", "paper")
+    arms = {a.name: a for a in exp.arms}
+    assert {"aft_only", "aft_cot", "msm_aft", "msm_aft_cot", "msm_only", "base"} == set(arms)
+    assert (arms["msm_aft_cot"].cot, arms["msm_aft_cot"].spec.name) == (True, "self_preservation.md")
+    assert {a.demos for a in exp.arms if a.demos} == {"safety_demos"} and exp.demos["safety_demos"].options["cot"]
+    steps = plan_steps(exp)
+    assert len([s for s in steps if s.kind == "demos"]) == 1
+    configs = {s.arm: s.inputs["config"] for s in steps if s.kind == "train" and s.seed == 0}
+    cot = {arm: [st["cot"] for st in c["stages"] if st["kind"] == "aft"] for arm, c in configs.items()}
+    assert cot == {"aft_only": [False], "aft_cot": [True], "msm_aft": [False], "msm_aft_cot": [True], "msm_only": []}
+    scaling = load_experiment(REPO / "experiments" / "aft_scaling.yaml", "paper")
+    assert {a.series for a in scaling.arms} == {"MSM + AFT", "AFT only", "AFT with CoT"}
+    assert all(a.cot == (a.series == "AFT with CoT") for a in scaling.arms)
+
+
+def test_spec_science_writes_each_arms_demonstrations_from_its_own_spec_token_matched():
+    exp = load_experiment(REPO / "experiments" / "spec_science.yaml", "paper")
+    for arm in exp.arms:
+        if arm.spec:
+            assert exp.demos[arm.demos].spec == arm.spec, arm.name
+    steps = plan_steps(exp)
+    demos = {s.label.split()[1]: s for s in steps if s.kind == "demos"}
+    assert set(demos) == {"vplus_demos", "rules_demos", "rplus_demos", "general_demos"}
+    assert demos["vplus_demos"].needs == () and demos["vplus_demos"].work["match"] is None
+    order = [s.key for s in steps]
+    for name in ("rules_demos", "rplus_demos", "general_demos"):  # after their reference, which they need
+        assert demos[name].needs == (demos["vplus_demos"].key,) == (demos[name].work["match"],)
+        assert order.index(demos[name].key) > order.index(demos["vplus_demos"].key)
+
+
 @pytest.mark.parametrize("edit, needles", [
     (lambda r: r.update(arms={"a": {"spce": "x"}}), ["arms.a: unknown key 'spce'", "did you mean 'spec'"]),
     (lambda r: r["arms"]["aft_only"].update(demos="nope"), ["demos 'nope' is not defined"]),
@@ -288,6 +338,16 @@ def test_plan_prices_and_times_the_paper_profile_from_the_tables():
     (lambda r: r["demos"]["prefs"].update(cot=True), ["demos.prefs: --from-preferences writes fixed answers"]),
     (lambda r: r["corpus"].update(tokens="1M"), ["corpus: both 'docs' and 'tokens' are set"]),
     (lambda r: r["arms"]["aft_only"].update(midtrain=True), ["arms.aft_only: midtrain needs a spec"]),
+    # the CoT baseline trains on reasoning, so its set must be written with it
+    (lambda r: (r["demos"].update(written={"spec": r["demos"]["prefs"]["spec"], "n": 4}),
+                r["arms"]["aft_only"].update(demos="written", cot=True)),
+     ["arms.aft_only: cot is set but demos 'written' are written without reasoning", "set cot: true"]),
+    (lambda r: r["arms"]["aft_only"].update(demos=None, spec=r["arms"]["msm"]["spec"], cot=True),
+     ["arms.aft_only: cot needs demos"]),
+    (lambda r: r["demos"].update(written={"spec": r["demos"]["prefs"]["spec"], "n": 4, "match_tokens_of": "nope"}),
+     ["demos.written: match_tokens_of 'nope' is not another demo set"]),
+    (lambda r: r["demos"].update(written={"spec": r["demos"]["prefs"]["spec"], "n": 4, "match_tokens_of": "written"}),
+     ["demos.written: match_tokens_of 'written' is not another demo set"]),
     (lambda r: r.update(arms={}), ["'arms' is empty"]),
     (lambda r: r.pop("base_model"), ["missing 'base_model'"]),
     (lambda r: r.update(name="has space"), ["'name' must be letters, digits"]),
@@ -312,7 +372,7 @@ def test_plan_prices_and_times_the_paper_profile_from_the_tables():
     (lambda r: (r["corpus"].pop("docs", None), r["corpus"].update(tokens=[1])),
      ["corpus: 'tokens' must be a count such as 40M"]),
     (lambda r: r["arms"]["msm"].update(corpus={"tolerance": 3}), ["arms.msm.corpus: 'tolerance' is 3"]),
-    (lambda r: r["demos"]["prefs"].update(n="lots"), ["demos: 'n' must be an integer, got 'lots'"]),
+    (lambda r: r["demos"]["prefs"].update(n="lots"), ["demos: 'n' must be an integer or null, got 'lots'"]),
     # the trained model's identity: both names, strings, nothing else
     (lambda r: r.update(identity={"model_name": "Llama"}), ["identity: 'provider_name' must be a non-empty string"]),
     (lambda r: r.update(identity={"model_name": "Llama", "provider_name": "Meta", "org": "x"}),

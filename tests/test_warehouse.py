@@ -30,6 +30,27 @@ def test_init_creates_schema_and_is_idempotent(tmp_path):
     assert result.returncode == 0 and "migrated" in result.stdout
 
 
+def test_a_migration_numbered_below_one_already_applied_still_runs(tmp_path):
+    """Branches land out of order: a file at v14 that never ran 012 gets 012 on the next connect."""
+    import duckdb
+
+    from warehouse.db import migrations
+
+    path = tmp_path / "w.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, name VARCHAR NOT NULL,"
+                " applied_at TIMESTAMP NOT NULL DEFAULT current_timestamp)")
+    skipped = 12
+    for version, name, sql in migrations():
+        if version != skipped:
+            con.execute(sql)
+            con.execute("INSERT INTO schema_version (version, name) VALUES (?, ?)", [version, name])
+    assert migrate(con) == [skipped]
+    assert "scenario" in {r[0] for r in con.execute("DESCRIBE contamination").fetchall()}
+    assert migrate(con) == []
+    con.close()
+
+
 def test_default_db_lives_under_msm_home(isolated_home):
     result = run_msm("warehouse", "init")
     assert result.returncode == 0, result.stderr

@@ -218,7 +218,9 @@ def _check_schema(con, path: Path) -> None:
 
 
 def migrate(con) -> list[int]:
-    """Apply every migration newer than the file's schema version, each in its own transaction."""
+    """Apply every migration the file has not recorded, in order, each in its own transaction (by
+    recorded set, not by the highest version: a migration numbered below one already applied, as
+    when branches land out of order, is still applied)."""
     con.execute(
         "CREATE TABLE IF NOT EXISTS schema_version ("
         " version INTEGER PRIMARY KEY, name VARCHAR NOT NULL,"
@@ -227,9 +229,10 @@ def migrate(con) -> list[int]:
     have = current_version(con)
     if have > latest_version():
         raise WarehouseError(f"warehouse schema v{have} is newer than this msm knows (v{latest_version()})", "upgrade msm")
+    recorded = {v for (v,) in con.execute("SELECT version FROM schema_version").fetchall()}
     applied = []
     for version, name, sql in migrations():
-        if version <= have:
+        if version in recorded:
             continue
         con.execute("BEGIN TRANSACTION")
         try:
