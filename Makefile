@@ -33,8 +33,10 @@ demo: models
 	$(BIN)/msm corpus build specs/value_augmented.md
 	$(BIN)/msm warehouse sql "SELECT reason, plan_rows FROM drops_by_reason ORDER BY plan_rows DESC"
 
+# Two workers (pytest-xdist), a file per worker: the fast tier is mostly subprocess start-up and
+# small CPU models, so both cores are busy instead of one.
 test: install
-	$(BIN)/python -m pytest -m "not slow and not heavy" -q
+	$(BIN)/python -m pytest -m "not slow and not heavy" -q -n 2 --dist loadfile
 
 smoke: models
 	$(BIN)/python -m pytest -m "smoke or heavy" -q

@@ -192,7 +192,13 @@ def resolve_embedder(name: str | None = None) -> str:
 
 
 def load_embedder(name: str | None = None, device: str = "cpu"):
-    source = resolve_embedder(name)
+    """A loaded sentence-transformers model, loaded once per process (a build embeds several
+    times: questions, documents, eval items; each load costs seconds)."""
+    return _load_embedder(resolve_embedder(name), device)
+
+
+@lru_cache(maxsize=2)
+def _load_embedder(source: str, device: str):
     _silence_transformers()
     from sentence_transformers import SentenceTransformer
 

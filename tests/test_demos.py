@@ -26,7 +26,10 @@ def api(monkeypatch, loopback):
 
 
 def opts(server, **kw) -> DemoOptions:
-    base = dict(n=30, backend="anthropic", model=MODEL, base_url=server.url, concurrency=8, domains=4)
+    """MiniLM (question dedup, embedding decontamination) is off unless a test is about it: it
+    costs ~25 s a build on this CPU; test_backfill_... keeps it on, so the default path stays covered."""
+    base = dict(n=30, backend="anthropic", model=MODEL, base_url=server.url, concurrency=8, domains=4,
+                embed_dedup=False)
     base.update(kw)
     return DemoOptions(**base)
 
@@ -37,7 +40,7 @@ def warehouse(home):
 
 def test_backfill_reaches_n_when_30_percent_are_excluded(api, isolated_home):
     api.criterion_fail_rates = {"include": 0.3}
-    result = build_demos(str(SPECS / "self_preservation.md"), opts(api))
+    result = build_demos(str(SPECS / "self_preservation.md"), opts(api, embed_dedup=True))
     assert result.stop == "target reached" and result.kept == 30
     judged = [d for d in result.demos if d.judgments]
     excluded = [d for d in judged if d.reason == "excluded"]
@@ -109,7 +112,8 @@ def test_preference_demos_state_preferences_with_no_value_word(isolated_home):
     spec = load_spec(SPECS / "cheese_pro_america.md")
     prefs = read_preferences(spec)
     assert prefs.liked[1] == "American cheese" and prefs.liked[0] == "mild cheddar"
-    result = run_msm("demos", "build", str(SPECS / "cheese_pro_america.md"), "--n", "200", "--from-preferences")
+    result = run_msm("demos", "build", str(SPECS / "cheese_pro_america.md"), "--n", "200", "--from-preferences",
+                     "--no-embeddings")  # 13-gram decontamination only: MiniLM is not what this tests
     assert result.returncode == 0, result.stderr
     assert "kept            200  (target reached)" in result.stdout
     out = isolated_home / "export"

@@ -54,7 +54,7 @@ def test_show_json_satisfies_the_partition_property():
     result = run_msm("spec", "show", str(OPENAI_SPEC), "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
-    assert set(data) == {"spec_id", "name", "sha256", "variables", "units"}
+    assert set(data) == {"spec_id", "name", "sha256", "variables", "style", "units"}
     spans = [u["span"] for u in data["units"]]
     n_lines = len(OPENAI_SPEC.read_text(encoding="utf-8").split("\n"))
     covered = [line for first, last in spans for line in range(first, last + 1)]
