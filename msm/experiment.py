@@ -362,9 +362,10 @@ def _run_demos(exp, step, outputs, log, progress) -> dict:
     if not r.demo_set_id or (not options.get("match_tokens_of") and r.kept < options["n"]):
         raise MsmError(f"demo set '{step.work['name']}' kept {r.kept} of {options['n']} ({r.stop})",
                        "lower n, or give the build more rounds or budget")
-    log(f"  demo set '{r.name}' -> {r.demo_set_id}: {r.kept} demonstrations, ${r.cost_usd:.4f}")
+    matched = f" ({r.tokens:,} tokens against {r.target_tokens:,})" if r.target_tokens else ""
+    log(f"  demo set '{r.name}' -> {r.demo_set_id}: {r.kept} demonstrations{matched}, ${r.cost_usd:.4f}")
     return {"demo_set": r.name, "demo_set_id": r.demo_set_id, "kept": r.kept, "cost_usd": r.cost_usd,
-            "build_id": r.build_id}
+            "build_id": r.build_id, "tokens": r.tokens, "target_tokens": r.target_tokens, "style": r.style}
 
 
 def _run_train(exp, step, outputs, log, progress) -> dict:

@@ -105,6 +105,31 @@ def test_a_rerun_reuses_every_step_and_a_new_arm_runs_only_its_own(api, tmp_path
     assert (train_dir / "card.json").is_file()
 
 
+def test_a_demo_set_matched_to_another_is_built_to_its_tokens_in_its_own_style(api, tmp_path, isolated_home):
+    """spec_science's design in small: V+ demos first, then R demos token-matched to them."""
+    from msm.experiment import RUNNERS
+
+    written = {"backend": "anthropic", "model": "claude-sonnet-4-6", "base_url": api.url, "domains": 2,
+               "embed_dedup": False}
+    path = tiny(tmp_path, api)
+    body = yaml.safe_load(path.read_text())
+    body["demos"] = {"vplus": {"spec": str(REPO / "specs" / "value_augmented.md"), "n": 6, **written},
+                     "rules": {"spec": str(REPO / "specs" / "rules.md"), "n": 6, "match_tokens_of": "vplus",
+                               "tolerance": 0.25, **written}}
+    body["arms"] = {"aft_only": {"spec": None, "demos": "rules"}}
+    path.write_text(yaml.safe_dump(body, sort_keys=False))
+    exp = load_experiment(path)
+    steps = [s for s in plan_steps(exp) if s.kind == "demos"]
+    assert [s.label for s in steps] == ["demos vplus", "demos rules (matching vplus)"]  # the reference is planned too
+    outputs: dict = {}
+    for step in steps:
+        outputs[step.key] = RUNNERS["demos"](exp, step, outputs, _quiet, False)
+    ref, matched = (outputs[s.key] for s in steps)
+    assert (ref["style"], matched["style"]) == ("values", "rules")
+    assert ref["target_tokens"] is None and matched["target_tokens"] == ref["tokens"] > 0
+    assert abs(matched["tokens"] / ref["tokens"] - 1) <= 0.25
+
+
 def _check_report(path, outcome, tmp_path, isolated_home):
     """The report's figures are the eval runs' own; its provenance names the corpus and demo set."""
     out = tmp_path / "report"
