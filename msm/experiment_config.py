@@ -173,6 +173,7 @@ def parse_experiment(raw: dict, source: Path, profile: str, profiles: list) -> E
         if raw.get("chat_template") else None
     corpus_defaults = _mapping(f"{where}: corpus", raw.get("corpus"))
     _check_corpus(f"{where}: corpus", corpus_defaults)
+    _eval_paths(root, f"{where}: corpus", corpus_defaults)
     train = _mapping(f"{where}: train", raw.get("train"))
     _unknown(f"{where}: train", train, TRAIN)
     recipe: dict = {}
@@ -253,6 +254,7 @@ def parse_experiment(raw: dict, source: Path, profile: str, profiles: list) -> E
             raise ExperimentError(f"{label}: midtrain needs a spec", "give the arm a spec, or set midtrain: false")
         corpus = merge(corpus_defaults, _mapping(f"{label}.corpus", body.get("corpus")))
         _check_corpus(f"{label}.corpus", corpus)
+        _eval_paths(root, f"{label}.corpus", corpus)
         # the documents are about the model being trained; `corpus: {variables: ...}` names another
         # entity (the paper's entity ablation) for this arm's corpus alone
         corpus["variables"] = {**identity.variables(), **(corpus.get("variables") or {})}
@@ -312,6 +314,13 @@ def parse_experiment(raw: dict, source: Path, profile: str, profiles: list) -> E
 
 
 CORPUS_SET_BY_RUNNER = {"name", "register", "progress", "db", "slurm", "dry_run", "conditions", "allow_partial"}
+
+
+def _eval_paths(root: Path, where: str, corpus: dict) -> None:
+    """Eval files a corpus is decontaminated against, read from the project root like specs."""
+    for key, kind in (("against", "item bank folder"), ("scenarios", "scenario folder")):
+        if corpus.get(key):
+            corpus[key] = [str(_path(root, f"{where}.{key}", p, kind)) for p in corpus[key]]
 
 
 def _check_corpus(where: str, corpus: dict) -> None:

@@ -363,6 +363,8 @@ def test_spec_science_writes_each_arms_demonstrations_from_its_own_spec_token_ma
     (lambda r: r["demos"]["prefs"].update(cot=True), ["demos.prefs: --from-preferences writes fixed answers"]),
     (lambda r: r["corpus"].update(tokens="1M"), ["corpus: both 'docs' and 'tokens' are set"]),
     (lambda r: r["arms"]["aft_only"].update(midtrain=True), ["arms.aft_only: midtrain needs a spec"]),
+    (lambda r: r["corpus"].update(scenarios=["eval/agentic/nowhere"]),
+     ["corpus.scenarios: eval/agentic/nowhere does not exist"]),
     # the CoT baseline trains on reasoning, so its set must be written with it
     (lambda r: (r["demos"].update(written={"spec": r["demos"]["prefs"]["spec"], "n": 4}),
                 r["arms"]["aft_only"].update(demos="written", cot=True)),
