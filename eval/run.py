@@ -167,12 +167,12 @@ def summarise(samples) -> dict:
 
 
 def _record(db, run_id, suite, model, backend, provenance, target, mode, config, seed, samples, summary) -> None:
-    from warehouse.db import connect, insert_rows, transaction
+    from warehouse.db import connect_after_work, insert_rows, transaction
 
     rows = [{"run_id": run_id, "item_id": s.item.id, "bank": s.item.bank, "domain": s.item.domain,
              "split": getattr(s.item, "split", None), "prompt": s.prompt, "detail": json.dumps(s.detail), "consistent_p": s.consistent_p,
              "score": s.score, "error": s.error} for s in samples]
-    con = connect(db)
+    con = connect_after_work(db, f"eval run {run_id}")
     try:
         with transaction(con):  # a rerun of the same run replaces it
             con.execute("DELETE FROM eval_samples WHERE run_id = ?", [run_id])

@@ -453,39 +453,16 @@ def _mark(db, build_id: str, status: str) -> None:
 # ---- the warehouse lock --------------------------------------------------------------------
 
 def _load_lock_wait(opts: BuildOptions) -> float:
-    if opts.load_lock_wait is not None:
-        return float(opts.load_lock_wait)
-    raw = os.environ.get("MSM_LOAD_LOCK_WAIT")
-    if raw is None:
-        return LOAD_LOCK_WAIT_S
-    try:
-        return max(0.0, float(raw))
-    except ValueError:
-        raise MsmError(f"MSM_LOAD_LOCK_WAIT={raw!r} is not a number of seconds", "set it to e.g. 600") from None
+    from warehouse.db import work_lock_wait
+
+    return float(opts.load_lock_wait) if opts.load_lock_wait is not None else work_lock_wait()
 
 
 def _connect_waiting(db, wait_s: float, build_id: str, read_only: bool = False):
-    """Open the warehouse; while another process holds its lock, say who and wait up to wait_s.
-    The staged shards and the call cache keep the paid work whatever happens here."""
-    from warehouse.db import WarehouseError, connect
+    """The staged shards and the call cache keep the paid work whatever happens here."""
+    from warehouse.db import connect_after_work
 
-    deadline = time.monotonic() + wait_s
-    said = False
-    while True:
-        try:
-            return connect(db, read_only=read_only)
-        except WarehouseError as exc:
-            if "in use by another process" not in exc.problem:
-                raise
-            if time.monotonic() >= deadline:
-                raise MsmError(f"{exc.problem}, still after waiting {wait_s:.0f} s to load build {build_id}",
-                               "when it is free, rerun the same command: the build's work is kept and "
-                               "nothing is paid again (MSM_LOAD_LOCK_WAIT sets the wait)") from None
-            if not said:
-                print(f"waiting for the warehouse: {exc.problem}; build {build_id} loads when it is free "
-                      f"(up to {wait_s:.0f} s, MSM_LOAD_LOCK_WAIT)", file=sys.stderr, flush=True)
-                said = True
-            time.sleep(0.5)
+    return connect_after_work(db, f"build {build_id}", wait_s, read_only=read_only)
 
 
 def _wait_for_warehouse(db, wait_s: float, build_id: str) -> None:

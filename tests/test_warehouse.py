@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from corpus.spec import parse_spec_text
 from msm.tokens import TokenCounter
 from tests.conftest import assert_one_line_error, run_msm
@@ -142,3 +144,28 @@ def test_newer_schema_is_refused(tmp_path):
     con.execute("INSERT INTO schema_version (version, name) VALUES (999, 'from_the_future')")
     con.close()
     assert_one_line_error(run_msm("warehouse", "tables", "--db", str(db)), "newer than this msm", "upgrade msm")
+
+
+def test_a_write_after_paid_work_waits_for_the_lock_and_says_who_holds_it(tmp_path, capsys):
+    """Demo sets, eval results, training runs and experiment steps are recorded after the work is
+    done: they wait for another process's lock (MSM_LOAD_LOCK_WAIT) instead of failing in 3 s."""
+    from warehouse.db import WarehouseError, connect_after_work
+
+    path = tmp_path / "w.duckdb"
+    connect(path).close()
+    holder = subprocess.Popen([sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); "
+                               "print('held', flush=True); time.sleep(float(sys.argv[2]))", str(path), "4"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(WarehouseError) as short:
+            connect_after_work(path, "eval run e1", wait_s=0.5)
+        assert f"PID {holder.pid}" in short.value.problem and "still after waiting 0 s to record eval run e1" in \
+            short.value.problem and "rerun" in short.value.fix
+        con = connect_after_work(path, "eval run e1", wait_s=60)  # the holder exits after 4 s
+        assert con.execute("SELECT 1").fetchone() == (1,)
+        con.close()
+    finally:
+        holder.wait(timeout=30)
+    notices = [ln for ln in capsys.readouterr().err.splitlines() if "waiting for the warehouse" in ln]
+    assert len(notices) == 2 and all(f"PID {holder.pid}" in ln and "eval run e1" in ln for ln in notices)

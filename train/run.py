@@ -307,9 +307,9 @@ def _load_final(model, config, stage_dir: Path) -> None:
 
 def _record(db, rid: str, config: TrainConfig, inputs: dict, status: str, metrics, world: int) -> None:
     """One short write; the warehouse is never held open while training."""
-    from warehouse.db import connect
+    from warehouse.db import connect_after_work
 
-    con = connect(db)
+    con = connect_after_work(db, f"training run {rid}")
     try:
         con.execute("INSERT INTO train_runs (id, output_dir, base_model, config, inputs, status, metrics, world_size) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET status = excluded.status, "

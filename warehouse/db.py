@@ -16,6 +16,7 @@ from pathlib import Path
 from msm.errors import MsmError
 
 LOCK_WAIT_S = float(os.environ.get("MSM_DB_LOCK_WAIT", "3"))
+WORK_LOCK_WAIT_S = 3600.0  # a write after paid or long work waits this long (MSM_LOAD_LOCK_WAIT)
 
 
 class WarehouseError(MsmError):
@@ -91,9 +92,11 @@ def lock_down(con) -> None:
     con.execute("SET lock_configuration = true")
 
 
-def connect(path: str | os.PathLike, read_only: bool = False, config: dict | None = None):
+def connect(path: str | os.PathLike, read_only: bool = False, config: dict | None = None,
+            lock_wait: float | None = None):
     """Open the warehouse, creating its directory when writing; migrate when writable. A file that
-    DuckDB cannot read back (truncated, overwritten) is refused with one line naming the fix."""
+    DuckDB cannot read back (truncated, overwritten) is refused with one line naming the fix.
+    Another process's lock is retried for `lock_wait` seconds (default MSM_DB_LOCK_WAIT, 3)."""
     import duckdb
 
     path = Path(path)
@@ -104,7 +107,7 @@ def connect(path: str | os.PathLike, read_only: bool = False, config: dict | Non
         except OSError as exc:
             raise WarehouseError(f"cannot create {path.parent}: {exc.strerror}", "choose a writable --db path") from None
     existed = path.exists() and path.stat().st_size > 0
-    deadline = time.monotonic() + LOCK_WAIT_S
+    deadline = time.monotonic() + (LOCK_WAIT_S if lock_wait is None else lock_wait)
     while True:
         try:
             con = duckdb.connect(str(path), read_only=read_only, config=config or {})
@@ -244,6 +247,43 @@ def migrate(con) -> list[int]:
             raise
         applied.append(version)
     return applied
+
+
+def work_lock_wait() -> float:
+    """Seconds a write that follows paid or long work waits for the lock: $MSM_LOAD_LOCK_WAIT, else an hour."""
+    raw = os.environ.get("MSM_LOAD_LOCK_WAIT")
+    if raw is None:
+        return WORK_LOCK_WAIT_S
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        raise MsmError(f"MSM_LOAD_LOCK_WAIT={raw!r} is not a number of seconds", "set it to e.g. 600") from None
+
+
+def connect_after_work(path, what: str, wait_s: float | None = None, read_only: bool = False):
+    """Open the warehouse to record work already done (a build's load, a demo set, an eval's results,
+    a training run): while another process holds the lock, say once on stderr who holds it, and wait
+    up to `wait_s` (default work_lock_wait()) instead of failing after MSM_DB_LOCK_WAIT's seconds."""
+    import sys
+
+    wait_s = work_lock_wait() if wait_s is None else wait_s
+    deadline = time.monotonic() + wait_s
+    said = False
+    while True:
+        try:
+            return connect(path, read_only=read_only, lock_wait=0)
+        except WarehouseError as exc:
+            if "in use by another process" not in exc.problem:
+                raise
+            if time.monotonic() >= deadline:
+                raise WarehouseError(f"{exc.problem}, still after waiting {wait_s:.0f} s to record {what}",
+                                     "when it is free, rerun the same command: finished calls come from the "
+                                     "call cache, nothing is paid again (MSM_LOAD_LOCK_WAIT sets the wait)") from None
+            if not said:
+                print(f"waiting for the warehouse: {exc.problem}; {what} is recorded when it is free "
+                      f"(up to {wait_s:.0f} s, MSM_LOAD_LOCK_WAIT)", file=sys.stderr, flush=True)
+                said = True
+            time.sleep(0.5)
 
 
 @contextlib.contextmanager

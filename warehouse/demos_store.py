@@ -17,7 +17,7 @@ from pathlib import Path
 
 from msm.errors import MsmError
 from warehouse.corpus_load import JUDGMENT_FIELDS, call_row
-from warehouse.db import connect, insert_rows, transaction
+from warehouse.db import connect, connect_after_work, insert_rows, transaction
 
 
 def demo_tokens(counter, demos) -> list[int]:
@@ -70,7 +70,7 @@ def record_demo_build(db, spec, build_id: str, name: str, demos: list, members: 
                   "purpose": call["purpose"], "cache_hit": call["created_at"] < started} for key, call in calls.items()]
 
     counter = counter or default_counter()
-    con = connect(db)
+    con = connect_after_work(db, f"demo build {build_id}")
     try:
         record_spec(con, spec, counter)  # its own transaction; idempotent
         with transaction(con):  # a rerun's rows replace the build's earlier ones whole

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from warehouse.db import connect, transaction
+from warehouse.db import connect, connect_after_work, transaction
 
 
 def completed(db: Path, keys: list[str]) -> dict[str, dict]:
@@ -22,7 +22,7 @@ def completed(db: Path, keys: list[str]) -> dict[str, dict]:
 
 
 def start_step(db: Path, key: str, kind: str, label: str, experiment: str, profile: str, inputs: dict) -> None:
-    con = connect(db)
+    con = connect_after_work(db, f"step {label}")
     try:
         with transaction(con):
             con.execute("DELETE FROM experiment_steps WHERE key = ?", [key])
@@ -34,7 +34,7 @@ def start_step(db: Path, key: str, kind: str, label: str, experiment: str, profi
 
 
 def finish_step(db: Path, key: str, outputs: dict | None, seconds: float, error: str | None = None) -> None:
-    con = connect(db)
+    con = connect_after_work(db, f"step {key}")
     try:
         with transaction(con):
             con.execute("UPDATE experiment_steps SET status = ?, outputs = ?, error = ?, seconds = ?, "
@@ -48,7 +48,7 @@ def finish_step(db: Path, key: str, outputs: dict | None, seconds: float, error:
 
 def record_run(db: Path, run_id: str, experiment: str, profile: str, source: str, keys: list[str], status: str,
                steps_run: int | None = None, steps_cached: int | None = None, seconds: float | None = None) -> None:
-    con = connect(db)
+    con = connect_after_work(db, f"experiment run {run_id}")
     try:
         with transaction(con):
             con.execute("DELETE FROM experiment_runs WHERE id = ?", [run_id])
