@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import sys
 
@@ -43,11 +44,33 @@ class MsmGroup(click.Group):
             return super().invoke(ctx)
         except MsmError as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            full = _storage_error(exc)
+            if full is None:
+                raise
+            raise click.ClickException(str(full)) from None
         except Exception as exc:
             damage = _warehouse_damage(exc, args)
             if damage is None:
                 raise
             raise click.ClickException(str(damage)) from None
+
+
+STORAGE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is used up",
+                  errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                  errno.EPERM: "the operation is not permitted"}
+
+
+def _storage_error(exc: OSError) -> MsmError | None:
+    """One line for a write the file system refused (a full disk, a quota, a read-only mount),
+    wherever it happened; every stage keeps finished work (call cache, staged shards), so a rerun
+    after the fix pays nothing again."""
+    what = STORAGE_ERRORS.get(exc.errno)
+    if what is None:
+        return None
+    where = f" writing {exc.filename}" if exc.filename else ""
+    return MsmError(f"{what}{where}", "free space or fix the permissions (or point MSM_HOME / --db elsewhere), "
+                    "then rerun the same command: finished work is kept")
 
 
 def _db_flag(args: list[str]) -> str | None:

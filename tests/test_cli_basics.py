@@ -75,3 +75,30 @@ def test_console_script_is_installed():
     assert script.is_file(), "the `msm` console script is missing: reinstall with pip install -e ."
     out = subprocess.run([str(script), "--version"], capture_output=True, text=True).stdout
     assert out.strip() == f"msm, version {__version__}"
+
+
+def test_a_write_the_file_system_refuses_is_one_line_wherever_it_happens(monkeypatch, isolated_home, tmp_path):
+    """A full disk (ENOSPC) or a read-only mount inside any command: one line naming the file and the fix."""
+    import errno
+
+    from click.testing import CliRunner
+
+    import warehouse.demos_store
+    from msm.cli import cli
+
+    def full(db, name, out, *args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / f"{name}.jsonl"))
+
+    monkeypatch.setattr(warehouse.demos_store, "export_demo_set", full)
+    result = CliRunner().invoke(cli, ["demos", "export", "prefs", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and not isinstance(result.exception, OSError)
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "no space left on the device writing" in lines[0] and "prefs.jsonl" in lines[0]
+    assert "rerun the same command" in lines[0]
+
+    def other(db, name, out, *args):  # an OSError that is not about storage is not dressed up as one
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(warehouse.demos_store, "export_demo_set", other)
+    result = CliRunner().invoke(cli, ["demos", "export", "prefs", "--out", str(tmp_path / "out")])
+    assert isinstance(result.exception, OSError) and result.exception.errno == errno.EIO
