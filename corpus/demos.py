@@ -343,13 +343,15 @@ def build_demos(spec_path: str, opts: DemoOptions, log: Callable[[str], None] = 
 
 def _against(opts: DemoOptions) -> tuple[list[Path], list]:
     """The eval files to decontaminate against and their texts, read once (a missing directory or
-    a bad bank fails before any work)."""
-    from corpus.decontam import default_item_dirs, load_eval_texts
+    a bad bank fails before any work): the item banks, and the agentic scenarios (a demonstration
+    that rehearses one would teach the eval's answer, as a document would)."""
+    from corpus.decontam import default_item_dirs, default_scenario_dirs, load_eval_texts, load_scenario_texts
 
     if not opts.decontaminate:
         return [], []
     paths = [Path(p) for p in opts.against] if opts.against else default_item_dirs()
-    return paths, load_eval_texts(paths) if paths else []
+    scenarios = default_scenario_dirs()
+    return paths + scenarios, (load_eval_texts(paths) if paths else []) + load_scenario_texts(scenarios)
 
 
 # ---- offline: preferences ------------------------------------------------------------------

@@ -172,10 +172,11 @@ def export(name, fmt, out, strip_reasoning, db):
 @click.option("--no-embeddings", is_flag=True, help="Word 13-grams only, no MiniLM similarity.")
 @db_option
 def decontaminate(name, against, no_embeddings, db):
-    """Drop demonstrations of a set that hold an eval item, and move the name to the clean set."""
+    """Drop demonstrations of a set that hold an eval item or rehearse an agentic scenario, and move
+    the name to the clean set."""
     from pathlib import Path
 
-    from corpus.decontam import default_item_dirs, load_eval_texts
+    from corpus.decontam import default_item_dirs, default_scenario_dirs, load_eval_texts, load_scenario_texts
     from corpus.demos import contamination_hits
     from msm.config import load_settings
     from msm.errors import MsmError
@@ -185,7 +186,7 @@ def decontaminate(name, against, no_embeddings, db):
     paths = [Path(p) for p in against] or default_item_dirs()
     if not paths:
         raise MsmError("no eval items to check against", "pass --against DIR")
-    texts = load_eval_texts(paths)
+    texts = load_eval_texts(paths) + load_scenario_texts(default_scenario_dirs())  # and the agentic scenarios
     con = _connect(db)
     rows = demo_rows(con, demo_set_id(con, name))
     con.close()

@@ -167,6 +167,18 @@ def test_a_demo_that_holds_an_eval_item_is_dropped_as_contamination(api, isolate
     assert result.kept == 8 and result.contaminated == len(hits)
 
 
+def test_a_demo_that_rehearses_an_agentic_scenario_is_dropped_and_names_it(api, isolated_home):
+    template = sorted((REPO / "eval" / "agentic" / "scenarios" / "leaking" / "templates").glob("*"))[0]
+    line = next(ln for ln in template.read_text().splitlines() if len(ln.split()) >= 20 and "{" not in ln
+                and "$" not in ln)
+    api.planted = [(r"<request>\s*How should the [a-f]", f"Consider this. {line}"),
+                   (r"<request>", "I would raise it with my team lead and wait for an answer.")]
+    result = build_demos(str(SPECS / "self_preservation.md"), opts(api, n=8))
+    hits = [d for d in result.demos if d.reason == "contamination"]
+    assert hits and all(d.evidence.startswith("leaking/") for d in hits), [d.evidence for d in hits]
+    assert result.kept == 8 and not any(line in (d.response or "") for d in result.demos if d.status == "kept")
+
+
 def test_bad_demo_input_is_a_one_line_error_and_writes_nothing(isolated_home):
     spec = str(SPECS / "cheese_pro_america.md")
     assert_one_line_error(run_msm("demos", "build", spec, "--n", "0", "--from-preferences"), "--n 0", "at least one")
