@@ -20,6 +20,8 @@ from msm.errors import MsmError
 
 ROUND_SEED_STEP = 1_000_003  # round r plans with seed + r * step: disjoint plan rows
 HEADROOM = 1.1  # plan 10% more than the estimate, so most targets take one round
+MATCH_TOP_UP_DOCS = 3  # when the kept documents pass the target but none of their runs lands within the tolerance
+EXACT_SEARCH_LIMIT = 20_000_000  # documents x tokens up to which a missed window is searched exactly
 
 
 @dataclass
@@ -88,7 +90,7 @@ def build_to_target(spec_path: str, opts, target: int, max_rounds: int = 5,
     rounds, kept, planned, spent = [], 0, 0, 0.0
     stop = "round limit"
     for r in range(max_rounds):
-        docs = max(1, math.ceil((target - kept) / per_doc * HEADROOM))
+        docs = max(1, math.ceil((target - kept) / per_doc * HEADROOM)) if kept < target else MATCH_TOP_UP_DOCS
         budget = None if opts.max_cost is None else opts.max_cost - spent
         if budget is not None and budget <= 0:
             stop = "budget reached"
@@ -100,8 +102,16 @@ def build_to_target(spec_path: str, opts, target: int, max_rounds: int = 5,
         planned += result.planned
         spent += result.cost_usd
         if kept >= target:
-            stop = "target reached"
-            break
+            if tolerance is None or _fits(load_settings(opts.db).db, rounds, target, tolerance):
+                stop = "target reached"
+                break
+            # enough tokens, but no run of whole documents lands in the window: a few more
+            # documents give the selection more to choose from
+            if not result.complete or result.kept_tokens == 0:
+                stop = "no match within the tolerance"
+                break
+            per_doc = kept / planned
+            continue
         if not result.complete:
             stop = "budget reached" if opts.max_cost is not None else "incomplete round (rerun to resume)"
             break
@@ -113,9 +123,61 @@ def build_to_target(spec_path: str, opts, target: int, max_rounds: int = 5,
     return TargetResult(target, registered[1], registered[2], registered[0], name, stop, rounds)
 
 
-def _register(db, name: str, rounds: list, target: int, tolerance: float | None) -> tuple[str | None, int, int]:
+def _choose(con, rounds: list, target: int, tolerance: float | None) -> tuple[list[str], int]:
     """Whole kept documents, round by round in a fixed shuffled order, until the target (and,
     with a tolerance, skipping any document that would carry the total past its upper bound)."""
+    docs = [row for result in rounds for row in con.execute(
+        "SELECT id, n_tokens FROM documents WHERE build_id = ? AND status = 'kept' ORDER BY sha256(id)",
+        [result.build_id]).fetchall()]
+    chosen, total = [], 0
+    for doc_id, n in docs:
+        if total >= (target if tolerance is None else target * (1 - tolerance)):
+            break
+        if tolerance is not None and total + n > target * (1 + tolerance):
+            continue
+        chosen.append((doc_id, n))
+        total += n
+    low = None if tolerance is None else target * (1 - tolerance)
+    if tolerance is not None and total < low and len(docs) * target * (1 + tolerance) <= EXACT_SEARCH_LIMIT:
+        # short, and every document left would overshoot (a small target, documents large against
+        # its window): search the subsets exactly; a large target's window holds many documents
+        found = _subset_in_window(docs, low, target * (1 + tolerance), target)
+        if found is not None:
+            chosen, total = found, sum(n for _, n in found)
+    return [d for d, _ in chosen], total
+
+
+def _subset_in_window(docs: list, low: float, high: float, target: int) -> list | None:
+    """Documents whose tokens sum into [low, high], closest to target: reachable sums one document
+    at a time, each sum remembering the first way it was reached (so the answer is deterministic)."""
+    reached: dict[int, tuple[int, int] | None] = {0: None}
+    for i, (_, n) in enumerate(docs):
+        for total in list(reached):
+            if total + n <= high and total + n not in reached:
+                reached[total + n] = (total, i)
+    hits = [t for t in reached if low <= t <= high]
+    if not hits:
+        return None
+    total = min(hits, key=lambda t: (abs(t - target), t))
+    picked = []
+    while reached[total] is not None:
+        total, i = reached[total]
+        picked.append(docs[i])
+    return picked[::-1]
+
+
+def _fits(db, rounds: list, target: int, tolerance: float) -> bool:
+    from warehouse.db import connect
+
+    con = connect(db, read_only=True)
+    try:
+        return abs(_choose(con, rounds, target, tolerance)[1] - target) <= target * tolerance
+    finally:
+        con.close()
+
+
+def _register(db, name: str, rounds: list, target: int, tolerance: float | None) -> tuple[str | None, int, int]:
+    """The documents `_choose` picks, registered under `name`; outside the tolerance is an error."""
     from warehouse.corpus_load import register_corpus
     from warehouse.db import connect
 
@@ -123,16 +185,7 @@ def _register(db, name: str, rounds: list, target: int, tolerance: float | None)
         return None, 0, 0
     con = connect(db)
     try:
-        chosen, total = [], 0
-        for result in rounds:
-            for doc_id, n in con.execute("SELECT id, n_tokens FROM documents WHERE build_id = ? AND status = 'kept' "
-                                         "ORDER BY sha256(id)", [result.build_id]).fetchall():
-                if total >= (target if tolerance is None else target * (1 - tolerance)):
-                    break
-                if tolerance is not None and total + n > target * (1 + tolerance):
-                    continue
-                chosen.append(doc_id)
-                total += n
+        chosen, total = _choose(con, rounds, target, tolerance)
         if tolerance is not None and abs(total - target) > target * tolerance:
             raise MsmError(f"could not match {target:,} tokens within {tolerance:.0%}: the kept documents reach "
                            f"{total:,} ({(total - target) / target:+.1%})",

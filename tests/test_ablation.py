@@ -199,3 +199,26 @@ def test_ablate_to_a_token_target_runs_rounds_until_each_matched_corpus_holds_it
     tokens = [r.matched_tokens for r in result.reports]
     assert relative_gap(tokens) <= 0.02
     assert min(tokens) >= 150 * 0.98  # whole cells up to the target, then matched within 2%
+
+
+def test_a_missed_token_window_is_searched_exactly_when_the_target_is_small():
+    """Documents of 318-350 tokens against a 3,741 +- 2% window: the greedy run in a fixed order stops
+    short with every document left overshooting; the exact search finds the subset that lands."""
+    from pipelines.target import _subset_in_window
+
+    sizes = [350] * 10 + [320, 330, 318, 325]
+    docs = [(f"d{i}", n) for i, n in enumerate(sizes)]
+    low, high = 3741 * 0.98, 3741 * 1.02
+    greedy, total = [], 0
+    for d, n in docs:  # what the fixed-order run does
+        if total >= low:
+            break
+        if total + n <= high:
+            greedy.append(d)
+            total += n
+    assert total == 3500 < low  # ten documents, and every one left would overshoot
+    found = _subset_in_window(docs, low, high, 3741)
+    assert found is not None and low <= sum(n for _, n in found) <= high
+    assert len({d for d, _ in found}) == len(found)  # each document once
+    assert _subset_in_window(docs, low, high, 3741) == found  # deterministic
+    assert _subset_in_window([("a", 500), ("b", 600)], 3666, 3816, 3741) is None  # nothing reaches it
