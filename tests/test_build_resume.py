@@ -149,17 +149,21 @@ def _mark(server, home: Path) -> tuple[int, int]:
     return _requests(server), len(_cached_purposes(home))
 
 
+def _reference_build(reference, reference_home: Path) -> tuple[list[str], int]:
+    """The uninterrupted build every kill test compares with: (call purposes in answer order, calls)."""
+    done = subprocess.run(_command(reference), env=_env(reference_home), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    order = _cached_purposes(reference_home)
+    return order, _answered(reference)
+
+
 @pytest.mark.heavy
 def test_killed_in_generation_judging_and_load_resumes_to_the_uninterrupted_build(tmp_path):
     started = time.monotonic()
     reference_home, home = tmp_path / "reference", tmp_path / "killed"
     reference, server = _server(), _server()
     try:
-        done = subprocess.run(_command(reference), env=_env(reference_home), capture_output=True, text=True,
-                              timeout=600)
-        assert done.returncode == 0, done.stderr
-        order = _cached_purposes(reference_home)  # the purposes in the order the calls were answered
-        total = _answered(reference)
+        order, total = _reference_build(reference, reference_home)  # purposes in the order answered
         assert total == len(order) and order.count("generate") >= DOCS and order.count("judge") >= DOCS // 2
         generate_total, judge_total = order.count("generate"), order.count("judge")
         # kill 1: halfway through the first task's generation; kill 2: three quarters through judging
@@ -305,11 +309,7 @@ def test_ten_kill_points_over_every_stage_resume_to_the_uninterrupted_build(tmp_
     reference_home, home = tmp_path / "reference", tmp_path / "killed"
     reference, server = _server(), _server()
     try:
-        done = subprocess.run(_command(reference), env=_env(reference_home), capture_output=True, text=True,
-                              timeout=600)
-        assert done.returncode == 0, done.stderr
-        order = _cached_purposes(reference_home)
-        total = _answered(reference)
+        order, total = _reference_build(reference, reference_home)  # purposes in the order answered
         assert total == len(order)
         totals = {p: order.count(p) for p in SWEEP_SHARES}
         points = sorted({[i for i, p in enumerate(order, 1) if p == purpose][int(share * totals[purpose])]: purpose

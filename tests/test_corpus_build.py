@@ -231,47 +231,6 @@ def test_build_bad_input(tmp_path, api):
                           "--max-cost must be positive")
 
 
-@pytest.mark.heavy
-def test_kill_9_during_generation_then_resume(api, isolated_home):
-    """A build killed mid-generation resumes; finished calls are not made again; every row ends once."""
-    import os
-    import signal
-    import sqlite3
-    import subprocess
-    import sys
-    import time
-
-    api.latency = 0.2
-    cmd = [sys.executable, "-m", "msm.cli", "corpus", "build", str(SPEC), "--docs", "30", "--backend", "anthropic",
-           "--model", MODEL, "--base-url", api.url, "--concurrency", "4"]
-    env = {**os.environ, "ANTHROPIC_API_KEY": LOOPBACK_KEY}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    cache = isolated_home / "cache" / "calls.sqlite"
-    deadline = time.monotonic() + 60
-    stored = 0
-    while time.monotonic() < deadline and stored < 10:
-        time.sleep(0.1)
-        if cache.exists():
-            try:
-                stored = sqlite3.connect(cache).execute("SELECT count(*) FROM calls").fetchone()[0]
-            except sqlite3.OperationalError:
-                pass
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert 10 <= stored < 60, stored
-    before = sum(api.stats.answered.values())
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "complete" in done.stdout
-    repeated = sum(n - 1 for n in api.stats.answered.values() if n > 1)
-    assert repeated <= 4, f"{repeated} calls repeated; only the <=4 in flight at the kill may repeat"
-    assert sum(api.stats.answered.values()) > before
-    con = db(isolated_home)
-    rows = con.execute("SELECT count(*), count(DISTINCT id) FROM plan_rows").fetchone()
-    statuses = {s for (s,) in con.execute("SELECT DISTINCT status FROM plan_rows").fetchall()}
-    assert rows == (30, 30) and statuses <= {"kept", "dropped"}
-
-
 @pytest.mark.slow
 @pytest.mark.smoke
 def test_offline_default_build_with_the_real_model(isolated_home):
