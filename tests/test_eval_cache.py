@@ -89,8 +89,8 @@ def test_duplicate_ids_across_banks_are_refused_before_any_call(tmp_path, isolat
     assert snapshot(tmp_path) == before and not isolated_home.exists()
 
 
-def start_eval(loopback, bank: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "msm.cli", *args(loopback, bank)], env={**os.environ, **ENV},
+def start_eval(loopback, bank: Path, **env) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "msm.cli", *args(loopback, bank)], env={**os.environ, **ENV, **env},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
@@ -124,14 +124,17 @@ def test_a_run_that_cannot_record_after_its_calls_reruns_without_paying(tmp_path
     """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     loopback.latency = 0.4
     try:
-        run = start_eval(loopback, bank)
+        run = start_eval(loopback, bank, MSM_LOAD_LOCK_WAIT="1")  # the results wait 1 s for the lock, not an hour
         wait_for(lambda: answered(loopback) >= 1)  # the model is being asked: the warehouse check is behind it
         holder.stdin.write("lock\n")
         holder.stdin.flush()
         assert holder.stdout.readline().strip() == "held"
         out, err = run.communicate(timeout=300)
-        result = subprocess.CompletedProcess(run.args, run.returncode, out, err)
-        assert_one_line_error(result, "is in use by another process")
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert run.returncode == 1 and len(lines) == 2 and "Traceback" not in err, err  # the notice, then the error
+        assert "waiting for the warehouse" in lines[0] and f"PID {holder.pid}" in lines[0]
+        assert "is in use by another process" in lines[1] and "still after waiting 1 s to record eval run" in lines[1]
+        assert "rerun" in lines[1]
         assert answered(loopback) == CALLS  # every scoring call was made and paid for ...
         assert cached_scores(isolated_home) == 2 * N_ITEMS  # ... and every answer kept
     finally:
