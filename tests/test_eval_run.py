@@ -35,7 +35,7 @@ def write_items(path: Path, items=ITEMS) -> Path:
     return path
 
 
-def train_tiny(tmp_path: Path, answer) -> Path:
+def train_tiny(tmp_path: Path, answer, epochs: int = 60) -> Path:
     """A tiny random model fine-tuned on these prompts in both orders; `answer(item, swapped)` is the
     letter it is taught. Returns the adapter folder `msm train run` wrote."""
     from eval.bank import load_bank
@@ -48,7 +48,7 @@ def train_tiny(tmp_path: Path, answer) -> Path:
     cfg = {"base_model": "tiny-random", "output_dir": str(tmp_path / "run"), "checkpoint_every": 1000,
            "adapter": {"kind": "full"},
            "stages": [{"name": "aft", "kind": "aft", "demos": str(demos), "max_len": 256, "batch_size": 8,
-                       "lr": 1e-2, "epochs": 60, "warmup": 0.0, "schedule": "constant"}]}
+                       "lr": 1e-2, "epochs": epochs, "warmup": 0.0, "schedule": "constant"}]}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     result = run_msm("train", "run", str(tmp_path / "cfg.yaml"), "--no-progress", timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -82,7 +82,7 @@ def test_logprob_scoring_picks_what_a_tiny_model_was_trained_to_prefer(tmp_path,
 
 
 def test_order_balancing_cancels_a_model_that_always_says_a(tmp_path, isolated_home):
-    adapter = train_tiny(tmp_path, lambda item, swapped: "A")
+    adapter = train_tiny(tmp_path, lambda item, swapped: "A", epochs=15)  # one letter is learnt fast
     out = eval_cli(tmp_path, adapter)
     assert out.returncode == 0, out.stderr
     con = duckdb.connect(str(isolated_home / "msm.duckdb"), read_only=True)
