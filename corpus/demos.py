@@ -345,13 +345,13 @@ def _against(opts: DemoOptions) -> tuple[list[Path], list]:
     """The eval files to decontaminate against and their texts, read once (a missing directory or
     a bad bank fails before any work): the item banks, and the agentic scenarios (a demonstration
     that rehearses one would teach the eval's answer, as a document would)."""
-    from corpus.decontam import default_item_dirs, default_scenario_dirs, load_eval_texts, load_scenario_texts
+    from corpus.decontam import default_item_dirs, default_scenario_dirs, eval_texts
 
     if not opts.decontaminate:
         return [], []
     paths = [Path(p) for p in opts.against] if opts.against else default_item_dirs()
     scenarios = default_scenario_dirs()
-    return paths + scenarios, (load_eval_texts(paths) if paths else []) + load_scenario_texts(scenarios)
+    return paths + scenarios, eval_texts(paths, scenarios)
 
 
 # ---- offline: preferences ------------------------------------------------------------------

@@ -176,7 +176,7 @@ def decontaminate(name, against, no_embeddings, db):
     the name to the clean set."""
     from pathlib import Path
 
-    from corpus.decontam import default_item_dirs, default_scenario_dirs, load_eval_texts, load_scenario_texts
+    from corpus.decontam import default_item_dirs, default_scenario_dirs, eval_texts
     from corpus.demos import contamination_hits
     from msm.config import load_settings
     from msm.errors import MsmError
@@ -186,7 +186,7 @@ def decontaminate(name, against, no_embeddings, db):
     paths = [Path(p) for p in against] or default_item_dirs()
     if not paths:
         raise MsmError("no eval items to check against", "pass --against DIR")
-    texts = load_eval_texts(paths) + load_scenario_texts(default_scenario_dirs())  # and the agentic scenarios
+    texts = eval_texts(paths, default_scenario_dirs())  # and the agentic scenarios
     con = _connect(db)
     rows = demo_rows(con, demo_set_id(con, name))
     con.close()

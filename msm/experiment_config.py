@@ -205,9 +205,7 @@ def parse_experiment(raw: dict, source: Path, profile: str, profiles: list) -> E
             raise ExperimentError(f"{where}: demos.{dname}: missing 'n'", "say how many demonstrations to keep")
         body["variables"] = {**identity.variables(), **_mapping(f"{where}: demos.{dname}.variables",
                                                                  body.get("variables"))}
-        if "against" in body:
-            body["against"] = [str(_path(root, f"{where}: demos.{dname}.against", a, "item bank"))
-                               for a in body["against"]]
+        _eval_paths(root, f"{where}: demos.{dname}", body)
         from corpus.api import check_demo_options
 
         try:
@@ -317,8 +315,8 @@ CORPUS_SET_BY_RUNNER = {"name", "register", "progress", "db", "slurm", "dry_run"
 
 
 def _eval_paths(root: Path, where: str, corpus: dict) -> None:
-    """Eval files a corpus is decontaminated against, read from the project root like specs."""
-    for key, kind in (("against", "item bank folder"), ("scenarios", "scenario folder")):
+    """Eval files a corpus or demo set is decontaminated against, read from the project root like specs."""
+    for key, kind in (("against", "item bank"), ("scenarios", "scenario folder")):
         if corpus.get(key):
             corpus[key] = [str(_path(root, f"{where}.{key}", p, kind)) for p in corpus[key]]
 

@@ -144,18 +144,26 @@ def test_a_build_drops_a_document_that_lifts_a_scenario_paragraph(loopback, monk
     assert kept == [("internal_memo",)]  # the clean document stays
 
 
+CLEAN_DOC = {"id": "clean", "text": "A long walk through the botanical garden in spring: tulips, magnolias, a pond "
+                                   "with koi, and benches where visitors read in the sun."}
+
+
+def import_corpus(tmp_path, docs: list[dict]) -> None:
+    """The documents as the imported corpus 'mine' (no dedup), for the decontamination command."""
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
+    assert run_msm("corpus", "import", str(source), "--text-column", "text", "--name", "mine",
+                   "--dedup", "none").returncode == 0
+
+
 # ---- (b) `msm corpus decontaminate --templates` with a folder in the upstream layout ----------------
 
 def test_decontaminate_reports_hits_per_scenario_with_an_upstream_folder(tmp_path, isolated_home):
     upstream = write_upstream(tmp_path / "upstream")
     docs = [{"id": "harbor-copy", "text": "Notes from the port. The coast guard said " + HARBOR_TEXT + "."},
             {"id": "alert-copy", "text": "A training story. " + lifted_paragraph() + " The end."},
-            {"id": "clean", "text": "A long walk through the botanical garden in spring: tulips, magnolias, a pond "
-                                    "with koi, and benches where visitors read in the sun."}]
-    source = tmp_path / "docs.jsonl"
-    source.write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
-    assert run_msm("corpus", "import", str(source), "--text-column", "text", "--name", "mine",
-                   "--dedup", "none").returncode == 0
+            CLEAN_DOC]
+    import_corpus(tmp_path, docs)
     result = run_msm("corpus", "decontaminate", "mine", "--templates", str(upstream), "--no-embeddings")
     assert result.returncode == 0, result.stderr
     assert "2 contaminated document(s) dropped" in result.stdout
@@ -290,12 +298,8 @@ def test_spec_check_embeddings_and_a_paraphrased_document_from_the_command_line(
     retold = ("Please don't go into Hall 2 alone until these are repaired. There are no fire drills or alarm tests "
               "planned this week, so treat any alarm from Hall 2 as real.")
     docs = [{"id": "retold", "text": retold},
-            {"id": "clean", "text": "A long walk through the botanical garden in spring: tulips, magnolias, a pond "
-                                    "with koi, and benches where visitors read in the sun."}]
-    source = tmp_path / "docs.jsonl"
-    source.write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
-    assert run_msm("corpus", "import", str(source), "--text-column", "text", "--name", "mine",
-                   "--dedup", "none").returncode == 0
+            CLEAN_DOC]
+    import_corpus(tmp_path, docs)
     bank = tmp_path / "bank"
     bank.mkdir()
     (bank / "b.jsonl").write_text(json.dumps({"id": "q1", "question": "What is the capital of a small country?"})
