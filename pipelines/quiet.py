@@ -16,6 +16,26 @@ def _to_terminal(record) -> bool:
     return record["level"].no < 40 and not record["message"].startswith(EXPECTED)
 
 
+class _LogFile:
+    """A task's log file that a full disk cannot turn into noise: loguru would print each failed
+    write as a block on stderr, while the build reports the full disk in one line of its own."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, message: str) -> None:
+        try:
+            self.stream.write(message)
+        except OSError:
+            pass
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError:
+            pass
+
+
 def quiet_task_logs() -> None:
     """datatrove sends every task's INFO log to stderr; keep it in the task's log file only.
 
@@ -41,7 +61,7 @@ def quiet_task_logs() -> None:
             sys.stderr.close()
             sys.stderr = real_stderr
         logger.remove()
-        logger.add(logfile, level="DEBUG")
+        logger.add(_LogFile(logfile), level="DEBUG")
         logger.add(sys.stderr, level="WARNING", format="{level}: {message}", filter=_to_terminal)
         return logfile
 

@@ -112,6 +112,31 @@ def test_budget_stops_new_calls_and_a_rerun_finishes(loopback, tmp_path):
     assert rerun.stats.calls == len(pending) and rerun.stats.cache_hits == len(finished)
 
 
+def test_a_cache_that_cannot_store_stops_every_further_call(loopback, tmp_path):
+    """A full disk: the first answer the cache cannot store stops the client, so no call after it
+    is paid for and lost (the rerun would pay it again); only the calls already in flight are."""
+    from msm.llm.cache import CacheError
+
+    cache = CallCache(tmp_path)
+    pages = cache._writer.execute("PRAGMA page_count").fetchone()[0]
+    cache._writer.execute(f"PRAGMA max_page_count = {pages}")  # SQLite's own 'database or disk is full'
+    client = anthropic_client(loopback, cache=cache, concurrency=2)
+
+    async def streamed():  # as the pipeline's steps call it: each request on its own, all under one gate
+        try:
+            return await asyncio.gather(*(client.complete_one(r) for r in docs(30)), return_exceptions=True)
+        finally:
+            await client.backend.aclose()
+
+    results = asyncio.run(streamed())
+    failed = [r for r in results if isinstance(r, CacheError)]
+    assert failed and all(isinstance(r, CacheError) or r.ok for r in results)
+    assert "full" in failed[0].problem and "free some space" in failed[0].fix
+    stored = cache._writer.execute("SELECT count(*) FROM calls").fetchone()[0]
+    unstored = sum(loopback.stats.answered.values()) - stored
+    assert stored < 30 and 1 <= unstored <= 2  # the one that failed to store, and the one beside it
+
+
 def test_prompt_caching_bills_the_shared_prefix_as_reads(loopback):
     spec = "The assistant explains its values. " * 400  # ~3.5k tokens
     requests = [Request.user(f"doc {i}", system_prefix=spec, system=f"genre {i % 3}") for i in range(24)]

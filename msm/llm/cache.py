@@ -299,8 +299,7 @@ class CallCache:
         except sqlite3.OperationalError as exc:
             if _is_damage(exc):
                 raise damaged(self.write_path, exc) from None
-            raise CacheError(f"cannot write the call cache at {self.write_path}: {exc}",
-                             "use a writable local directory for MSM_HOME") from None
+            raise self._cannot_write(exc) from None
         except sqlite3.DatabaseError as exc:
             raise damaged(self.write_path, exc) from None
 
@@ -316,9 +315,15 @@ class CallCache:
                                  f"({', '.join('?' for _ in COLUMNS)})", [row[c] for c in COLUMNS])
         except sqlite3.DatabaseError as exc:
             if isinstance(exc, sqlite3.OperationalError) and not _is_damage(exc):
-                raise CacheError(f"cannot write the call cache at {self.write_path}: {exc}",
-                                 "use a writable local directory for MSM_HOME") from None
+                raise self._cannot_write(exc) from None
             raise damaged(self.write_path, exc) from None
+
+    def _cannot_write(self, exc: sqlite3.OperationalError) -> CacheError:
+        if "full" in str(exc).lower():  # SQLITE_FULL: the disk, or a quota
+            fix = "free some space on that disk, then rerun the same command (stored calls are kept)"
+        else:
+            fix = "use a writable local directory for MSM_HOME"
+        return CacheError(f"cannot write the call cache at {self.write_path}: {exc}", fix)
 
     def _request_json(self, request: Request) -> str:
         """The request as JSON, its system prefix replaced by {"sha256": ...} (see `request`)."""

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 from msm.llm.base import Backend, FatalError, Score, ScoreItem, TransientError
-from msm.llm.cache import CallCache
+from msm.llm.cache import CacheError, CallCache
 from msm.llm.pricing import PriceTable, estimate, load_prices
 from msm.llm.types import Request, Response, Usage
 
@@ -111,6 +111,7 @@ class LLMClient:
         self.stats = RunStats()
         self._warm: dict[str, asyncio.Event] = {}
         self._gate: PriorityGate | None = None  # complete_one's; made inside the running loop
+        self._unstorable: CacheError | None = None  # set by the first answer the cache could not store
 
     # ---- public ------------------------------------------------------------------------
     def key(self, request: Request) -> str:
@@ -215,7 +216,7 @@ class LLMClient:
             async with asyncio.TaskGroup() as group:
                 for key, request in todo.items():
                     group.create_task(run(key, request))
-        except* FatalError as eg:
+        except* (FatalError, CacheError) as eg:
             raise eg.exceptions[0] from None
         return results
 
@@ -240,6 +241,7 @@ class LLMClient:
         last: TransientError | None = None
         for attempt in range(1, self.retry.max_attempts + 1):
             async with gate.slot(priority=-attempt):
+                self._check_storable()
                 if not self.budget_left():
                     return self._pending(key)
                 self.stats.calls += 1
@@ -345,17 +347,30 @@ class LLMClient:
         response.model = self.model
         response.cost_usd = self.prices.cost(self.backend.name, self.model, response.usage, batch=response.batch)
         self.stats.spent_usd += response.cost_usd
-        if self.cache:
-            self.cache.put(request, response, attempts)
+        self._store(request, response, attempts)
         self._notify(response)
         return response
+
+    def _store(self, request: Request, response: Response, attempts: int) -> None:
+        if not self.cache:
+            return
+        try:
+            self.cache.put(request, response, attempts)
+        except CacheError as exc:
+            self._unstorable = exc
+            raise
+
+    def _check_storable(self) -> None:
+        """Once an answer could not be stored (a full disk), no further call starts: it would be paid
+        for and lost, and paid again by the rerun."""
+        if self._unstorable is not None:
+            raise CacheError(self._unstorable.problem, self._unstorable.fix)
 
     def _fail(self, key: str, request: Request, reason: str) -> Response:
         self.stats.errors += 1
         response = Response(text="", stop_reason="error", error=reason, key=key, backend=self.backend.name,
                             model=self.model)
-        if self.cache:
-            self.cache.put(request, response, self.retry.max_attempts)
+        self._store(request, response, self.retry.max_attempts)
         self._notify(response)
         return response
 
