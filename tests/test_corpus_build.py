@@ -99,6 +99,37 @@ def test_faults_lose_no_documents(api, isolated_home):
     assert "error" not in result.status_counts
 
 
+def test_calls_that_failed_then_succeeded_are_recorded_with_their_final_result(api, isolated_home):
+    """The warehouse mirrors the call cache: after a run whose calls all failed (the server down,
+    every retry spent) and a rerun that made them, llm_calls holds no error row for a call the cache
+    holds as answered, and cost_per_build equals the sum over the cache."""
+    import sqlite3
+
+    api.faults = Faults(rate=1.0, kinds=("500",))
+    failed = build_corpus(str(SPEC), opts(api, docs=3))
+    assert not failed.complete and failed.status_counts.get("error") == 3
+    con = db(isolated_home)
+    assert con.execute("SELECT count(*) FROM llm_calls WHERE error IS NOT NULL").fetchone()[0] == 3
+    con.close()
+    api.faults = Faults()
+    done = build_corpus(str(SPEC), opts(api, docs=3))
+    assert done.complete and done.build_id == failed.build_id
+    cache = sqlite3.connect(isolated_home / "cache" / "calls.sqlite")
+    truth = {k: (e, i, o, c) for k, e, i, o, c in cache.execute(
+        "SELECT key, error, input_tokens, output_tokens, cost_usd FROM calls")}
+    cache.close()
+    con = db(isolated_home)
+    rows = {k: (e, i, o, c) for k, e, i, o, c in con.execute(
+        "SELECT key, error, input_tokens, output_tokens, cost_usd FROM llm_calls").fetchall()}
+    assert rows and all(truth[k] == v for k, v in rows.items())  # no stale error row
+    assert all(e is None for e, *_ in rows.values())
+    used = [k for (k,) in con.execute("SELECT call_key FROM call_uses WHERE user_id = ?", [done.build_id]).fetchall()]
+    tokens = con.execute("SELECT input_tokens, output_tokens FROM cost_per_build WHERE build_id = ?",
+                         [done.build_id]).fetchone()
+    assert tokens == (sum(truth[k][1] for k in used), sum(truth[k][2] for k in used))
+    con.close()
+
+
 def test_revision_rewrites_and_keeps_the_draft(api, isolated_home):
     result = build_corpus(str(SPEC), opts(api, docs=12, revise=True))
     assert result.complete and sum(result.status_counts.values()) == 12

@@ -147,8 +147,10 @@ def load_build(con, build_id: str, staged, counter=None, cache=None, corpus_name
                     [build_id])
         insert_rows(con, "INSERT INTO contamination", contaminated)
         insert_rows(con, "INSERT OR REPLACE INTO judgments", judgments)
-        insert_rows(con, "INSERT OR IGNORE INTO llm_calls", list(llm_calls.values()))
-        insert_rows(con, "INSERT OR IGNORE INTO call_uses", list(call_uses.values()))
+        # the cache's record is the truth: a call that failed in an earlier run and succeeded in this
+        # one replaces its error row (the same key in another build is the same call)
+        insert_rows(con, "INSERT OR REPLACE INTO llm_calls", list(llm_calls.values()))
+        insert_rows(con, "INSERT OR REPLACE INTO call_uses", list(call_uses.values()))
         if statuses:
             con.register("staged_status", arrow_table(statuses))
             try:

@@ -86,8 +86,8 @@ def record_demo_build(db, spec, build_id: str, name: str, demos: list, members: 
                          build.get("target_tokens")])
             insert_rows(con, "INSERT INTO demonstrations", rows)
             insert_rows(con, "INSERT OR REPLACE INTO judgments", judgments)
-            insert_rows(con, "INSERT OR IGNORE INTO llm_calls", llm_calls)
-            insert_rows(con, "INSERT OR IGNORE INTO call_uses", call_uses)
+            insert_rows(con, "INSERT OR REPLACE INTO llm_calls", llm_calls)  # the cache's final record
+            insert_rows(con, "INSERT OR REPLACE INTO call_uses", call_uses)
             if chosen:
                 register_demo_set(con, name, build_id, chosen, counter)
     finally:
