@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -349,6 +350,9 @@ def _stopped_builds_recorded(db, build_id: str, logs: Path):
         yield
     except BaseException as exc:
         _restore_signals(handlers)
+        # calls cut mid-connect leave coroutines that never ran; their warnings at exit are noise
+        # after the one line
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
         # a signal can surface as another error on the way out (datatrove's manager process, in the
         # same process group, dies of the same SIGTERM): the signal is what happened
         signum = exc.signum if isinstance(exc, Interrupted) else caught.get("signum")
