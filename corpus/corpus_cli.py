@@ -111,6 +111,16 @@ generation_options = [
                  help="Agentic scenario folders (the agentic-misalignment layout, as `msm eval run --templates`) "
                       "to decontaminate against besides the project's eval/agentic/scenarios; repeatable."),
     click.option("--no-decontaminate", is_flag=True, help="Skip the check against eval items and scenarios."),
+    click.option("--prompt-style", type=click.Choice(["compact", "full"]), default=None,
+                 help="compact: a short prompt without the whole spec or a scratchpad, judged offline, for small "
+                      "models on any backend; full: the spec as a cached prefix. Default: the model table "
+                      "(msm/llm/context_windows.yaml), else compact for the local backend, full otherwise."),
+    click.option("--max-tokens", type=click.IntRange(16, 65536), default=None,
+                 help="Room for each document's answer (default 384 compact, 4096 full)."),
+    click.option("--timeout", "idle_timeout", type=click.FloatRange(1.0, 86400.0), default=120.0,
+                 show_default=True,
+                 help="Seconds of silence mid-answer before a call is cut and retried (a streamed answer that "
+                      "keeps coming is never cut)."),
 ]
 
 

@@ -65,6 +65,9 @@ class BuildOptions:
     # folders to the project's)
     scenarios: tuple[str, ...] | None = None
     max_tokens: int | None = None
+    # compact (a short prompt, no whole spec, no scratchpad, the offline judge) or full; None: the
+    # model table's prompt_styles, else compact for the local backend and full for the others
+    prompt_style: str | None = None
     variables: dict = field(default_factory=dict)
     db: str | None = None
     progress: bool = True
@@ -160,7 +163,8 @@ def build_corpus(spec_path: str, opts: BuildOptions) -> BuildResult:
 
     ctx = make_context(spec, plan_units(spec), genres, audiences, backend_name, model, base_url,
                        max_tokens=opts.max_tokens, judge=opts.judge, revise=opts.revise,
-                       truncation=opts.truncation, conditions=opts.conditions)
+                       truncation=opts.truncation, conditions=opts.conditions,
+                       prompt_style=prompt_style(backend_name, model, opts.prompt_style))
     check_context_window(ctx, plan, spec_path)
     _writable_home(settings.home)
     assertions, ideas = [], []
@@ -283,8 +287,10 @@ def refuse_unfilled_placeholders(spec) -> None:
                    f"set '{name}' in the front matter or pass --var {name}=VALUE (`msm spec check` lists them)")
 
 
-def context_windows(path: str | os.PathLike | None = None) -> dict[str, int]:
-    """Model name (or prefix) -> context window in tokens, from the data file beside the prices."""
+PROMPT_STYLES = ("compact", "full")
+
+
+def _model_table(path: str | os.PathLike | None = None) -> tuple[Path, dict]:
     import yaml
 
     source = Path(path or os.environ.get("MSM_CONTEXT_WINDOWS") or
@@ -296,16 +302,31 @@ def context_windows(path: str | os.PathLike | None = None) -> dict[str, int]:
     except yaml.YAMLError as exc:
         raise MsmError(f"context-window file {source} is not valid YAML ({str(exc).splitlines()[0]})",
                        "fix the file") from None
-    models = data.get("models") if isinstance(data, dict) else None
+    return source, data if isinstance(data, dict) else {}
+
+
+def context_windows(path: str | os.PathLike | None = None) -> dict[str, int]:
+    """Model name (or prefix) -> context window in tokens, from the data file beside the prices."""
+    source, data = _model_table(path)
+    models = data.get("models")
     if not isinstance(models, dict) or not all(isinstance(v, int) and v > 0 for v in models.values()):
         raise MsmError(f"context-window file {source} needs a 'models:' mapping of names to token counts",
                        "see msm/llm/context_windows.yaml for the format")
     return {str(k): int(v) for k, v in models.items()}
 
 
-def context_window(model: str, table: dict[str, int] | None = None) -> int | None:
-    """The model's window: an exact name, else the longest name it starts with; None when unknown."""
-    table = context_windows() if table is None else table
+def prompt_styles(path: str | os.PathLike | None = None) -> dict[str, str]:
+    """Model name (or prefix) -> prompt style, from the same file's `prompt_styles:`."""
+    source, data = _model_table(path)
+    styles = data.get("prompt_styles") or {}
+    if not isinstance(styles, dict) or not all(v in PROMPT_STYLES for v in styles.values()):
+        raise MsmError(f"context-window file {source}: 'prompt_styles:' maps model names to "
+                       f"{' or '.join(PROMPT_STYLES)}", "see msm/llm/context_windows.yaml for the format")
+    return {str(k): str(v) for k, v in styles.items()}
+
+
+def _lookup(model: str, table: dict):
+    """An exact name, else the longest name the model starts with (after any "org/"); None when unknown."""
     if model in table:
         return table[model]
     key = model.rsplit("/", 1)[-1].lower()
@@ -313,10 +334,24 @@ def context_window(model: str, table: dict[str, int] | None = None) -> int | Non
     return table[max(matches, key=len)] if matches else None
 
 
+def context_window(model: str, table: dict[str, int] | None = None) -> int | None:
+    return _lookup(model, context_windows() if table is None else table)
+
+
+def prompt_style(backend: str, model: str, chosen: str | None = None) -> str:
+    """How a build prompts this model: what the user chose, else the model table's entry, else
+    compact for the local backend's small models and full for every other."""
+    if chosen is not None:
+        if chosen not in PROMPT_STYLES:
+            raise MsmError(f"unknown prompt style '{chosen}'", f"choose {' or '.join(PROMPT_STYLES)}")
+        return chosen
+    return _lookup(model, prompt_styles()) or ("compact" if backend == "local" else "full")
+
+
 def check_context_window(ctx, plan, spec_path: str) -> None:
     """Refuse a spec whose generation prompt (the cached spec prefix plus the request and the room
     for the answer) does not fit the model's context window, before any call is made."""
-    if ctx.compact or not plan:  # small local models get a short prompt without the whole spec
+    if not plan:
         return
     window = context_window(ctx.model)
     if window is None:
@@ -331,11 +366,15 @@ def check_context_window(ctx, plan, spec_path: str) -> None:
 
         prompt = sum(default_counter().count_many([t for t in texts if t]))
     if prompt + request.max_tokens > window:
+        if ctx.compact:
+            raise MsmError(f"the compact generation prompt is about {prompt:,} tokens plus {request.max_tokens:,} "
+                           f"for the answer, over {ctx.model}'s {window:,}-token context window",
+                           "lower --max-tokens, or serve the model with a larger context")
         raise MsmError(f"{spec_path}: the generation prompt is about {prompt:,} tokens (the whole spec is its "
                        f"cached prefix) plus {request.max_tokens:,} for the answer, over {ctx.model}'s "
                        f"{window:,}-token context window",
-                       "shorten or split the spec, or use a model with a larger window "
-                       "(msm/llm/context_windows.yaml)")
+                       "shorten or split the spec, use a model with a larger window (msm/llm/context_windows.yaml), "
+                       "or pass --prompt-style compact for a small model")
 
 
 # ---- a build that stops --------------------------------------------------------------------

@@ -24,7 +24,7 @@ class BuildContext:
     genres: dict  # name -> {name, description, words, style}
     audiences: dict  # name -> {name, description}
     prompt_hash: str
-    compact: bool = False  # small local models: short prompt, no scratchpad, no whole spec
+    compact: bool = False  # small models (local or served): short prompt, no scratchpad, no whole spec
     scratchpad: bool = True
     max_tokens: int = 4096
     regrow: float = 1.5
@@ -144,15 +144,16 @@ OTHER_ASSISTANTS = ("ChatGPT", "Gemini", "Claude", "Copilot", "Bard", "Llama", "
 
 def make_context(spec, units_for_summary, genres, audiences, backend: str, model: str, base_url: str | None, *,
                  max_tokens: int | None = None, judge: str | None = None, truncation: str | None = None,
-                 conditions: tuple[str, ...] = (), **run) -> BuildContext:
-    """The one place that decides how a build prompts: small local models get a compact prompt
+                 conditions: tuple[str, ...] = (), prompt_style: str | None = None, **run) -> BuildContext:
+    """The one place that decides how a build prompts: small models get a compact prompt
     without scratchpad or whole spec; API models get the spec as a cached prefix. The writer's
     templates come from the spec's style and each condition's prompt kind (`writer_templates`)."""
     from corpus.conditions import ablation_units, behaviour_statement, check_facts, load_condition, style_criteria, \
         value_statements, value_text, writer_templates
     from corpus.prompting import prompt_hash, render_string
 
-    local = backend == "local"
+    # small models, local or served, get the compact prompt (pipelines.build.prompt_style decides)
+    compact = (prompt_style or ("compact" if backend == "local" else "full")) == "compact"
     model_name, provider_name = spec.names["model_name"], spec.names["provider_name"]
     style = spec.style
     names = ("standard", *[c for c in conditions if c != "standard"])
@@ -167,7 +168,7 @@ def make_context(spec, units_for_summary, genres, audiences, backend: str, model
     if style == "rules" and run.get("revise"):
         raise MsmError(f"--revise cannot be used with {spec.name}, a rules-style spec: its editor asks for "
                        "the reasons behind the behaviour, which a rules document must not add", "drop --revise")
-    judge = judge or ("offline" if local else "llm")
+    judge = judge or ("offline" if compact else "llm")
     if judge == "offline":
         blind = [n for n in names if rendered[n]["criteria"] and not rendered[n]["offline"]]
         if blind:
@@ -186,7 +187,7 @@ def make_context(spec, units_for_summary, genres, audiences, backend: str, model
             units[unit.id].update(value_text=value_text(spec, unit), statement=behaviour_statement(unit),
                                   value_statements=value_statements(spec, unit))
     titles = "; ".join(u.title for u in units_for_summary[:10])
-    used = [name for t in templates.values() for name in ((t["local"],) if local else (t["system"], t["user"]))]
+    used = [name for t in templates.values() for name in ((t["local"],) if compact else (t["system"], t["user"]))]
     defaults = dict(build_id="preview", plan_path="", staged_dir="", cache_dir="")
     return BuildContext(
         **{**defaults, **run}, backend=backend, model=model, base_url=base_url,
@@ -202,8 +203,8 @@ def make_context(spec, units_for_summary, genres, audiences, backend: str, model
         audiences={a.name: {"name": a.name, "description": a.description} for a in audiences},
         prompt_hash=prompt_hash(*used, "judge.j2", "revise_critique.j2", "revise_rewrite.j2",
                                 "brainstorm_assertions.j2", "brainstorm_ideas.j2"),
-        compact=local, scratchpad=not local, max_tokens=max_tokens or (384 if local else 4096),
-        temperature=0.8 if local else 1.0, truncation=truncation or ("trim" if local else "regrow"),
+        compact=compact, scratchpad=not compact, max_tokens=max_tokens or (384 if compact else 4096),
+        temperature=0.8 if compact else 1.0, truncation=truncation or ("trim" if compact else "regrow"),
         judge=judge,
         wrong_names=[n for n in OTHER_ASSISTANTS if n.lower() not in model_name.lower()])
 
