@@ -395,7 +395,7 @@ async def _llm_rounds(spec, opts: DemoOptions, log, decontaminate, goal: Goal, s
     client = LLMClient(backend, model, cache=default_cache(), max_cost=opts.max_cost, concurrency=opts.concurrency)
     embed = _question_embedder() if opts.embed_dedup else None
     try:
-        domains, domains_key = await _domains(client, prefix, opts, names)
+        domains, domain_keys = await _domains(client, prefix, opts, names)
         log(f"domains: {', '.join(domains)}")
         demos: list[Demo] = []
         vectors: list = []  # (unit vector, question) for every question kept so far
@@ -405,7 +405,7 @@ async def _llm_rounds(spec, opts: DemoOptions, log, decontaminate, goal: Goal, s
             rounds = r
             fresh = await _questions(client, prefix, opts, names, domains, demos, per_domain, r)
             for d in fresh:
-                d.call_keys.insert(0, domains_key)
+                d.call_keys[:0] = domain_keys
             _dedup_questions(fresh, demos, vectors, embed, opts.dedup_threshold)
             todo = [d for d in fresh if d.status == "candidate"]
             await _respond(client, prefix, opts, names, todo, style)
@@ -494,16 +494,65 @@ def _question_embedder():
     return embed
 
 
-async def _domains(client, prefix, opts, names) -> list[str]:
+PARSE_TRIES = 3  # new calls per request and run for an answer that does not parse
+PARSE_SEEDS = 12  # seeds tried in all, cached failures of earlier runs included
+MAX_ROOM = 16384
+
+
+async def _until_parsed(client, requests: list[Request], parse, opts, stage: str):
+    """Ask each request until its answer parses. An answer that does not (prose for a JSON list,
+    or one cut off) is asked again under a new seed, with twice the room when it was cut off; the
+    cached failures of an earlier run are passed over the same way without counting, so a rerun
+    makes new calls instead of replaying them. Every answer stays in the cache, recorded.
+
+    Returns, per request, (what `parse` found or None, the responses tried in order)."""
+    import dataclasses
+
+    tried: list[list] = [[] for _ in requests]
+    found: list = [None] * len(requests)
+    fresh = [0] * len(requests)
+    current = list(requests)
+    todo = list(range(len(requests)))
+    for attempt in range(PARSE_SEEDS):
+        if not todo:
+            break
+        label = stage if attempt == 0 else f"{stage} (asked again: {len(todo)} unreadable)"
+        responses = await _calls(client, [current[i] for i in todo], opts, label)
+        again = []
+        for i, response in zip(todo, responses):
+            tried[i].append(response)
+            fresh[i] += not response.cached
+            if not response.ok or response.refused:  # a failed call is retried by the next run anyway
+                continue
+            value = None if response.truncated else parse(response.text)
+            if value:
+                found[i] = value
+                continue
+            if fresh[i] >= PARSE_TRIES:
+                continue
+            request = current[i]
+            room = min(MAX_ROOM, request.max_tokens * 2) if response.truncated else request.max_tokens
+            current[i] = dataclasses.replace(request, seed=(request.seed or 0) + 7919 * (attempt + 1), max_tokens=room)
+            again.append(i)
+        todo = again
+    return list(zip(found, tried))
+
+
+def _json_list(text: str):
+    return find_json(text, "list")
+
+
+async def _domains(client, prefix, opts, names) -> tuple[list[str], list[str]]:
     request = Request(messages=(Message("user", render("demo_domains.j2", count=opts.domains, **names)),),
                       system_prefix=prefix, max_tokens=1024, temperature=1.0, seed=opts.seed, purpose="demo")
-    response = (await client.complete_many([request], batch=opts.batch))[0]
-    found = find_json(response.text, "list") if response.ok else None
+    [(found, tried)] = await _until_parsed(client, [request], _json_list, opts, "domains")
     domains = [str(d).strip() for d in found or [] if str(d).strip()]
     if not domains:
-        why = response.error or f"answer was not a JSON list: {response.text[:80]!r}"
-        raise MsmError(f"the model listed no domains ({why})", "check the backend with `msm llm ping`, or rerun")
-    return list(dict.fromkeys(domains))[: opts.domains], response.key
+        last = tried[-1]
+        why = last.error or (f"{len(tried)} answers, none a JSON list; the last: {last.text[:80]!r}")
+        raise MsmError(f"the model listed no domains ({why})",
+                       "check the backend with `msm llm ping`; a rerun asks again under new seeds")
+    return list(dict.fromkeys(domains))[: opts.domains], [r.key for r in tried]
 
 
 async def _questions(client, prefix, opts, names, domains, demos, per_domain, round_no) -> list[Demo]:
@@ -513,14 +562,13 @@ async def _questions(client, prefix, opts, names, domains, demos, per_domain, ro
         text = render("demo_questions.j2", count=per_domain, domain=domain, existing=existing, **names)
         requests.append(Request(messages=(Message("user", text),), system_prefix=prefix, max_tokens=4096,
                                 temperature=1.0, seed=opts.seed * 1000 + round_no, purpose="demo"))
-    responses = await _calls(client, requests, opts, f"round {round_no}: questions")
+    answered = await _until_parsed(client, requests, _json_list, opts, f"round {round_no}: questions")
     out = []
-    for domain, response in zip(domains, responses):
-        found = find_json(response.text, "list") if response.ok else None
+    for domain, (found, tried) in zip(domains, answered):
         for k, q in enumerate(found or []):
             if isinstance(q, str) and q.strip():
                 demo = Demo(q.strip(), domain, round_no, opts.seed * 1_000_003 + round_no * 10_007 + k)
-                demo.call_keys.append(response.key)
+                demo.call_keys += [r.key for r in tried]
                 out.append(demo)
     return out
 

@@ -38,6 +38,29 @@ def warehouse(home):
     return duckdb.connect(str(home / "msm.duckdb"), read_only=True)
 
 
+def test_an_unreadable_answer_is_asked_again_under_new_seeds_and_never_replayed(api, isolated_home):
+    """A domain list answered as prose: asked again under new seeds (3 new calls), then one line;
+    once the model behaves, the rerun passes over the 3 cached failures and makes a new call
+    instead of replaying them."""
+    from msm.errors import MsmError
+
+    api.planted = [(r"REPLY: domains", "Here are some areas where an assistant might help people.")]
+    with pytest.raises(MsmError) as failed:
+        build_demos(str(SPECS / "self_preservation.md"), opts(api, n=4))
+    assert "3 answers, none a JSON list" in failed.value.problem and "new seeds" in failed.value.fix
+    assert api.stats.requests["messages"] == 3
+    api.planted = []
+    result = build_demos(str(SPECS / "self_preservation.md"), opts(api, n=4))
+    assert result.kept == 4
+    domain_keys = result.demos[0].call_keys[:4]  # 3 cached failures passed over, then the new call
+    assert len(set(domain_keys)) == 4
+    con = warehouse(isolated_home)
+    recorded = con.execute("SELECT count(*) FROM llm_calls WHERE error IS NULL AND key IN (SELECT unnest(?))",
+                           [domain_keys]).fetchone()[0]
+    con.close()
+    assert recorded == 4  # the failed answers are recorded with the set that paid for them
+
+
 def test_backfill_reaches_n_when_30_percent_are_excluded(api, isolated_home):
     api.criterion_fail_rates = {"include": 0.3}
     result = build_demos(str(SPECS / "self_preservation.md"), opts(api, embed_dedup=True))
