@@ -16,6 +16,7 @@ import asyncio
 import queue
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
 from msm.llm.types import Request, Response
@@ -53,15 +54,16 @@ class TaskCalls:
     def __init__(self, ctx, rank: int, world_size: int):
         from msm.llm.cache import CallCache
         from msm.llm.client import LLMClient
-        from msm.llm.select import make_backend
+        from msm.llm.select import effective_concurrency, make_backend
 
-        backend, model = make_backend(ctx.backend, ctx.model, ctx.base_url, idle_timeout=ctx.idle_timeout)
+        backend, model = make_backend(ctx.backend, ctx.model, ctx.base_url, idle_timeout=ctx.idle_timeout,
+                                      first_byte_timeout=getattr(ctx, "first_byte_timeout", 600.0))
+        total = effective_concurrency(ctx.concurrency, server_slots(backend))
         budget = ctx.max_cost / world_size if ctx.max_cost is not None else None
         shard = None if ctx.executor == "local" else f"rank{rank:05d}"  # SQLite locks are unsafe on NFS
         self.cache = CallCache(ctx.cache_dir, shard=shard)
         self.client = LLMClient(backend, model=model, cache=self.cache, max_cost=budget,
-                                concurrency=max(1, ctx.concurrency // max(1, ctx.workers)),
-                                batch_poll_s=ctx.batch_poll_s)
+                                concurrency=max(1, total // max(1, ctx.workers)), batch_poll_s=ctx.batch_poll_s)
         self.batch = ctx.batch
         self.streaming = not ctx.batch and not getattr(backend, "batched", False)
         self.loop = asyncio.new_event_loop()
@@ -99,6 +101,16 @@ class TaskCalls:
             self.thread.join(timeout=30)
             self.loop.close()
             self.cache.close()
+
+
+def server_slots(backend) -> int | None:
+    """The requests a server runs at once, where it says (llama.cpp's /slots): more would only queue
+    there. Asked on a loop of its own, since the task's loop is not running yet."""
+    slots = getattr(backend, "slots", None)
+    if slots is None:
+        return None
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, slots()).result()
 
 
 def task_calls(ctx, rank: int, world_size: int) -> TaskCalls:

@@ -208,9 +208,14 @@ def test_ping_cli_against_loopback(loopback):
     out = run_msm("llm", "ping", "--backend", "anthropic", "--model", MODEL, "--base-url", loopback.url, env=env)
     assert out.returncode == 0, out.stderr
     assert "backend: anthropic" in out.stdout and "answer:" in out.stdout
-    out = run_msm("llm", "ping", "--backend", "openai", "--base-url", loopback.url + "/v1", "--model", "m",
+    loopback.models, loopback.slots = ("served-model",), 3
+    out = run_msm("llm", "ping", "--backend", "openai", "--base-url", loopback.url + "/v1", "--model", "served-model",
                   env={"OPENAI_API_KEY": LOOPBACK_KEY})
-    assert out.returncode == 0 and "loopback-model" in out.stdout
+    assert out.returncode == 0 and "answer:" in out.stdout and "slots: 3" in out.stdout, out.stderr
+    assert loopback.stats.requests["chat"] == 1  # a real completion, not a listing of names
+    wrong = run_msm("llm", "ping", "--backend", "openai", "--base-url", loopback.url + "/v1", "--model", "m",
+                    env={"OPENAI_API_KEY": LOOPBACK_KEY})
+    assert_one_line_error(wrong, "does not serve model 'm'", "it serves: served-model", "--model")
 
 
 def test_unreachable_server_is_a_bounded_clear_error():

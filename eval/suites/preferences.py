@@ -40,6 +40,10 @@ def score_logprobs(items: list[ChoiceItem], target: str, score_many, context_of)
     samples = []
     for i, item in enumerate(items):
         good = item.consistent_with[target]
+        failed = [s.error for pair in scores[2 * i:2 * i + 2] for s in pair if s.error]
+        if failed:  # the server could not score an option: an error, never a guess
+            samples.append(Sample(item, render(item, False), [], None, None, f"not scored: {failed[0]}"))
+            continue
         detail, probs = [], []
         for k, swapped in enumerate((False, True)):
             lp_a, lp_b = scores[2 * i + k][0].total, scores[2 * i + k][1].total

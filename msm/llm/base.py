@@ -28,11 +28,24 @@ class ScoreItem:
 
 @dataclass
 class Score:
-    """Log-probabilities of one continuation given its context."""
+    """Log-probabilities of one continuation given its context, or why the server could not give them.
+
+    An errored score (the option's token is not among the server's top log-probs, say) has `error`
+    set and a NaN total, so that arithmetic on it can never pass for a real probability.
+    """
 
     total: float
     per_token: list[float]
     tokens: list[str]
+    error: str | None = None
+
+    @staticmethod
+    def failed(reason: str) -> "Score":
+        return Score(float("nan"), [], [], reason)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
 
 
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504, 529}
@@ -66,6 +79,8 @@ def classify_sdk_error(exc: Exception, sdk, secret: str | None, who: str, key_en
         return TransientError(f"{type(exc).__name__}: {message}")
     if isinstance(exc, (sdk.APIResponseValidationError, json.JSONDecodeError)):
         return TransientError(f"malformed response: {message}")
+    if isinstance(exc, sdk.APIError):  # an error event in the middle of a stream: the server broke off
+        return TransientError(f"the server broke off the answer: {message}")
     return exc
 
 
@@ -75,6 +90,8 @@ class Backend:
     name = "base"
     default_model = ""
     supports_batch = False
+    score_chunk = 64  # score items per `score` call: what one call to the backend can take at once
+    score_version: int | None = None  # set when a backend's scoring method changes what a score means
 
     async def call(self, request: Request, model: str) -> Response:
         raise NotImplementedError

@@ -21,17 +21,20 @@ def llm_group():
               help="Default: msm.toml [llm], then anthropic if ANTHROPIC_API_KEY is set, else local.")
 @click.option("--model", default=None, help="Model name or local alias.")
 @click.option("--base-url", default=None, help="Server URL (openai backend, or a proxy for anthropic).")
-@click.option("--timeout", type=float, default=30.0, show_default=True, help="Idle timeout per call, seconds.")
+@click.option("--timeout", type=float, default=30.0, show_default=True,
+              help="Seconds to wait for the answer to start, and of silence within it.")
 def ping(backend, model, base_url, timeout):
-    """Say which backend is in use and whether it answers."""
+    """Send the named model one tiny completion: says which backend is in use and whether it answers."""
     from msm.llm.base import TransientError
     from msm.llm.select import make_backend
 
-    made, model = make_backend(backend, model, base_url, idle_timeout=timeout)
+    made, model = make_backend(backend, model, base_url, idle_timeout=timeout, first_byte_timeout=timeout)
     click.echo(f"backend: {made.name}  model: {model}" + (f"  url: {base_url}" if base_url else ""))
 
     async def go():
         try:
+            if hasattr(made, "slots") and (slots := await made.slots()):
+                click.echo(f"slots: {slots} (requests the server runs at once)")
             for attempt in range(3):
                 try:
                     return await made.ping(model)

@@ -172,37 +172,79 @@ class LLMClient:
     def score_key(self, item: ScoreItem) -> str:
         body = {"kind": "score", "backend": self.backend.name, "model": self.model, "context": item.context,
                 "continuations": list(item.continuations)}
+        version = getattr(self.backend, "score_version", None)
+        if version is not None:  # a new scoring method: scores stored by the old one are not served for it
+            body["method"] = version
         return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
     async def score_many(self, items: list[ScoreItem]) -> list[list[Score]]:
         """Log-probabilities, through the call cache like every other request: scores already stored
-        are served from it, the rest are asked SCORE_CHUNK items at a time and stored as they come,
-        so a crash after some calls loses none of them and a rerun pays only for what is missing."""
-        if self.cache is None:
-            return await self.backend.score(items, self.model)
+        are served from it, the rest are asked in parts the backend takes at once (one prompt per
+        request on a server, SCORE_CHUNK items on a local model), concurrently up to `concurrency`
+        on a server, retried like any call, and stored as they come, so a crash after some calls
+        loses none of them and a rerun pays only for what is missing. A score the server could not
+        give (`Score.error`) is returned but not stored: a rerun asks again."""
         keys = [self.score_key(item) for item in items]
         done: dict[str, list[Score]] = {}
         todo: dict[str, ScoreItem] = {}
         for key, item in zip(keys, items):
             if key in done or key in todo:
                 continue
-            hit = self.cache.get(key)
+            hit = self.cache.get(key) if self.cache else None
             if hit is not None and hit.stop_reason == "score":
                 self.stats.cache_hits += 1
                 done[key] = [Score(**s) for s in json.loads(hit.text)]
             else:
                 todo[key] = item
         pending = list(todo.items())
-        for start in range(0, len(pending), SCORE_CHUNK):
-            part = pending[start:start + SCORE_CHUNK]
-            self.stats.calls += 1
-            scores = await self.backend.score([item for _, item in part], self.model)
-            for (key, item), score in zip(part, scores):
-                self.cache.put_record(key, self.backend.name, self.model, "eval",
-                                      {"score": {"context": item.context, "continuations": list(item.continuations)}},
-                                      json.dumps([asdict(s) for s in score]), "score")
-                done[key] = score
+        size = max(1, getattr(self.backend, "score_chunk", SCORE_CHUNK))
+        parts = [pending[start:start + size] for start in range(0, len(pending), size)]
+        # a local model runs one scoring pass at a time; a server takes `concurrency` requests at once
+        gate = PriorityGate(1 if getattr(self.backend, "batched", False) else self.concurrency)
+        try:
+            async with asyncio.TaskGroup() as group:
+                for part in parts:
+                    group.create_task(self._score_part(part, gate, done))
+        except* (FatalError, CacheError) as eg:
+            raise eg.exceptions[0] from None
         return [done[k] for k in keys]
+
+    async def _score_part(self, part: list[tuple[str, ScoreItem]], gate: PriorityGate,
+                          done: dict[str, list[Score]]) -> None:
+        """One scoring call, retried with the client's policy; it ends in one line, never a traceback."""
+        last: TransientError | None = None
+        for attempt in range(1, self.retry.max_attempts + 1):
+            async with gate.slot(priority=-attempt):
+                self._check_storable()
+                self.stats.calls += 1
+                try:
+                    scores = await self.backend.score([item for _, item in part], self.model)
+                except TransientError as exc:
+                    last = exc
+                else:
+                    for (key, item), score in zip(part, scores):
+                        self._store_score(key, item, score)
+                        done[key] = score
+                    return
+            if attempt < self.retry.max_attempts:
+                self.stats.retries += 1
+                await asyncio.sleep(self.retry.delay(attempt, last.retry_after if last else None))
+        self.stats.errors += 1
+        raise FatalError(f"scoring with {self.backend.name} model '{self.model}' failed after "
+                         f"{self.retry.max_attempts} attempts: {last}",
+                         "check that the server is up and not overloaded, then rerun "
+                         "(scores already received are kept)")
+
+    def _store_score(self, key: str, item: ScoreItem, score: list[Score]) -> None:
+        if self.cache is None or not all(s.ok for s in score):
+            return
+        try:
+            self.cache.put_record(key, self.backend.name, self.model, "eval",
+                                  {"score": {"context": item.context, "continuations": list(item.continuations)}},
+                                  json.dumps([asdict(s) for s in score]), "score")
+        except CacheError as exc:
+            self._unstorable = exc
+            raise
 
     # ---- one request at a time, many at once ------------------------------------------
     async def _run_concurrent(self, todo: dict[str, Request]) -> dict[str, Response]:

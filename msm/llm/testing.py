@@ -4,6 +4,12 @@ Tests and benchmarks point the real `anthropic` and `openai` clients at it. It a
 deterministic text, reports usage the way the APIs do (prompt-cache reads included), and injects
 faults at a configurable rate: 429 with retry-after, 500, 529, a hung connection, malformed
 JSON, truncation at max_tokens and refusals. It is a server, not a mock of the client.
+
+Where real OpenAI-compatible servers differ, it can be told to behave like llama.cpp's: one
+prompt per /v1/completions request (a list is HTTP 500), a cap on `logprobs` (HTTP 400 above it),
+`echo` log-probs shifted by one token, streamed chat answers without a usage chunk, and a
+`GET /slots` list. Next-token log-probs come from a fixed, hash-seeded "model", so scores are
+stable, differ across contexts, and agree between `top_logprobs` and aligned `echo`.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ class Faults:
     kinds: tuple[str, ...] = TRANSIENT_FAULTS  # drawn uniformly from these; add "truncate", "refusal"
     retry_after: float = 0.5  # seconds, sent with 429
     hang_s: float = 60.0  # a hung call holds the connection this long (or until the server stops)
+    stall_s: float = 60.0  # a stalled stream goes silent this long after its first chunk
     batch_item_rate: float = 0.0  # share of batch items that come back errored or expired
 
 
@@ -59,6 +66,29 @@ class _QuietServer(ThreadingHTTPServer):
 
         if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError, TimeoutError)):
             super().handle_error(request, client_address)
+
+
+# The loopback's tokenizer (words and single punctuation marks, each with the whitespace before it),
+# and the vocabulary its next-token log-probs rank. Answer letters are likely after any context,
+# so a choice item's letters are always among the top log-probs unless a test hides them.
+TOKEN = re.compile(r"\s*(?:\w+|[^\w\s])|\s+")
+VOCAB = (" A", " B", "A", "B", " C", " the", " a", " I", " It", "\n", " yes", " no", " Paris", ".", ",", " The",
+         " option", " choice", " not", " both", " answer", " is", " of", " to", " and", ":", " my", " Option",
+         " we", " depends")
+LETTERS = {"A", "B", "C"}
+
+
+def tokenize(text: str) -> list[tuple[str, int]]:
+    """(token, character offset) pairs covering the text."""
+    return [(m.group(0), m.start()) for m in TOKEN.finditer(text)]
+
+
+def next_logprob(prefix: str, token: str) -> float:
+    """log P(token | prefix) under the loopback's fixed "model": hash-seeded, so stable per context."""
+    h = int(hashlib.sha256(f"{prefix}\x00{token}".encode()).hexdigest()[:8], 16)
+    if token.strip() in LETTERS:
+        return -(h % 100) / 100 - 0.01  # -0.01 .. -1.0: letters lead
+    return -(h % 600) / 100 - 1.01  # -1.01 .. -7.0
 
 
 def approx_tokens(text: str) -> int:
@@ -168,8 +198,21 @@ class LoopbackServer:
 
     def __init__(self, latency: float = 0.0, output_tokens: int = 64, faults: Faults | None = None, seed: int = 0,
                  api_key: str | None = None, min_cache_tokens: int = 1024, batch_latency: float = 0.2,
-                 models: tuple[str, ...] = (), judge_fail_rate: float = 0.05, judge_garble_rate: float = 0.0):
-        self.latency = latency
+                 models: tuple[str, ...] = (), judge_fail_rate: float = 0.05, judge_garble_rate: float = 0.0,
+                 one_prompt_per_request: bool = True, max_logprobs: int = 20, echo_shift: bool = False,
+                 hidden_tokens: tuple[str, ...] = (), slots: int | None = None, stream_gap: float = 0.0,
+                 stream_usage: bool = True, headers_first: bool = False):
+        self.latency = latency  # seconds before an answer starts (a queue): before its headers, unless headers_first
+        # llama.cpp's server takes one prompt per /v1/completions request and answers a list with HTTP 500
+        self.one_prompt_per_request = one_prompt_per_request
+        self.max_logprobs = max_logprobs  # a larger `logprobs` is HTTP 400, as vLLM's max_logprobs
+        self.echo_shift = echo_shift  # llama.cpp: echo reports each prompt token's log-prob one position late
+        self.hidden_tokens = set(hidden_tokens)  # never listed in top log-probs (an option the model finds unlikely)
+        self.slots = slots  # GET /slots lists this many (llama.cpp); None: no such route (404)
+        self.stream_gap = stream_gap  # seconds between the chunks of a streamed chat answer
+        self.stream_usage = stream_usage  # False: no usage chunk even when asked (llama-cpp-python)
+        self.headers_first = headers_first  # a streamed answer sends its headers at once, then waits `latency`
+        self.stall_next = 0  # this many streamed answers go silent for faults.stall_s after their first chunk
         self.output_tokens = output_tokens
         self.faults = faults or Faults()
         self.rng = random.Random(seed)
@@ -278,6 +321,29 @@ class LoopbackServer:
             if s and s in text:
                 return text[: text.index(s)], "stop_sequence", s
         return text, reason, None
+
+    def take_stall(self) -> bool:
+        with self.lock:
+            if self.stall_next > 0:
+                self.stall_next -= 1
+                self.stats.faults["stall"] += 1
+                return True
+        return False
+
+    def top_logprobs(self, prefix: str, k: int) -> dict[str, float]:
+        """The k most likely next tokens and their log-probs, hidden tokens left out."""
+        ranked = sorted(((next_logprob(prefix, t), t) for t in VOCAB if t not in self.hidden_tokens), reverse=True)
+        return {t: lp for lp, t in ranked[:k]}
+
+    def echo_logprobs(self, prompt: str) -> tuple[list[str], list[int], list[float | None]]:
+        """Each prompt token's log-prob given the text before it (the first has none). Shifted as
+        llama.cpp does, each is instead read from the distribution after the token itself."""
+        pieces = tokenize(prompt)
+        values: list[float | None] = [None]
+        for token, offset in pieces[1:]:
+            given = prompt[:offset + len(token)] if self.echo_shift else prompt[:offset]
+            values.append(next_logprob(given, token))
+        return [t for t, _ in pieces], [o for _, o in pieces], values
 
     def _draw(self) -> float:
         with self.lock:
@@ -404,7 +470,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
-            chunk = b'event: message_start\ndata: {"type": "message_start", "message": {"id": "msg_br\n\n'
+            chunk = (b'data: {"id": "chatcmpl-br\n\n' if openai else
+                     b'event: message_start\ndata: {"type": "message_start", "message": {"id": "msg_br\n\n')
             self.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n0\r\n\r\n")
         elif fault == "malformed":
             self._send(200, b'{"id": "msg_broken", "content": [{"type": "text", "text": "unterminated')
@@ -433,6 +500,11 @@ class _Handler(BaseHTTPRequestHandler):
             with srv.lock:
                 self._send(200, {"requests": dict(srv.stats.requests), "faults": dict(srv.stats.faults),
                                  "answered": dict(srv.stats.answered), "batches_created": srv.stats.batches_created})
+        elif path == "/slots" and srv.slots is not None:  # llama.cpp's server root, not under /v1
+            if not self._authorized(openai=True):
+                return
+            srv.stats.requests["slots"] += 1
+            self._send(200, [{"id": i, "is_processing": False} for i in range(srv.slots)])
         elif path == "/v1/models":
             if not self._authorized(openai=True):
                 return
@@ -603,52 +675,119 @@ class _Handler(BaseHTTPRequestHandler):
         if max_tokens < 1:
             self._error(400, "invalid_request_error", "max_tokens must be at least 1", openai=True)
             return
-        if srv.latency:
+        stream = bool(body.get("stream"))
+        if srv.latency and not (stream and srv.headers_first):
             time.sleep(srv.latency)
         fault = srv.draw_fault()
-        if self._fault(fault, openai=True):
+        if self._fault(fault, openai=True, stream=stream):
             return
         prompt = "\n".join(f"{m['role']}: {m['content']}" for m in body.get("messages", []))
         stop = body.get("stop") or []
         text, reason, _ = srv.answer(prompt, max_tokens, [stop] if isinstance(stop, str) else stop, fault)
         finish = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "refusal": "content_filter"}[reason]
-        self._send(200, {
-            "id": f"chatcmpl-{uuid.uuid4().hex[:20]}", "object": "chat.completion", "created": int(time.time()),
-            "model": body["model"],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                         "logprobs": None}],
-            "usage": {"prompt_tokens": approx_tokens(prompt), "completion_tokens": approx_tokens(text),
-                      "total_tokens": approx_tokens(prompt) + approx_tokens(text),
-                      "prompt_tokens_details": {"cached_tokens": 0}},
-        })
+        usage = {"prompt_tokens": approx_tokens(prompt), "completion_tokens": approx_tokens(text),
+                 "total_tokens": approx_tokens(prompt) + approx_tokens(text),
+                 "prompt_tokens_details": {"cached_tokens": 0}}
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex[:20]}", "created": int(time.time()), "model": body["model"]}
+        if stream:
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage")) and srv.stream_usage
+            if not self._stream_chat(head, text, finish, usage if include_usage else None):
+                return
+        else:
+            self._send(200, {**head, "object": "chat.completion",
+                             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                          "finish_reason": finish, "logprobs": None}], "usage": usage})
         srv.record_answer(prompt)
 
+    def _stream_chat(self, head: dict, text: str, finish: str, usage: dict | None) -> bool:
+        """Chat completion chunks as server-sent events, one word per chunk, `stream_gap` apart; False
+        when the client hung up first (counted as abandoned: its connection was closed)."""
+        srv = self.server_ref
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+        def event(choices: list, extra: dict | None = None) -> bytes:
+            data = {**head, "object": "chat.completion.chunk", "choices": choices, **(extra or {})}
+            return f"data: {json.dumps(data)}\n\n".encode()
+
+        words = re.findall(r"\S*\s*", text)[:-1] or []
+        try:
+            self.wfile.flush()
+            if srv.headers_first and srv.latency:
+                srv.stopping.wait(srv.latency)
+            self._chunk(event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]))
+            for i, word in enumerate(words):
+                if i == 1 and srv.take_stall():
+                    srv.stopping.wait(srv.faults.stall_s)
+                elif i and srv.stream_gap:
+                    srv.stopping.wait(srv.stream_gap)
+                self._chunk(event([{"index": 0, "delta": {"content": word}, "finish_reason": None}]))
+            self._chunk(event([{"index": 0, "delta": {}, "finish_reason": finish}]))
+            if usage is not None:
+                self._chunk(event([], {"usage": usage}))
+            self._chunk(b"data: [DONE]\n\n")
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            with srv.lock:
+                srv.stats.requests["chat_abandoned"] += 1
+            self.close_connection = True
+            return False
+        return True
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
+
     def _completions(self, body: dict) -> None:
-        """Legacy completions with echo + logprobs, as vLLM serves them: enough for scoring."""
+        """Legacy completions, as vLLM and llama.cpp serve them: the next token's `top_logprobs`
+        (`logprobs=K`), or with `echo` the prompt's own log-probs. One prompt per request, when told."""
         srv = self.server_ref
         srv.stats.requests["completions"] += 1
         if not self._authorized(openai=True) or not self._model_ok(body.get("model"), openai=True):
             return
         prompts = body.get("prompt")
         prompts = [prompts] if isinstance(prompts, str) else prompts
+        if srv.one_prompt_per_request and len(prompts) > 1:
+            self._error(500, "server_error", "'list' object has no attribute 'encode'", openai=True)  # llama.cpp's
+            return
+        k = body.get("logprobs")
+        if k is not None and k > srv.max_logprobs:
+            self._error(400, "invalid_request_error", f"Requested sample logprobs of {k}, which is greater than "
+                        f"max allowed: {srv.max_logprobs}", openai=True)
+            return
         if srv.latency:
             time.sleep(srv.latency)
-        choices = []
-        for index, prompt in enumerate(prompts):
-            tokens, offsets, pos = [], [], 0
-            for piece in prompt.split(" "):
-                token = piece if not tokens else " " + piece
-                tokens.append(token)
-                offsets.append(pos)
-                pos += len(token)
-            logprobs = [None] + [-(int(hashlib.sha256(prompt[:o + len(t)].encode()).hexdigest()[:6], 16) % 500) / 100 - 0.01
-                                 for t, o in zip(tokens[1:], offsets[1:])]
-            choices.append({"index": index, "text": prompt if body.get("echo") else "", "finish_reason": "length",
-                            "logprobs": {"tokens": tokens, "token_logprobs": logprobs, "text_offset": offsets,
-                                         "top_logprobs": None}})
-        n_tokens = sum(len(c["logprobs"]["tokens"]) for c in choices)
+        fault = srv.draw_fault()
+        if fault in TRANSIENT_FAULTS and self._fault(fault, openai=True):
+            return
+        echo = bool(body.get("echo"))
+        choices = [self._completion_choice(index, prompt, k, echo) for index, prompt in enumerate(prompts)]
+        n_tokens = sum(len(tokenize(p)) for p in prompts)
         self._send(200, {"id": f"cmpl-{uuid.uuid4().hex[:20]}", "object": "text_completion", "created": int(time.time()),
                          "model": body["model"], "choices": choices,
-                         "usage": {"prompt_tokens": n_tokens, "completion_tokens": 0, "total_tokens": n_tokens}})
+                         "usage": {"prompt_tokens": n_tokens, "completion_tokens": len(choices),
+                                   "total_tokens": n_tokens + len(choices)}})
         with srv.lock:
             srv.stats.requests["completions_answered"] += 1  # sent whole: a paid scoring call
+
+    def _completion_choice(self, index: int, prompt: str, k: int | None, echo: bool) -> dict:
+        """One greedy next token; with `logprobs`, its log-prob and the top k (plus the chosen one, as
+        llama.cpp and vLLM list it); with `echo`, the prompt's tokens and log-probs come first."""
+        srv = self.server_ref
+        ranked = srv.top_logprobs(prompt, len(VOCAB))
+        token, lp = next(iter(ranked.items()))
+        text = (prompt if echo else "") + token
+        if k is None:
+            return {"index": index, "text": text, "finish_reason": "length", "logprobs": None}
+        tokens, offsets, values, tops = [], [], [], []
+        if echo:
+            tokens, offsets, values = srv.echo_logprobs(prompt)
+            tops = [None] + [{} for _ in tokens[1:]]
+        top = dict(list(ranked.items())[:k])
+        top[token] = lp
+        return {"index": index, "text": text, "finish_reason": "length",
+                "logprobs": {"tokens": [*tokens, token], "token_logprobs": [*values, lp],
+                             "text_offset": [*offsets, len(prompt)], "top_logprobs": [*tops, top]}}
