@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.msm-installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install models demo test smoke slow clean-venv
+.PHONY: install models llama demo test smoke slow clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,12 +38,28 @@ demo: models
 test: install
 	$(BIN)/python -m pytest -m "not slow and not heavy" -q -n 2 --dist loadfile
 
-smoke: models
-	$(BIN)/python -m pytest -m "smoke or heavy" -q
+# The real-server tier (tests/realserver, marked realserver and heavy): llama-cpp-python's server in
+# its own venv, from the prebuilt wheel in ../shared/peers/wheels (its README: compiling it takes
+# 10-20 minutes on 2 cores), with the server extras from the registry. About 15 s, once.
+LLAMA_VENV := .venv-llama
+LLAMA_STAMP := $(LLAMA_VENV)/.installed
+LLAMA_WHEEL ?= ../shared/peers/wheels/llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl
+
+$(LLAMA_STAMP):
+	@test -f "$(LLAMA_WHEEL)" || { echo "llama-cpp-python wheel not found at $(LLAMA_WHEEL); the real-server tier cannot run: put it there or pass LLAMA_WHEEL=PATH (../shared/peers/wheels/README.md)" >&2; exit 1; }
+	rm -rf $(LLAMA_VENV)
+	$(PYTHON) -m venv $(LLAMA_VENV)
+	$(LLAMA_VENV)/bin/pip install --quiet "$(LLAMA_WHEEL)[server]"
+	touch $(LLAMA_STAMP)
+
+llama: $(LLAMA_STAMP)
+
+smoke: models llama
+	MSM_LLAMA_PYTHON=$(LLAMA_VENV)/bin/python $(BIN)/python -m pytest -m "smoke or heavy" -q
 
 # By hand, no budget: the cheese experiment end to end, the ten-point kill sweep, real-model runs.
 slow: models
 	$(BIN)/python -m pytest -m slow -q
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(LLAMA_VENV)
