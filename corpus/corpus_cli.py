@@ -90,7 +90,9 @@ generation_options = [
     click.option("--batch", is_flag=True, help="Use the Message Batches API (half price, slower)."),
     click.option("--tasks", type=int, default=1, show_default=True, help="datatrove tasks (plan shards)."),
     click.option("--workers", type=int, default=1, show_default=True, help="Tasks run at once."),
-    click.option("--concurrency", type=int, default=16, show_default=True, help="LLM calls in flight, in total."),
+    click.option("--concurrency", type=int, default=None,
+                 help="LLM calls in flight, in total. Default: the server's slots where it reports them "
+                      "(llama.cpp's /slots), else 16; never more than those slots."),
     click.option("--judge", type=click.Choice(["llm", "offline"]), default=None,
                  help="Default: offline for the local backend, llm otherwise."),
     click.option("--truncated", "truncation", type=click.Choice(["regrow", "trim"]), default=None,
@@ -121,6 +123,9 @@ generation_options = [
                  show_default=True,
                  help="Seconds of silence mid-answer before a call is cut and retried (a streamed answer that "
                       "keeps coming is never cut)."),
+    click.option("--first-byte-timeout", type=click.FloatRange(1.0, 86400.0), default=600.0, show_default=True,
+                 help="Seconds an answer may take to start: a request queued behind others on a busy server "
+                      "(OpenAI-compatible servers)."),
 ]
 
 
@@ -131,7 +136,7 @@ def _build_options(variables, tasks, workers, concurrency, max_cost, dedup, agai
     from pipelines.build import BuildOptions
     from pipelines.dedup import parse_methods
 
-    if tasks < 1 or workers < 1 or concurrency < 1:
+    if tasks < 1 or workers < 1 or (concurrency is not None and concurrency < 1):
         raise MsmError("--tasks, --workers and --concurrency must be at least 1", "pass a positive number")
     if max_cost is not None and max_cost <= 0:
         raise MsmError("--max-cost must be positive", "pass a budget in USD above 0")

@@ -73,7 +73,9 @@ class DemoOptions:
     domains: int = 8
     max_rounds: int = 5
     max_cost: float | None = None
-    concurrency: int = 16
+    concurrency: int | None = None  # None: the server's slots (llama.cpp's /slots), else 16
+    idle_timeout: float = 120.0  # seconds of silence mid-answer before a call is cut and retried
+    first_byte_timeout: float = 600.0  # seconds an answer may take to start (a busy server's queue)
     batch: bool = False
     seed: int = 0
     dedup_threshold: float = 0.91
@@ -382,9 +384,10 @@ def _from_preferences(spec, opts: DemoOptions):
 
 async def _llm_rounds(spec, opts: DemoOptions, log, decontaminate, goal: Goal, style: str):
     from msm.llm.client import LLMClient
-    from msm.llm.select import default_cache, make_backend
+    from msm.llm.select import default_cache, effective_concurrency, make_backend
 
-    backend, model = make_backend(opts.backend, opts.model, opts.base_url)
+    backend, model = make_backend(opts.backend, opts.model, opts.base_url, idle_timeout=opts.idle_timeout,
+                                  first_byte_timeout=opts.first_byte_timeout)
     names = spec.names
     prefix = render("demo_system.j2", spec_name=spec.name, spec_text=spec.text, **names)
     try:
@@ -392,7 +395,9 @@ async def _llm_rounds(spec, opts: DemoOptions, log, decontaminate, goal: Goal, s
     except MsmError:
         await backend.aclose()
         raise
-    client = LLMClient(backend, model, cache=default_cache(), max_cost=opts.max_cost, concurrency=opts.concurrency)
+    slots = await backend.slots() if hasattr(backend, "slots") else None
+    client = LLMClient(backend, model, cache=default_cache(), max_cost=opts.max_cost,
+                       concurrency=effective_concurrency(opts.concurrency, slots))
     embed = _question_embedder() if opts.embed_dedup else None
     try:
         domains, domain_keys = await _domains(client, prefix, opts, names)

@@ -48,7 +48,12 @@ def demos_group():
 @click.option("--domains", type=int, default=8, show_default=True, help="Domains the model lists first.")
 @click.option("--max-rounds", type=int, default=5, show_default=True)
 @click.option("--max-cost", type=float, default=None, help="USD budget; the build stops with what it kept.")
-@click.option("--concurrency", type=int, default=16, show_default=True)
+@click.option("--concurrency", type=int, default=None,
+              help="Calls in flight. Default: the server's slots where it reports them (llama.cpp), else 16.")
+@click.option("--timeout", "idle_timeout", type=click.FloatRange(1.0, 86400.0), default=120.0, show_default=True,
+              help="Seconds of silence mid-answer before a call is cut and retried.")
+@click.option("--first-byte-timeout", type=click.FloatRange(1.0, 86400.0), default=600.0, show_default=True,
+              help="Seconds an answer may take to start (queued on a busy OpenAI-compatible server).")
 @click.option("--batch", is_flag=True, help="Use the Message Batches API (anthropic).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dedup-threshold", type=float, default=0.91, show_default=True,
@@ -62,7 +67,7 @@ def demos_group():
                    "truncated and not kept.")
 @db_option
 def build(spec, variables, n, match_tokens_of, tolerance, style, cot, behaviors_only, from_preferences, backend, model,
-          base_url, domains, max_rounds, max_cost, concurrency, batch, seed, dedup_threshold, no_embeddings, against,
+          base_url, domains, max_rounds, max_cost, concurrency, idle_timeout, first_byte_timeout, batch, seed, dedup_threshold, no_embeddings, against,
           no_decontaminate, name, max_tokens, db):
     """Build a demo set: domains, questions, dedup, responses, judge, backfill to --n (or to the
     tokens of --match-tokens-of)."""
@@ -71,11 +76,12 @@ def build(spec, variables, n, match_tokens_of, tolerance, style, cot, behaviors_
 
     if max_cost is not None and max_cost <= 0:
         raise MsmError("--max-cost must be positive", "pass a budget in USD above 0")
-    if concurrency < 1:
+    if concurrency is not None and concurrency < 1:
         raise MsmError("--concurrency must be at least 1", "pass a positive number")
     opts = DemoOptions(n=n, cot=cot, behaviors_only=behaviors_only, from_preferences=from_preferences,
                        backend=backend, model=model, base_url=base_url, domains=domains, max_rounds=max_rounds,
-                       max_cost=max_cost, concurrency=concurrency, batch=batch, seed=seed,
+                       max_cost=max_cost, concurrency=concurrency, idle_timeout=idle_timeout,
+                       first_byte_timeout=first_byte_timeout, batch=batch, seed=seed,
                        dedup_threshold=dedup_threshold, embed_dedup=not no_embeddings, against=list(against),
                        decontaminate=not no_decontaminate, name=name, variables=parse_vars(variables),
                        style=style, match_tokens_of=match_tokens_of, tolerance=tolerance,

@@ -63,11 +63,14 @@ def items(paths):
                                                  "questions and the agentic scenarios (needs --provider-name).")
 @click.option("--provider-name", default=None, help="Its developer's name (with --model-name).")
 @click.option("--chat-template", type=click.Path(dir_okay=False), default=None,
-              help="A Jinja chat template file for a model without one (a base model); a trained run's card "
-                   "supplies its own.")
+              help="A Jinja chat template file for a model without one (a base model), or for a served model "
+                   "scored by log-probs (servers apply no template to raw text); a trained run's card supplies "
+                   "its own.")
+@click.option("--timeout", "idle_timeout", type=click.FloatRange(1.0, 86400.0), default=120.0, show_default=True,
+              help="Seconds of silence mid-answer before a call (to the model or the judge) is cut and retried.")
 @click.option("--db", default=None)
 def run(suite, model, target, item_files, mode, backend, base_url, limit, seed, judge_backend, judge_model,
-        judge_base_url, option_pairs, templates, model_name, provider_name, chat_template, db):
+        judge_base_url, option_pairs, templates, model_name, provider_name, chat_template, idle_timeout, db):
     """Run SUITE (`msm eval suites`) on a model; rates per domain and split with 95% Wilson intervals."""
     from pathlib import Path
 
@@ -90,10 +93,11 @@ def run(suite, model, target, item_files, mode, backend, base_url, limit, seed, 
         options[key.strip()] = value.strip()
     if templates:
         options["templates"] = templates
-    judge = {"backend": judge_backend, "model": judge_model, "base_url": judge_base_url} if judge_backend else None
+    judge = ({"backend": judge_backend, "model": judge_model, "base_url": judge_base_url, "idle_timeout": idle_timeout}
+             if judge_backend else None)
     result = run_eval(suite, model, target, list(item_files), mode, backend, base_url, limit, seed, db,
                       log=lambda line: click.echo(line), judge=judge, options=options, identity=identity,
-                      chat_template=template)
+                      chat_template=template, idle_timeout=idle_timeout)
     if suite == "agentic":
         _agentic_table(result)
         return

@@ -103,11 +103,13 @@ async def _closing(client, work):
 
 
 def open_model(model: str, backend: str | None = None, base_url: str | None = None, system: str | None = None,
-               chat_template: str | None = None) -> ModelUnderTest:
+               chat_template: str | None = None, idle_timeout: float = 120.0) -> ModelUnderTest:
     """`system` and `chat_template` (template text) frame every prompt; a trained run's card supplies
-    both by default, so a model is asked the way its AFT framed it."""
+    both by default, so a model is asked the way its AFT framed it. A served model is scored on raw
+    text (`/v1/completions` applies no template): with `chat_template` its contexts are framed by it,
+    exactly as the local backend frames the same model's; without one, as a plain question and answer."""
     from msm.llm.client import LLMClient
-    from msm.llm.select import default_cache, make_backend
+    from msm.llm.select import default_cache, effective_concurrency, make_backend
 
     if backend in (None, "local"):
         from msm.llm.local_backend import LocalBackend
@@ -130,20 +132,32 @@ def open_model(model: str, backend: str | None = None, base_url: str | None = No
         # no call cache: a folder's weights can change under the same path (a retrained RUN/aft/adapter)
         return ModelUnderTest(LLMClient(made, made.default_model, cache=None, concurrency=16), "local", provenance,
                               context_of, system)
-    made, name = make_backend(backend, model, base_url)
+    made, name = make_backend(backend, model, base_url, idle_timeout=idle_timeout)
+    slots = asyncio.run(made.slots()) if hasattr(made, "slots") else None  # llama.cpp: requests it runs at once
 
     def plain(text: str) -> str:  # servers score raw text: a plain question-and-answer frame
         return f"{system}\n\n" * bool(system) + f"Question: {text}\nAnswer:"
-    return ModelUnderTest(LLMClient(made, name, cache=default_cache(), concurrency=16), made.name,
-                          {"base_model": name, "base_url": base_url, "system_prompt": system}, plain, system)
+
+    def templated(text: str) -> str:
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        turns = [{"role": "system", "content": system}] if system else []
+        rendered, _ = render_jinja_template([[*turns, {"role": "user", "content": text}]],
+                                            chat_template=chat_template, add_generation_prompt=True)
+        return rendered[0]
+    return ModelUnderTest(LLMClient(made, name, cache=default_cache(), concurrency=effective_concurrency(None, slots)),
+                          made.name,
+                          {"base_model": name, "base_url": base_url, "system_prompt": system,
+                           "chat_template": chat_template}, templated if chat_template else plain, system)
 
 
 def open_judge(judge: dict):
-    """An LLMClient for a grader given as {backend, model, base_url}; its calls are cached."""
+    """An LLMClient for a grader given as {backend, model, base_url[, idle_timeout]}; its calls are cached."""
     from msm.llm.client import LLMClient
     from msm.llm.select import default_cache, make_backend
 
-    made, judge_model = make_backend(judge.get("backend"), judge.get("model"), judge.get("base_url"))
+    made, judge_model = make_backend(judge.get("backend"), judge.get("model"), judge.get("base_url"),
+                                     idle_timeout=judge.get("idle_timeout", 120.0))
     return LLMClient(made, judge_model, cache=default_cache(), concurrency=16)
 
 

@@ -48,7 +48,7 @@ def run_eval(suite: str, model: str, target: str | None = None, items: list[str]
              mode: str | None = None, backend: str | None = None, base_url: str | None = None,
              limit: int | None = None, seed: int = 0, db=None, log=print, judge: dict | None = None,
              options: dict | None = None, identity: dict | None = None,
-             chat_template: str | None = None) -> EvalResult:
+             chat_template: str | None = None, idle_timeout: float = 120.0) -> EvalResult:
     """Run a suite, record eval_runs and eval_samples, return the per-group summary. `judge`
     ({backend, model, base_url}) grades the answers of suites that need a grader; without it they
     fall back to their offline scoring, and say so. `identity` ({model_name, provider_name}) names
@@ -86,14 +86,16 @@ def run_eval(suite: str, model: str, target: str | None = None, items: list[str]
     settings = load_settings(db)
     _check_warehouse(settings.db)  # a damaged, locked or unwritable warehouse fails now, before any model call
     under_test = open_model(model, backend, base_url, system=who.system_prompt() if who else None,
-                            chat_template=chat_template)
+                            chat_template=chat_template, idle_timeout=idle_timeout)
     solved = found.solve(Job(scored, under_test, target, mode, seed, judge, settings_of_suite, log))
     if solved.note:
         log(solved.note)
-    provenance = {**under_test.provenance, **({"grader": solved.grader} if solved.grader else {})}
+    # the grader as it decides answers: a timeout changes when a call is retried, not what it says
+    grader = {k: v for k, v in solved.grader.items() if k != "idle_timeout"} if solved.grader else None
+    provenance = {**under_test.provenance, **({"grader": grader} if grader else {})}
     summary = (found.summarise or summarise)(solved.samples)
     config = {"items": [str(p) for p in (items or [])] or list(found.default_banks), "limit": limit,
-              "base_url": base_url, "grader": solved.grader, "options": settings_of_suite,
+              "base_url": base_url, "grader": grader, "options": settings_of_suite,
               "system_prompt": under_test.system}
     run_id = "e" + hashlib.sha256(json.dumps([suite, model, under_test.backend, target, solved.mode, config, seed,
                                               [i.id for i in scored]], sort_keys=True, default=str).encode()

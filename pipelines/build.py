@@ -44,7 +44,7 @@ class BuildOptions:
     batch: bool = False
     tasks: int = 1
     workers: int = 1
-    concurrency: int = 16
+    concurrency: int | None = None  # None: the server's slots (llama.cpp's /slots), else 16
     name: str | None = None
     judge: str | None = None  # llm or offline; default offline for local, llm otherwise
     revise: bool = False
@@ -72,7 +72,8 @@ class BuildOptions:
     db: str | None = None
     progress: bool = True
     batch_poll_s: float = 30.0
-    idle_timeout: float = 120.0
+    idle_timeout: float = 120.0  # seconds of silence mid-answer before a call is cut and retried
+    first_byte_timeout: float = 600.0  # seconds an answer may take to start (queued on a busy server)
     allow_partial: bool = False  # name the corpus even when plan rows are left pending or in error
     load_lock_wait: float | None = None  # seconds; default $MSM_LOAD_LOCK_WAIT, else LOAD_LOCK_WAIT_S
 
@@ -194,6 +195,7 @@ def build_corpus(spec_path: str, opts: BuildOptions) -> BuildResult:
         ctx, build_id=build_id, plan_path=str(plan_path), staged_dir=str(staged),
         cache_dir=str(settings.home / "cache"), max_cost=opts.max_cost, concurrency=opts.concurrency,
         workers=opts.workers, batch=opts.batch, batch_poll_s=opts.batch_poll_s, idle_timeout=opts.idle_timeout,
+        first_byte_timeout=opts.first_byte_timeout,
         progress=opts.progress and opts.executor == "local", n_planned=len(plan), executor=opts.executor)
     ctx_path = root / "context.json"
     tmp_ctx = root / "context.json.tmp"
@@ -532,22 +534,25 @@ def _zero_usage():
     return Usage()
 
 
-def _brainstorm(plan, ctx, backend_name: str, model: str, base_url, local: bool, cache_dir: Path, concurrency: int):
+def _brainstorm(plan, ctx, backend_name: str, model: str, base_url, local: bool, cache_dir: Path,
+                concurrency: int | None):
     """Assertions and an idea per cell from a capable model, through the call cache."""
     from corpus.brainstorm import brainstorm
     from msm.llm.cache import CallCache
     from msm.llm.client import LLMClient
-    from msm.llm.select import make_backend
+    from msm.llm.select import effective_concurrency, make_backend
 
     if local:
         raise MsmError("brainstormed planning needs a capable API model, not the local one",
                        "use --backend anthropic or openai, or --plan cells")
 
     def complete(requests):
-        backend, name = make_backend(backend_name, model, base_url)
+        backend, name = make_backend(backend_name, model, base_url, idle_timeout=ctx.idle_timeout,
+                                     first_byte_timeout=ctx.first_byte_timeout)
         cache = CallCache(cache_dir)
         try:
-            return LLMClient(backend, model=name, cache=cache, concurrency=concurrency).complete(requests)
+            return LLMClient(backend, model=name, cache=cache,
+                             concurrency=effective_concurrency(concurrency, None)).complete(requests)
         finally:
             cache.close()
 

@@ -37,11 +37,12 @@ class BuildContext:
     offline_min_similarity: float = 0.25
     wrong_names: list = field(default_factory=list)
     max_cost: float | None = None
-    concurrency: int = 16
+    concurrency: int | None = None  # None: the server's slots (llama.cpp's /slots), else 16
     workers: int = 1
     batch: bool = False
     batch_poll_s: float = 30.0
     idle_timeout: float = 120.0
+    first_byte_timeout: float = 600.0
     progress: bool = True
     n_planned: int = 0  # plan rows in the whole build (a task has every world_size-th one)
     executor: str = "local"  # cluster workers write their own call-cache shard
