@@ -474,17 +474,31 @@ async def _calls(client, requests: list[Request], opts: DemoOptions, stage: str)
                disable=None if opts.progress is None else not opts.progress)
     spent = [0, 0.0]
 
+    counts = {"retried": 0, "failed": 0, "last": ""}
+
+    def postfix() -> str:
+        text = f"{spent[0]:,} tokens, ${spent[1]:.2f}"
+        if counts["retried"]:
+            text += f", {counts['retried']} retried (last: {counts['last']})"
+        return text + (f", {counts['failed']} failed" if counts["failed"] else "")
+
     def tick(response) -> None:
         spent[0] += response.usage.input_tokens + response.usage.output_tokens
         spent[1] += 0.0 if response.cached else response.cost_usd
-        bar.set_postfix_str(f"{spent[0]:,} tokens, ${spent[1]:.2f}", refresh=False)
+        counts["failed"] += not response.ok
+        bar.set_postfix_str(postfix(), refresh=False)
         bar.update(1)
 
-    client.on_result = tick
+    def retrying(request, reason: str) -> None:  # shown as it happens, before the call is answered
+        counts["retried"] += 1
+        counts["last"] = reason.split(":")[0][:40]
+        bar.set_postfix_str(postfix(), refresh=True)
+
+    client.on_result, client.on_retry = tick, retrying
     try:
         return await client.complete_many(requests, batch=opts.batch)
     finally:
-        client.on_result = None
+        client.on_result = client.on_retry = None
         bar.close()
 
 

@@ -64,6 +64,8 @@ class TaskCalls:
         self.cache = CallCache(ctx.cache_dir, shard=shard)
         self.client = LLMClient(backend, model=model, cache=self.cache, max_cost=budget,
                                 concurrency=max(1, total // max(1, ctx.workers)), batch_poll_s=ctx.batch_poll_s)
+        self.bars: dict[str, Any] = {}  # stage (= request purpose) -> its Progress, for retries
+        self.client.on_retry = self._retrying
         self.batch = ctx.batch
         self.streaming = not ctx.batch and not getattr(backend, "batched", False)
         self.loop = asyncio.new_event_loop()
@@ -79,6 +81,11 @@ class TaskCalls:
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
         await self.client.backend.aclose()
+
+    def _retrying(self, request: Request, reason: str) -> None:
+        bar = self.bars.get(request.purpose)
+        if bar is not None:
+            bar.retry(reason)
 
     @property
     def model(self) -> str:
@@ -138,6 +145,8 @@ class Channel:
     def __init__(self, calls: TaskCalls, progress=None):
         self.calls = calls
         self.progress = progress or (lambda response: None)  # called once for each answer
+        if getattr(progress, "stage", None):
+            calls.bars[progress.stage] = progress
         self.inbox: queue.Queue = queue.Queue()
         self.outstanding = 0
         self.queued: list[tuple[Any, Request]] = []

@@ -436,7 +436,8 @@ class Progress:
     POSITIONS = {"generate": 0, "revise": 1, "judge": 2}
 
     def __init__(self, ctx: BuildContext, total: int, rank: int, stage: str):
-        self.tokens, self.cost = 0, 0.0
+        self.stage = stage
+        self.tokens, self.cost, self.retries, self.failed, self.last = 0, 0.0, 0, 0, ""
         self.bar = None
         if ctx.progress:
             from tqdm import tqdm
@@ -449,8 +450,26 @@ class Progress:
             return
         self.tokens += response.usage.input_tokens + response.usage.output_tokens
         self.cost += 0.0 if response.cached else response.cost_usd
-        self.bar.set_postfix_str(f"{self.tokens:,} tokens, ${self.cost:.2f}", refresh=False)
+        self.failed += not response.ok
+        self.bar.set_postfix_str(self._postfix(), refresh=False)
         self.bar.update(1)
+
+    def retry(self, reason: str) -> None:
+        """A call is tried again (a 429, a 5xx, a timeout): shown at once, with the latest reason, so
+        a build that keeps retrying is seen to, before anything finishes."""
+        if self.bar is None:
+            return
+        self.retries += 1
+        self.last = reason.split(":")[0][:40]
+        self.bar.set_postfix_str(self._postfix(), refresh=True)
+
+    def _postfix(self) -> str:
+        text = f"{self.tokens:,} tokens, ${self.cost:.2f}"
+        if self.retries:
+            text += f", {self.retries} retried (last: {self.last})"
+        if self.failed:
+            text += f", {self.failed} failed"
+        return text
 
     def add(self, calls: int) -> None:
         """Calls the step learns about as it goes (each document the filters let through, a regrow,

@@ -130,6 +130,18 @@ def test_calls_that_failed_then_succeeded_are_recorded_with_their_final_result(a
     con.close()
 
 
+def test_the_progress_bar_shows_retries_and_failures_as_they_happen(api, isolated_home, capsys):
+    api.faults = Faults(rate=0.3, kinds=("500",))
+    result = build_corpus(str(SPEC), opts(api, docs=6, progress=True))
+    assert result.complete
+    err = capsys.readouterr().err
+    last = {}  # each stage's bar, as last drawn
+    for stage, count in re.findall(r"(generate|judge) \(task 0\):[^\n\r\x1b]*?(?:(\d+) retried \(last: HTTP 500\))?\]",
+                                   err):
+        last[stage] = int(count or 0)
+    assert sum(last.values()) == api.stats.faults["500"] > 0, (last, err[-800:])  # every retry shown, none lost
+
+
 def test_revision_rewrites_and_keeps_the_draft(api, isolated_home):
     result = build_corpus(str(SPEC), opts(api, docs=12, revise=True))
     assert result.complete and sum(result.status_counts.values()) == 12

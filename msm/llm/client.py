@@ -108,6 +108,7 @@ class LLMClient:
         self.retry = retry or RetryPolicy()
         self.batch_poll_s = batch_poll_s
         self.on_result = on_result
+        self.on_retry: Callable[[Request, str], None] | None = None  # a call about to be tried again, and why
         self.stats = RunStats()
         self._warm: dict[str, asyncio.Event] = {}
         self._gate: PriorityGate | None = None  # complete_one's; made inside the running loop
@@ -291,6 +292,8 @@ class LLMClient:
                     response = await self.backend.call(request, self.model)
                 except TransientError as exc:
                     last = exc
+                    if self.on_retry and attempt < self.retry.max_attempts:
+                        self.on_retry(request, str(exc))
                 else:
                     return self._finish(key, request, response, attempt)
             if attempt < self.retry.max_attempts:
