@@ -166,3 +166,26 @@ def test_kill_minus_nine_mid_run_pays_at_most_the_calls_in_flight_twice(tmp_path
     assert again.returncode == 0, again.stderr
     assert answered(loopback) <= CALLS + IN_FLIGHT and eval_rows(isolated_home) == (1, N_ITEMS)
     assert "all" in again.stdout
+
+
+def test_a_served_model_is_scored_in_the_chat_template_it_was_given(tmp_path, isolated_home, loopback):
+    """/v1/completions applies no template: with --chat-template the contexts a server scores are
+    framed exactly as the local backend frames the same model's (system turn, user turn,
+    generation prompt); without it, a plain question-and-answer frame."""
+    import json as _json
+    import sqlite3
+
+    bank = write(tmp_path / "bank.jsonl", items(4))
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    done = run_msm(*args(loopback, bank), "--chat-template", str(template), env=ENV, timeout=300)
+    assert done.returncode == 0, done.stderr
+    plain = run_msm(*args(loopback, bank), env=ENV, timeout=300)
+    assert plain.returncode == 0, plain.stderr
+    con = sqlite3.connect(isolated_home / "cache" / "calls.sqlite")
+    contexts = [_json.loads(r)["score"]["context"] for (r,) in con.execute("SELECT request FROM calls")]
+    con.close()
+    framed = [c for c in contexts if c.startswith("<|im_start|>user\n")]
+    assert len(framed) == 8 and all(c.endswith("<|im_end|>\n<|im_start|>assistant\n") for c in framed)
+    assert len([c for c in contexts if c.startswith("Question: ") and c.endswith("\nAnswer:")]) == 8
