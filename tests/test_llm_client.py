@@ -216,6 +216,12 @@ def test_ping_cli_against_loopback(loopback):
     wrong = run_msm("llm", "ping", "--backend", "openai", "--base-url", loopback.url + "/v1", "--model", "m",
                     env={"OPENAI_API_KEY": LOOPBACK_KEY})
     assert_one_line_error(wrong, "does not serve model 'm'", "it serves: served-model", "--model")
+    # a one-model server that answers under any name (llama-cpp-python) lists its one name
+    loopback.models, chats = (), loopback.stats.requests["chat"]
+    lenient = run_msm("llm", "ping", "--backend", "openai", "--base-url", loopback.url + "/v1", "--model", "m",
+                      env={"OPENAI_API_KEY": LOOPBACK_KEY})
+    assert_one_line_error(lenient, "does not serve model 'm'", "it serves: loopback-model")
+    assert loopback.stats.requests["chat"] == chats  # refused before any completion
 
 
 def test_unreachable_server_is_a_bounded_clear_error():

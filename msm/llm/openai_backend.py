@@ -106,7 +106,9 @@ class OpenAIBackend(Backend):
         try:
             stream = await self.client.chat.completions.create(**self.chat_params(request, model))
             async with stream:  # an abandoned answer (timed out, cancelled) closes its connection
-                text, finish, usage = await self._read_stream(stream)
+                text, finish, usage, pieces = await self._read_stream(stream)
+            if usage == Usage() and pieces:
+                usage = Usage(await self._prompt_tokens(request, model), pieces, 0, 0)
         except TransientError:
             raise
         except Exception as exc:  # noqa: BLE001 - classified into retry or fail
@@ -118,10 +120,9 @@ class OpenAIBackend(Backend):
                         backend=self.name, model=model)
 
     async def _read_stream(self, stream) -> tuple[str, str, Usage]:
-        """(text, finish reason, usage) from the chunks. The first chunk may wait `first_byte_timeout`
-        (the request queued on a busy server); after it, a silence longer than `idle_timeout` is a
-        stall. A server that sends no usage chunk (llama-cpp-python) leaves usage at zero: zero means
-        not reported, which a guess from the text would hide."""
+        """(text, finish reason, usage, content chunks) from the chunks. The first chunk may wait
+        `first_byte_timeout` (the request queued on a busy server); after it, a silence longer than
+        `idle_timeout` is a stall. Usage stays zero when the server sends no usage chunk."""
         parts, finish, usage = [], None, Usage()
         chunks = stream.__aiter__()
         first = True
@@ -145,10 +146,28 @@ class OpenAIBackend(Backend):
                 finish = choice.finish_reason or finish
         if finish is None:
             raise TransientError(f"the answer from {self.base_url} ended without a finish reason (cut off)")
-        return "".join(parts), finish, usage
+        return "".join(parts), finish, usage, len(parts)
+
+    async def _prompt_tokens(self, request: Request, model: str) -> int:
+        """The prompt's tokens as the server counts them, for a server that streams no usage
+        (llama-cpp-python): the same messages once more, unstreamed, with room for one token. The
+        server has just read this prompt, so a prefix-caching server (llama.cpp) pays one token.
+        The answer's tokens are its content chunks: llama.cpp and vLLM stream one token a chunk."""
+        params = {**self.chat_params(request, model), "max_tokens": 1, "temperature": 0.0, "stream": False}
+        params.pop("stream_options")
+        try:
+            reply = await self.client.chat.completions.create(**params)
+        except Exception:  # noqa: BLE001 - a count, not the answer: unknown stays 0
+            return 0
+        return reply.usage.prompt_tokens if reply.usage else 0
 
     async def ping(self, model: str) -> str:
-        """One tiny completion to the named model; an unknown name fails naming the ones served."""
+        """One tiny completion to the named model; an unknown name fails naming the ones served. The
+        served list is read first: a one-model server (llama-cpp-python) answers under any name."""
+        served = await self._served_models()
+        if served and model not in served.split(", "):
+            raise FatalError(f"the server at {self.base_url} does not serve model '{model}' (it serves: {served})",
+                             "pass one of them as --model")
         try:
             return await super().ping(model)
         except FatalError as exc:
