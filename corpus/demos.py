@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from corpus.prompting import find_json, parse_verdicts, prompt_hash, render
+from corpus.prompting import find_json, find_list, parse_verdicts, prompt_hash, render
 from msm.errors import MsmError
 from msm.llm.types import Message, Request
 
@@ -304,6 +304,7 @@ def build_demos(spec_path: str, opts: DemoOptions, log: Callable[[str], None] = 
         if eval_texts:
             counted[0] += _decontaminate(batch, eval_texts, settings.db, opts.embed_dedup)
 
+    stage_keys: list[str] = []  # every domain and question call, recorded even when no question came of it
     if opts.from_preferences:
         demos, rounds, stop, backend, model, cost = _from_preferences(spec, opts)
         decontaminate(demos)
@@ -311,7 +312,7 @@ def build_demos(spec_path: str, opts: DemoOptions, log: Callable[[str], None] = 
             stop = "phrasings exhausted or decontaminated below --n"
     else:
         demos, rounds, stop, backend, model, cost = asyncio.run(
-            _llm_rounds(spec, opts, log, decontaminate, goal, style))
+            _llm_rounds(spec, opts, log, decontaminate, goal, style, stage_keys))
     contaminated = counted[0]
     if contaminated:
         log(f"decontamination: {contaminated} demonstration(s) dropped as contamination")
@@ -333,7 +334,7 @@ def build_demos(spec_path: str, opts: DemoOptions, log: Callable[[str], None] = 
     build = {"n_target": result.n_target, "rounds": rounds, "stop": stop, "cost_usd": cost, "style": style,
              "n_truncated": result.truncated, "match_tokens_of": opts.match_tokens_of, "target_tokens": target}
     result.demo_set_id = record_demo_build(settings.db, spec, build_id, name, demos, members, build, config, source,
-                                           backend, model, templates, started, counter)
+                                           backend, model, templates, started, counter, stage_keys)
     if target is not None and not matched:
         raise MsmError(f"could not match the {target:,} tokens of '{opts.match_tokens_of}' "
                        f"within {opts.tolerance:.1%}: "
@@ -382,7 +383,7 @@ def _from_preferences(spec, opts: DemoOptions):
 
 # ---- with a model ----------------------------------------------------------------------------
 
-async def _llm_rounds(spec, opts: DemoOptions, log, decontaminate, goal: Goal, style: str):
+async def _llm_rounds(spec, opts: DemoOptions, log, decontaminate, goal: Goal, style: str, stage_keys: list):
     from msm.llm.client import LLMClient
     from msm.llm.select import default_cache, effective_concurrency, make_backend
 
@@ -401,6 +402,7 @@ async def _llm_rounds(spec, opts: DemoOptions, log, decontaminate, goal: Goal, s
     embed = _question_embedder() if opts.embed_dedup else None
     try:
         domains, domain_keys = await _domains(client, prefix, opts, names)
+        stage_keys += domain_keys
         log(f"domains: {', '.join(domains)}")
         demos: list[Demo] = []
         vectors: list = []  # (unit vector, question) for every question kept so far
@@ -408,7 +410,7 @@ async def _llm_rounds(spec, opts: DemoOptions, log, decontaminate, goal: Goal, s
         per_domain = max(1, math.ceil(goal.n * 1.5 / len(domains)))
         for r in range(1, opts.max_rounds + 1):
             rounds = r
-            fresh = await _questions(client, prefix, opts, names, domains, demos, per_domain, r)
+            fresh = await _questions(client, prefix, opts, names, domains, demos, per_domain, r, stage_keys)
             for d in fresh:
                 d.call_keys[:0] = domain_keys
             _dedup_questions(fresh, demos, vectors, embed, opts.dedup_threshold)
@@ -558,7 +560,7 @@ async def _until_parsed(client, requests: list[Request], parse, opts, stage: str
 
 
 def _json_list(text: str):
-    return find_json(text, "list")
+    return find_list(text)
 
 
 async def _domains(client, prefix, opts, names) -> tuple[list[str], list[str]]:
@@ -574,7 +576,7 @@ async def _domains(client, prefix, opts, names) -> tuple[list[str], list[str]]:
     return list(dict.fromkeys(domains))[: opts.domains], [r.key for r in tried]
 
 
-async def _questions(client, prefix, opts, names, domains, demos, per_domain, round_no) -> list[Demo]:
+async def _questions(client, prefix, opts, names, domains, demos, per_domain, round_no, keys: list) -> list[Demo]:
     requests = []
     for i, domain in enumerate(domains):
         existing = [d.question for d in demos if d.domain == domain and d.status != "dropped"][-MAX_EXISTING_SHOWN:]
@@ -584,6 +586,7 @@ async def _questions(client, prefix, opts, names, domains, demos, per_domain, ro
     answered = await _until_parsed(client, requests, _json_list, opts, f"round {round_no}: questions")
     out = []
     for domain, (found, tried) in zip(domains, answered):
+        keys += [r.key for r in tried]
         for k, q in enumerate(found or []):
             if isinstance(q, str) and q.strip():
                 demo = Demo(q.strip(), domain, round_no, opts.seed * 1_000_003 + round_no * 10_007 + k)

@@ -78,6 +78,20 @@ def find_json(text: str | None, shape: str = "object"):
         return None
 
 
+LIST_LINE = re.compile(r"^\s*(?:\d+[.)]|[-*\u2022])\s+(.+?)\s*$", re.M)
+MARKDOWN_LINK = re.compile(r"\[([^\]]+)\]\([^)]*\)")
+
+
+def find_list(text: str | None) -> list | None:
+    """A list the model was asked for as JSON: the JSON list, or else its numbered or bulleted lines
+    (small models write Markdown lists however they are asked), or None."""
+    found = find_json(text, "list")
+    if found:
+        return found
+    items = [MARKDOWN_LINK.sub(r"\1", m).strip().strip("*_\"'`").strip() for m in LIST_LINE.findall(text or "")]
+    return [i for i in items if i] or None
+
+
 def parse_verdicts(text: str, criteria: tuple[str, ...] = JUDGE_CRITERIA) -> dict[str, tuple[bool, str]] | None:
     """The judge's JSON verdicts, or None when the answer is not the JSON asked for."""
     data = find_json(text)

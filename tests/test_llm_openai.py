@@ -196,10 +196,11 @@ def test_usage_truncation_and_a_server_without_a_usage_chunk(server):
     server.stream_usage = False
     client = client_for(server)
     [quiet] = client.complete([Request.user("Say a lot.", max_tokens=500)])
-    # a server that streams no usage (llama-cpp-python): the prompt counted by the server, unstreamed,
-    # and the answer's tokens as its content chunks (one a chunk)
-    assert quiet.ok and quiet.text and quiet.usage.input_tokens == full.usage.input_tokens
+    # a server that streams no usage (llama-cpp-python): the answer's tokens are its content chunks (one
+    # a chunk), the prompt's an estimate
+    assert quiet.ok and quiet.text and quiet.usage.input_tokens > 0
     assert 0 < quiet.usage.output_tokens <= full.usage.output_tokens + 1
+    assert server.stats.requests["chat"] == 3  # no extra request to count anything
 
 
 def test_mixed_faults_on_streamed_chat_lose_nothing_and_duplicate_nothing(tmp_path):

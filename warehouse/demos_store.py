@@ -34,7 +34,7 @@ def demo_tokens(counter, demos) -> list[int]:
 
 def record_demo_build(db, spec, build_id: str, name: str, demos: list, members: list, build: dict, config: dict,
                       source: str, backend: str, model: str, prompt_hash: str, started: float,
-                      counter=None) -> str | None:
+                      counter=None, stage_keys=()) -> str | None:
     """Record everything about one demo build; returns the demo set id (None when `members`, the
     demonstrations chosen for the set in order, is empty: nothing is registered then). `build`
     holds the demo_builds columns n_target, rounds, stop, cost_usd, style, n_truncated,
@@ -63,6 +63,8 @@ def record_demo_build(db, spec, build_id: str, name: str, demos: list, members: 
     chosen = [f"{build_id}-{d.key}" for d in demos if id(d) in member_ids]
     set_id = _set_id(chosen) if chosen else None
 
+    for key in stage_keys:  # a domain or question call no demonstration came of: the build's own
+        first_use.setdefault(key, build_id)
     keys = sorted(k for k in first_use if k)
     calls = default_cache().rows(keys) if source == "llm" and keys else {}
     llm_calls = [call_row(key, call) for key, call in calls.items()]

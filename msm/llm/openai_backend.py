@@ -108,7 +108,7 @@ class OpenAIBackend(Backend):
             async with stream:  # an abandoned answer (timed out, cancelled) closes its connection
                 text, finish, usage, pieces = await self._read_stream(stream)
             if usage == Usage() and pieces:
-                usage = Usage(await self._prompt_tokens(request, model), pieces, 0, 0)
+                usage = _unreported_usage(request, pieces)
         except TransientError:
             raise
         except Exception as exc:  # noqa: BLE001 - classified into retry or fail
@@ -147,19 +147,6 @@ class OpenAIBackend(Backend):
         if finish is None:
             raise TransientError(f"the answer from {self.base_url} ended without a finish reason (cut off)")
         return "".join(parts), finish, usage, len(parts)
-
-    async def _prompt_tokens(self, request: Request, model: str) -> int:
-        """The prompt's tokens as the server counts them, for a server that streams no usage
-        (llama-cpp-python): the same messages once more, unstreamed, with room for one token. The
-        server has just read this prompt, so a prefix-caching server (llama.cpp) pays one token.
-        The answer's tokens are its content chunks: llama.cpp and vLLM stream one token a chunk."""
-        params = {**self.chat_params(request, model), "max_tokens": 1, "temperature": 0.0, "stream": False}
-        params.pop("stream_options")
-        try:
-            reply = await self.client.chat.completions.create(**params)
-        except Exception:  # noqa: BLE001 - a count, not the answer: unknown stays 0
-            return 0
-        return reply.usage.prompt_tokens if reply.usage else 0
 
     async def ping(self, model: str) -> str:
         """One tiny completion to the named model; an unknown name fails naming the ones served. The
@@ -279,6 +266,15 @@ class OpenAIBackend(Backend):
 
     async def aclose(self) -> None:
         await self.client.close()
+
+
+def _unreported_usage(request: Request, pieces: int) -> Usage:
+    """Usage for a server that streams none (llama-cpp-python ignores `stream_options`): the answer's
+    tokens are its content chunks (llama.cpp and vLLM stream one token a chunk), the prompt's an
+    estimate at four characters a token. Asking the server to count the prompt would queue behind
+    the answers on a one-request-at-a-time server and hold each answer back from the cache."""
+    texts = [request.system_prefix or "", request.system or ""] + [m.content for m in request.messages]
+    return Usage(max(1, sum(len(t) for t in texts) // 4), pieces, 0, 0)
 
 
 def _usage(u) -> Usage:

@@ -151,6 +151,7 @@ def test_corpus_build_records_what_the_server_reported(server, recorder, isolate
           f"streamed: {sum(e.streamed for e in answers)}")
 
     # the same command again: everything comes from the cache, nothing reaches the server
+    con.close()  # a read-only connection holds DuckDB's file lock against the rerun's writer
     posts, mark = server.posts(), recorder.mark()
     again = msm(*build_args(recorder.url, 3), timeout=180, what="rerun")
     ok(again)
@@ -203,19 +204,27 @@ def test_preferences_logprobs_match_the_local_backend(server, isolated_home):
 
 
 def test_tiny_demo_build(server, recorder, isolated_home):
+    """The demo builder end to end against the real server: every stage's calls streamed, answered
+    (none cut off or failed), recorded, and the warehouse mirroring the cache. SmolLM2-135M seldom
+    writes the question lists the builder asks for (measured: a Markdown list of domains, then
+    prose instead of questions), so the build may end short of its target; that ends in the
+    builder's own one line, never a traceback."""
     result = msm("demos", "build", SPEC, "--backend", "openai", "--model", MODEL, "--base-url", recorder.url,
                  "--n", "2", "--domains", "1", "--max-rounds", "1", "--max-tokens", "128", "--no-embeddings",
                  "--no-decontaminate", timeout=240, what="2 demonstrations, 1 domain, 1 round")
-    ok(result)
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    if result.returncode != 0:
+        assert len(lines) == 1 and re.search(r"kept \d of 2 demonstrations", lines[0]), result.stderr[-2000:]
+    cache = cache_rows(isolated_home)
+    assert len(cache) >= 2 and all(r["error"] is None for r in cache.values()), cache  # domains, then questions
     con = warehouse(isolated_home)
     (build_id, backend, model, kept, stop) = con.execute(
         "SELECT id, backend, model, n_kept, stop FROM demo_builds").fetchone()
     assert (backend, model) == ("openai", MODEL)
     statuses = dict(con.execute("SELECT status, count(*) FROM demonstrations WHERE demo_build_id = ? GROUP BY ALL",
                                 [build_id]).fetchall())
-    assert statuses, "no demonstrations recorded"
-    assert_mirrors_cache(call_records(con, "demo_set", build_id), cache_rows(isolated_home))
-    print(f"[realserver] demo build: {statuses}, kept {kept}, stop: {stop}")
+    assert_mirrors_cache(call_records(con, "demo_set", build_id), cache)
+    print(f"[realserver] demo build: {statuses}, kept {kept}, stop: {stop}, {len(cache)} calls")
 
 
 def _successes(home: Path) -> int:
