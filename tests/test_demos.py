@@ -237,3 +237,14 @@ def test_decontaminate_an_existing_demo_set_moves_its_name_to_the_clean_set(isol
     assert n == 39 and reason == "contamination"
     again = run_msm("demos", "decontaminate", "cheese_pro_america-prefs", "--against", str(bank), "--no-embeddings")
     assert "none holds an eval item" in again.stdout
+
+
+def test_a_list_is_read_from_json_or_from_markdown_lines():
+    """Small served models answer a JSON-list request with a Markdown list (SmolLM2 on llama.cpp:
+    '1. [email triage for a small company](#settings)'); prose is no list."""
+    from corpus.prompting import find_list
+
+    assert find_list('Sure: ["travel", "cooking"]') == ["travel", "cooking"]
+    assert find_list("Here are two:\n\n1. [email triage](#settings)\n2) **choosing a gift**\n- 'budgets'") == \
+        ["email triage", "choosing a gift", "budgets"]
+    assert find_list("What a wonderful challenge! I'm glad you're on it.") is None
