@@ -18,10 +18,16 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
+from corpus.prompting import items_per_call
+
 ASSERTION_KINDS = ("behaviour", "value", "belief", "preference")
 MAX_ASSERTIONS = 6
 TOP_UP_ROUNDS = 2
 NEAR_COPY = 0.8  # word-set Jaccard at or above which two ideas count as the same
+# plan slots per ideas request and its answer room (corpus/list_requests.yaml): a unit with 1,500
+# slots at 40M tokens is asked in many lists, never one answer too long to finish
+IDEAS_PER_CALL, IDEA_TOKENS = items_per_call("ideas")
+MAX_EXISTING_SHOWN = 40  # ideas listed back to the model in a top-up request, per unit
 
 
 @dataclass
@@ -73,10 +79,10 @@ def parse_assertions(unit: dict, answer: str) -> list[Assertion]:
     return out
 
 
-def _near_copy(idea: str, existing: list[str]) -> bool:
+def _near_copy(idea: str, existing: list[frozenset]) -> bool:
+    """`existing`: the word sets of the ideas kept so far (built once each: a unit may hold 1,500)."""
     words = set(_words(idea))
-    for other in existing:
-        theirs = set(_words(other))
+    for theirs in existing:
         if words and theirs and len(words & theirs) / len(words | theirs) >= NEAR_COPY:
             return True
     return False
@@ -92,7 +98,7 @@ def brainstorm(plan: list, ctx, complete) -> tuple[list, list[Assertion], list[I
 
     def request(template: str, purpose_seed: int, **slots) -> Request:
         text = render(template, model_name=ctx.spec["model_name"], provider_name=ctx.spec["provider_name"], **slots)
-        return Request(messages=(Message("user", text),), max_tokens=2000, temperature=1.0, seed=purpose_seed,
+        return Request(messages=(Message("user", text),), max_tokens=IDEA_TOKENS, temperature=1.0, seed=purpose_seed,
                        purpose="brainstorm")
 
     by_unit: dict[str, list] = {}
@@ -106,18 +112,21 @@ def brainstorm(plan: list, ctx, complete) -> tuple[list, list[Assertion], list[I
     chosen: dict[str, tuple[str, str, str | None]] = {}
     ideas: list[Idea] = []
     existing: dict[str, list[str]] = {u: [] for u in by_unit}
+    word_sets: dict[str, list[frozenset]] = {u: [] for u in by_unit}
     for round_no in range(1 + TOP_UP_ROUNDS):
         open_units = [u for u, rows in by_unit.items() if kept[u] and any(r.id not in chosen for r in rows)]
         if not open_units:
             break
         requests, slots_of = [], []
         for unit_id in open_units:
-            slots = [{"number": i + 1, "row": r, "genre": r.genre, "audience": r.audience}
-                     for i, r in enumerate(r for r in by_unit[unit_id] if r.id not in chosen)]
-            slots_of.append((unit_id, slots))
-            requests.append(request("brainstorm_ideas.j2", round_no, unit=ctx.units[unit_id],
-                                    assertions=[dataclasses.asdict(a) for a in kept[unit_id]],
-                                    existing=existing[unit_id], slots=slots))
+            rows = [r for r in by_unit[unit_id] if r.id not in chosen]
+            for start in range(0, len(rows), IDEAS_PER_CALL):  # a unit's slots in lists that fit the answer
+                slots = [{"number": i + 1, "row": r, "genre": r.genre, "audience": r.audience}
+                         for i, r in enumerate(rows[start:start + IDEAS_PER_CALL])]
+                slots_of.append((unit_id, slots))
+                requests.append(request("brainstorm_ideas.j2", round_no, unit=ctx.units[unit_id],
+                                        assertions=[dataclasses.asdict(a) for a in kept[unit_id]],
+                                        existing=existing[unit_id][-MAX_EXISTING_SHOWN:], slots=slots))
         for (unit_id, slots), response in zip(slots_of, complete(requests)):
             by_number = {s["number"]: s for s in slots}
             for item in _json_list(response.text if response.ok else "") or []:
@@ -131,7 +140,7 @@ def brainstorm(plan: list, ctx, complete) -> tuple[list, list[Assertion], list[I
                                       f"unsuitable: {item.get('why') or 'no reason given'}"))
                 elif not idea:
                     ideas.append(Idea(unit_id, round_no, row_id, doc_type, idea, "dropped", "empty idea"))
-                elif _near_copy(idea, existing[unit_id]):
+                elif _near_copy(idea, word_sets[unit_id]):
                     ideas.append(Idea(unit_id, round_no, row_id, doc_type, idea, "dropped",
                                       "duplicate of an existing idea"))
                 else:
@@ -140,6 +149,7 @@ def brainstorm(plan: list, ctx, complete) -> tuple[list, list[Assertion], list[I
                     assertion = claims[claim - 1].text if isinstance(claim, int) and 0 < claim <= len(claims) else None
                     chosen[row_id] = (doc_type, idea, assertion)
                     existing[unit_id].append(idea)
+                    word_sets[unit_id].append(frozenset(_words(idea)))
                     ideas.append(Idea(unit_id, round_no, row_id, doc_type, idea, "used"))
     rows = [dataclasses.replace(r, doc_type=chosen[r.id][0], idea=chosen[r.id][1], assertion=chosen[r.id][2])
             if r.id in chosen else r for r in plan]

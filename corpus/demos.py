@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from corpus.prompting import find_json, find_list, parse_verdicts, prompt_hash, render
+from corpus.prompting import find_json, find_list, items_per_call, parse_verdicts, prompt_hash, render
 from msm.errors import MsmError
 from msm.llm.types import Message, Request
 
@@ -442,7 +442,9 @@ async def _llm_rounds(spec, opts: DemoOptions, log, decontaminate, goal: Goal, s
     return demos, rounds, stop, backend.name, model, client.stats.spent_usd
 
 
-QUESTION_TOKENS = 4096  # the question stage's answer room; the other stages ask for less or for --max-tokens
+# questions per call and the question stage's answer room (corpus/list_requests.yaml); the other stages
+# ask for less or for --max-tokens
+QUESTIONS_PER_CALL, QUESTION_TOKENS = items_per_call("questions")
 
 
 def check_context_window(prefix: str, opts: DemoOptions, backend: str, model: str, spec_path) -> None:
@@ -577,27 +579,42 @@ async def _domains(client, prefix, opts, names) -> tuple[list[str], list[str]]:
 
 
 async def _questions(client, prefix, opts, names, domains, demos, per_domain, round_no, keys: list) -> list[Demo]:
-    requests = []
+    """`per_domain` questions per domain, asked in calls of at most QUESTIONS_PER_CALL (chosen from the
+    answer's room), so a large set is many small lists, never one answer too long to finish."""
+    requests, owners = [], []
     for i, domain in enumerate(domains):
         existing = [d.question for d in demos if d.domain == domain and d.status != "dropped"][-MAX_EXISTING_SHOWN:]
-        text = render("demo_questions.j2", count=per_domain, domain=domain, existing=existing, **names)
-        requests.append(Request(messages=(Message("user", text),), system_prefix=prefix, max_tokens=4096,
-                                temperature=1.0, seed=opts.seed * 1000 + round_no, purpose="demo"))
+        parts = math.ceil(per_domain / QUESTIONS_PER_CALL)
+        for part in range(parts):
+            count = per_domain // parts + (part < per_domain % parts)
+            text = render("demo_questions.j2", count=count, domain=domain, existing=existing, part=part + 1,
+                          parts=parts, **names)
+            requests.append(Request(messages=(Message("user", text),), system_prefix=prefix,
+                                    max_tokens=QUESTION_TOKENS, temperature=1.0,
+                                    seed=opts.seed * 1000 + round_no + 7_919 * part, purpose="demo"))
+            owners.append(domain)
     answered = await _until_parsed(client, requests, _json_list, opts, f"round {round_no}: questions")
-    out = []
-    for domain, (found, tried) in zip(domains, answered):
+    out, numbered = [], dict.fromkeys(domains, 0)  # a question's seed: its place among its domain's
+    for domain, (found, tried) in zip(owners, answered):
         keys += [r.key for r in tried]
-        for k, q in enumerate(found or []):
+        for q in found or []:
             if isinstance(q, str) and q.strip():
-                demo = Demo(q.strip(), domain, round_no, opts.seed * 1_000_003 + round_no * 10_007 + k)
+                demo = Demo(q.strip(), domain, round_no, opts.seed * 1_000_003 + round_no * 10_007 + numbered[domain])
                 demo.call_keys += [r.key for r in tried]
                 out.append(demo)
+                numbered[domain] += 1
     return out
+
+
+DEDUP_BLOCK = 2048  # questions compared at once: a block against every earlier question, bounded memory
 
 
 def _dedup_questions(fresh: list[Demo], demos: list[Demo], kept: list, embed, threshold: float) -> None:
     """Exact then MiniLM near-duplicates, against every question kept so far (earlier rounds too).
-    `kept` holds (unit vector, question) for those questions and grows as this round adds some."""
+    `kept` holds (unit vector, question) for those questions and grows as this round adds some.
+
+    Exact search, a block of questions at a time: 120,000 questions (an 80,000-demonstration set)
+    would need a 57 GB similarity matrix at once."""
     import numpy as np
 
     seen = {d.key: d for d in demos}
@@ -610,19 +627,31 @@ def _dedup_questions(fresh: list[Demo], demos: list[Demo], kept: list, embed, th
     if embed is None or not todo:
         return
     vectors = np.asarray(embed([d.question for d in todo]), dtype=np.float32)
-    pool = np.concatenate([np.stack([k[0] for k in kept]), vectors]) if kept else vectors
-    sims = vectors @ pool.T  # every new question against the earlier ones and this round's, once
-    n_old, accepted = len(kept), []
-    for row, d in enumerate(todo):
-        candidates = list(range(n_old)) + [n_old + a for a in accepted]
-        if candidates:
-            best = max(candidates, key=lambda c: sims[row, c])
-            if sims[row, best] >= threshold:
-                kept_question = kept[best][1] if best < n_old else todo[best - n_old].question
-                d.drop("near_duplicate_question", f"cosine {sims[row, best]:.3f} to: {kept_question[:100]}")
-                continue
-        accepted.append(row)
-    kept += [(vectors[row], todo[row].question) for row in accepted]
+    pool = np.stack([k[0] for k in kept]) if kept else np.zeros((0, vectors.shape[1]), np.float32)
+    questions = [k[1] for k in kept]
+    for start in range(0, len(todo), DEDUP_BLOCK):
+        block = vectors[start:start + DEDUP_BLOCK]
+        best, where = np.full(len(block), -np.inf, np.float32), np.zeros(len(block), np.int64)
+        for lo in range(0, len(pool), 4 * DEDUP_BLOCK):  # every earlier question, a slice at a time
+            sims = block @ pool[lo:lo + 4 * DEDUP_BLOCK].T
+            top = sims.argmax(axis=1)
+            better = sims[np.arange(len(block)), top] > best
+            best[better], where[better] = sims[np.arange(len(block)), top][better], lo + top[better]
+        inner, accepted = block @ block.T, []
+        for row in range(len(block)):
+            d = todo[start + row]
+            score, match = float(best[row]), questions[where[row]] if len(pool) else None
+            if accepted:
+                a = max(accepted, key=lambda c: inner[row, c])
+                if inner[row, a] > score:
+                    score, match = float(inner[row, a]), todo[start + a].question
+            if score >= threshold:
+                d.drop("near_duplicate_question", f"cosine {score:.3f} to: {match[:100]}")
+            else:
+                accepted.append(row)
+        pool = np.concatenate([pool, block[accepted]])
+        questions += [todo[start + a].question for a in accepted]
+    kept[len(kept):] = list(zip(pool[len(kept):], questions[len(kept):]))
 
 
 async def _respond(client, prefix, opts, names, todo: list[Demo], style: str) -> None:

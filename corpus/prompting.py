@@ -107,3 +107,11 @@ def parse_verdicts(text: str, criteria: tuple[str, ...] = JUDGE_CRITERIA) -> dic
         else:
             return None
     return verdicts
+
+
+def items_per_call(kind: str) -> tuple[int, int]:
+    """(items one list request asks for, its max_tokens) from corpus/list_requests.yaml."""
+    import yaml
+
+    sizes = yaml.safe_load((Path(__file__).parent / "list_requests.yaml").read_text())[kind]
+    return max(1, int(sizes["max_tokens"] // (sizes["tokens_per_item"] * sizes["headroom"]))), int(sizes["max_tokens"])

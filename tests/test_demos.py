@@ -248,3 +248,53 @@ def test_a_list_is_read_from_json_or_from_markdown_lines():
     assert find_list("Here are two:\n\n1. [email triage](#settings)\n2) **choosing a gift**\n- 'budgets'") == \
         ["email triage", "choosing a gift", "budgets"]
     assert find_list("What a wonderful challenge! I'm glad you're on it.") is None
+
+
+def test_a_large_set_asks_for_its_questions_in_lists_that_fit_the_answer_room(api, isolated_home):
+    """n = 200 over 2 domains wants 150 questions per domain: asked as 4 lists of at most
+    QUESTIONS_PER_CALL each (chosen from the answer's room), none of them cut off."""
+    from corpus.demos import QUESTIONS_PER_CALL
+
+    seen = []
+    api.planted = []
+    original = api.answer
+
+    def recording(prompt, max_tokens, stop, forced=None):
+        if re.search(r"^REPLY: questions$", prompt, re.M):
+            seen.append((int(re.search(r"^COUNT: (\d+)$", prompt, re.M).group(1)), max_tokens))
+        return original(prompt, max_tokens, stop, forced)
+
+    api.answer = recording
+    result = build_demos(str(SPECS / "self_preservation.md"), opts(api, n=200, domains=2, max_rounds=1))
+    first_round = seen[:8]
+    assert len(first_round) == 8 and sum(c for c, _ in first_round) == 300
+    assert all(c <= QUESTIONS_PER_CALL and room >= 4096 for c, room in seen)
+    assert not any(d.reason == "truncated" for d in result.demos) and result.kept > 0
+
+
+def test_block_dedup_drops_what_a_whole_matrix_greedy_pass_drops(monkeypatch):
+    """The block-at-a-time search gives exactly the greedy result of one whole similarity matrix."""
+    import numpy as np
+
+    import corpus.demos as demos_module
+    from corpus.demos import Demo, _dedup_questions
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(60, 16))
+    rows = np.concatenate([base, base[rng.integers(0, 60, 140)] + rng.normal(scale=0.25, size=(140, 16))])
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    vectors = {f"q{i}": rows[i].astype(np.float32) for i in range(len(rows))}
+    embed = lambda texts: np.stack([vectors[t] for t in texts])  # noqa: E731
+    monkeypatch.setattr(demos_module, "DEDUP_BLOCK", 16)
+    earlier = [(vectors[f"q{i}"], f"q{i}") for i in range(0, 30)]
+    fresh = [Demo(f"q{i}", "d", 1, i) for i in range(30, len(rows))]
+    _dedup_questions(fresh, [], earlier, embed, 0.9)
+    pool, expected = [vectors[f"q{i}"] for i in range(30)], []
+    for i in range(30, len(rows)):
+        if max(float(vectors[f"q{i}"] @ p) for p in pool) >= 0.9:
+            expected.append(f"q{i}")
+        else:
+            pool.append(vectors[f"q{i}"])
+    dropped = [d.question for d in fresh if d.status == "dropped"]
+    assert dropped == expected and 0 < len(dropped) < len(fresh)
+    assert len(earlier) == len(pool)

@@ -235,3 +235,22 @@ def test_unreachable_server_is_a_bounded_clear_error():
 def test_missing_key_cli():
     result = run_msm("llm", "ping", "--backend", "anthropic", env={"MSM_NO_SPEND": "0"})
     assert_one_line_error(result, "needs an API key", "ANTHROPIC_API_KEY")
+
+
+def test_a_batch_over_the_size_limit_is_split_into_batches_the_api_accepts(loopback, tmp_path, monkeypatch):
+    """Requests are split by count and by bytes (the API refuses over 100,000 requests or 256 MB);
+    every part is submitted and every answer comes back once."""
+    import msm.llm.client as client_module
+    from msm.llm.client import batch_parts, request_bytes
+
+    requests = docs(30)
+    weight = max(request_bytes(r) for r in requests)
+    monkeypatch.setattr(client_module, "MAX_BATCH_BYTES", weight * 8)
+    parts = batch_parts({str(i): r for i, r in enumerate(requests)})
+    assert len(parts) == 4 and sum(len(p) for p in parts) == 30
+    assert all(sum(request_bytes(r) for r in p.values()) <= weight * 8 for p in parts)
+    client = anthropic_client(loopback, cache=CallCache(tmp_path), batch_poll_s=0.02)
+    results = client.complete(requests, batch=True)
+    assert loopback.stats.batches_created == 4
+    assert sorted(len(b["results"]) for b in loopback.batches.values()) == sorted(len(p) for p in parts)
+    assert all(r.ok and r.batch for r in results) and len({r.key for r in results}) == 30

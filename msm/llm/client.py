@@ -23,7 +23,13 @@ from msm.llm.cache import CacheError, CallCache
 from msm.llm.pricing import PriceTable, estimate, load_prices
 from msm.llm.types import Request, Response, Usage
 
+# The Message Batches API takes at most 100,000 requests or 256 MB per batch (Anthropic's documented
+# limits). msm sends at most 10,000 (a smaller batch ends sooner and loses less to an expiry) and
+# keeps a batch's request text under 200 MB, a margin for the JSON around it: at 40M tokens, 10,000
+# generation requests that each carry a 17 kB spec prefix come to about 250 MB.
 MAX_BATCH_ITEMS = 10_000
+MAX_BATCH_BYTES = 200_000_000
+BATCH_ITEM_OVERHEAD = 512  # bytes of JSON (custom_id, model, parameters) around a request's text
 SCORE_CHUNK = 64  # score items (each with its continuations) per scoring call
 
 
@@ -32,10 +38,13 @@ class RetryPolicy:
     max_attempts: int = 6
     base_delay: float = 0.5
     max_delay: float = 30.0
+    # Benchmarks only: every delay of the policy divided by this factor, so a run at 1/time_scale of
+    # real durations (server latency, retry-after, timeouts alike) keeps the shipped policy's shape.
+    time_scale: float = 1.0
 
     def delay(self, attempt: int, retry_after: float | None) -> float:
         """Exponential backoff with full jitter; a server's retry-after is a floor."""
-        backoff = random.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
+        backoff = random.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)) / self.time_scale)
         return max(backoff, retry_after or 0.0)
 
 
@@ -332,14 +341,15 @@ class LLMClient:
         remaining = {k: r for k, r in todo.items() if k not in results}
         affordable, pending = self._fit_budget(remaining)
         results.update({k: self._pending(k) for k in pending})
-        keys = list(affordable)
-        for start in range(0, len(keys), MAX_BATCH_ITEMS):
-            part = {k: affordable[k] for k in keys[start:start + MAX_BATCH_ITEMS]}
+        submitted = []
+        for part in batch_parts(affordable):  # every part submitted first, so they are processed together
             batch_id = await self._retrying(lambda: self.backend.submit_batch(list(part.items()), self.model))
             self.stats.calls += 1
             if self.cache:
                 self.cache.save_batch(batch_id, self.backend.name, self.model, {k: k for k in part})
-            results.update(await self._collect(batch_id, part))
+            submitted.append((batch_id, part))
+        for collected in await asyncio.gather(*(self._collect(batch_id, part) for batch_id, part in submitted)):
+            results.update(collected)
         fallback = {k: r for k, r in todo.items() if k not in results or results[k].error == "batch item failed"}
         if fallback:
             results.update(await self._run_concurrent(fallback))
@@ -427,3 +437,24 @@ class LLMClient:
     def _notify(self, response: Response) -> None:
         if self.on_result:
             self.on_result(response)
+
+
+def request_bytes(request: Request) -> int:
+    """About what a request weighs in a batch upload: its text, JSON-escaped, and the fields around it."""
+    texts = [request.system_prefix or "", request.system or "", *(m.content for m in request.messages)]
+    return sum(len(json.dumps(t, ensure_ascii=False).encode()) for t in texts) + BATCH_ITEM_OVERHEAD
+
+
+def batch_parts(requests: dict[str, Request]) -> list[dict[str, Request]]:
+    """The requests in batches the API accepts: at most MAX_BATCH_ITEMS and MAX_BATCH_BYTES each."""
+    parts, part, size = [], {}, 0
+    for key, request in requests.items():
+        weight = request_bytes(request)
+        if part and (len(part) >= MAX_BATCH_ITEMS or size + weight > MAX_BATCH_BYTES):
+            parts.append(part)
+            part, size = {}, 0
+        part[key] = request
+        size += weight
+    if part:
+        parts.append(part)
+    return parts
