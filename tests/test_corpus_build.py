@@ -458,6 +458,27 @@ def test_brainstormed_plan_grounds_claims_and_fills_every_cell(api, isolated_hom
     assert again.build_id == result.build_id and api.stats.requests["messages"] == calls
 
 
+def test_brainstorm_asks_for_a_units_ideas_in_lists_that_fit_the_answer(api, isolated_home, monkeypatch):
+    """A unit's slots go out IDEAS_PER_CALL at a time (here 2, so the 80-row plan's units with 3 or
+    more rows need several lists), and every row still gets an idea."""
+    import corpus.brainstorm as brainstorm_module
+    from msm.llm.cache import CallCache
+
+    monkeypatch.setattr(brainstorm_module, "IDEAS_PER_CALL", 2)
+    result = build_corpus(str(SPEC), opts(api, docs=80, plan_mode="brainstorm"))
+    assert result.complete
+    con = db(isolated_home)
+    assert con.execute("SELECT count(*) FROM plan_rows WHERE idea IS NULL").fetchone()[0] == 0
+    widest = con.execute("SELECT max(n) FROM (SELECT count(*) AS n FROM plan_rows GROUP BY unit_id)").fetchone()[0]
+    con.close()
+    assert widest >= 3
+    cache = CallCache(isolated_home / "cache")
+    asked = [r[0] for r in cache._writer.execute("SELECT request FROM calls WHERE purpose = 'brainstorm'")]
+    slots = [text.count(". genre: ") for text in asked]
+    ideas = [n for n in slots if n]
+    assert ideas and max(ideas) == 2 and len(ideas) > sum(1 for n in slots if not n)  # more lists than units
+
+
 def test_brainstorm_needs_an_api_model(tmp_path):
     assert_one_line_error(run_msm("corpus", "build", str(SPEC), "--docs", "2", "--backend", "local", "--plan",
                                   "brainstorm"), "needs a capable API model")
