@@ -127,6 +127,9 @@ def check_build_options(where: str, options: dict) -> None:
     for key, low in (("docs", 1), ("tasks", 1), ("workers", 1), ("concurrency", 1), ("max_tokens", 1)):
         if options.get(key) is not None and options[key] < low:
             raise MsmError(f"{where}: '{key}' is {options[key]}", f"use {low} or more")
+    from corpus.catalog import check_doc_words
+
+    check_doc_words(options.get("doc_words"), f"{where}: 'doc_words'")
     if options.get("max_cost") is not None and options["max_cost"] <= 0:
         raise MsmError(f"{where}: 'max_cost' is {options['max_cost']}", "give a budget in USD above 0, or null")
     if options.get("tolerance") is not None and not 0 < options["tolerance"] < 1:
@@ -142,7 +145,7 @@ def parse_conditions(text: str) -> tuple[str, ...]:
 
 def price_rows(spec, rows, genres, audiences, backend: str | None = None, model: str | None = None,
                base_url: str | None = None, batch: bool = False, judge: str | None = None,
-               revise: bool = False) -> dict:
+               revise: bool = False, doc_words: int | None = None) -> dict:
     """Upper-bound USD of writing (and, with an LLM judge, judging) these plan rows, from the price
     table: every call uses its full max_tokens, the spec prefix is paid once. Also says which
     backend and model the build would use."""
@@ -155,7 +158,8 @@ def price_rows(spec, rows, genres, audiences, backend: str | None = None, model:
     name, model, base_url = choose(backend, model, base_url)
     if model is None:
         model = make_backend(name, None, base_url)[0].default_model
-    ctx = make_context(spec, plan_units(spec), genres, audiences, name, model, base_url, judge=judge, revise=revise)
+    ctx = make_context(spec, plan_units(spec), genres, audiences, name, model, base_url, judge=judge, revise=revise,
+                       doc_words=doc_words)
     table = load_prices()
     written = price([ctx.generate_request(r.to_json()) for r in rows], name, model, table, batch=batch)
     judged = price([ctx.judge_request(r.to_json(), "x" * 4 * 1200) for r in rows], name, model, table,
@@ -168,7 +172,7 @@ def price_rows(spec, rows, genres, audiences, backend: str | None = None, model:
 def estimate(spec_path: str, docs: int | None = None, tokens: int | str | None = None, backend: str | None = None,
              model: str | None = None, base_url: str | None = None, batch: bool = False, genres: str | None = None,
              audiences: str | None = None, variables: dict | None = None, conditions: tuple = (),
-             judge: str | None = None, revise: bool = False, **_ignored) -> dict:
+             judge: str | None = None, revise: bool = False, doc_words: int | None = None, **_ignored) -> dict:
     """What a build would make and cost, without calling a model: documents, kept tokens, USD.
 
     The price is `price_rows` over a sample of up to 200 planned rows, scaled to the whole build;
@@ -178,14 +182,15 @@ def estimate(spec_path: str, docs: int | None = None, tokens: int | str | None =
     from pipelines.target import first_guess_tokens_per_doc, parse_tokens
 
     spec = load_spec(spec_path, variables or {})
-    genre_list, audience_list = load_genres(genres), load_audiences(audiences)
+    genre_list, audience_list = load_genres(genres, doc_words), load_audiences(audiences)
     per_doc = first_guess_tokens_per_doc(genre_list, choose(backend, model, base_url)[0] == "local")
     if tokens is not None:
         docs = max(1, round(parse_tokens(tokens) / per_doc))
     docs = docs if docs is not None else 24
     copies = max(1, len(conditions))
     sample = make_plan(spec, genre_list, audience_list, min(docs, 200), seed=0)
-    priced = price_rows(spec, sample, genre_list, audience_list, backend, model, base_url, batch, judge, revise)
+    priced = price_rows(spec, sample, genre_list, audience_list, backend, model, base_url, batch, judge, revise,
+                        doc_words=doc_words)
     scale = docs * copies / len(sample)
     return {"backend": priced["backend"], "model": priced["model"], "docs": docs * copies,
             "tokens": int(per_doc * docs * copies), "cost_usd": priced["cost_usd"] * scale * (3 if revise else 1),

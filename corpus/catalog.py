@@ -56,7 +56,8 @@ def _load(path: Path, key: str) -> list[dict]:
     return items
 
 
-def load_genres(path: str | Path | None = None) -> list[Genre]:
+def load_genres(path: str | Path | None = None, doc_words: int | None = None) -> list[Genre]:
+    """The genre catalogue; with `doc_words`, every word range rescaled (see `scale_genres`)."""
     path = Path(path) if path else DEFAULT_GENRES
     genres = []
     for item in _load(path, "genres"):
@@ -66,7 +67,33 @@ def load_genres(path: str | Path | None = None) -> list[Genre]:
             raise CatalogError(f"{path}: genre '{item['name']}' needs words: [min, max] with 0 < min <= max", "fix it")
         genres.append(Genre(str(item["name"]), str(item["description"]), (words[0], words[1]),
                             tuple(str(s) for s in item.get("style") or ())))
-    return genres
+    return genres if doc_words is None else scale_genres(genres, doc_words)
+
+
+def check_doc_words(doc_words, where: str = "--doc-words") -> None:
+    """A document length must be a positive whole number of words (None: the catalogue's own)."""
+    if doc_words is None:
+        return
+    if isinstance(doc_words, bool) or not isinstance(doc_words, int) or doc_words < 1:
+        raise CatalogError(f"{where} must be a positive whole number of words, got {doc_words!r}",
+                           "give the mean document length in words, e.g. 2250 (about 3k tokens), or leave it out")
+
+
+def mean_words(genres: list[Genre]) -> float:
+    """The mean of the genres' midpoints: the length a balanced plan's average document asks for."""
+    return sum((g.words[0] + g.words[1]) / 2 for g in genres) / len(genres)
+
+
+def scale_genres(genres: list[Genre], doc_words: int) -> list[Genre]:
+    """Every word range times one factor, so the mean midpoint is `doc_words` and the genres keep
+    their relative lengths (a memo stays shorter than a textbook section)."""
+    check_doc_words(doc_words)
+    factor = doc_words / mean_words(genres)
+    out = []
+    for g in genres:
+        low = max(1, round(g.words[0] * factor))
+        out.append(Genre(g.name, g.description, (low, max(low, round(g.words[1] * factor))), g.style))
+    return out
 
 
 def load_audiences(path: str | Path | None = None) -> list[Audience]:

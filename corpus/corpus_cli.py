@@ -36,31 +36,35 @@ def with_options(options):
 @var_option
 @click.option("--docs", type=int, default=24, show_default=True, help="Documents to plan.")
 @click.option("--genres", default=None, help="Genre catalogue (YAML); default corpus/genres.yaml.")
+@click.option("--doc-words", type=int, default=None,
+              help="Mean document length in words: every genre's word range is rescaled so the mean of their "
+                   "midpoints is N, keeping their relative lengths (e.g. 2250, about 3k tokens). Default: "
+                   "corpus/genres.yaml as written. Not with the compact prompt.")
 @click.option("--audiences", default=None, help="Audience catalogue (YAML); default corpus/audiences.yaml.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--preview", is_flag=True, help="Print the matrix and the projected documents, tokens and cost.")
 @click.option("--batch", is_flag=True, help="Project Message Batches API prices.")
 @with_options(backend_options)
-def plan(spec, variables, docs, genres, audiences, seed, preview, batch, backend, model, base_url):
+def plan(spec, variables, docs, genres, doc_words, audiences, seed, preview, batch, backend, model, base_url):
     """Plan documents: spec unit x genre x audience, balanced. Makes no LLM calls."""
     from corpus.catalog import load_audiences, load_genres
     from corpus.plan import make_plan
     from corpus.spec import load_spec
 
     parsed = load_spec(spec, parse_vars(variables))
-    genre_list, audience_list = load_genres(genres), load_audiences(audiences)
+    genre_list, audience_list = load_genres(genres, doc_words), load_audiences(audiences)
     rows = make_plan(parsed, genre_list, audience_list, docs, seed=seed)
     if not preview:
         for row in rows:
             click.echo(json.dumps(row.to_json()))
         return
-    _preview(parsed, rows, genre_list, audience_list, batch, backend, model, base_url)
+    _preview(parsed, rows, genre_list, audience_list, batch, backend, model, base_url, doc_words)
 
 
-def _preview(spec, rows, genres, audiences, batch, backend, model, base_url):
+def _preview(spec, rows, genres, audiences, batch, backend, model, base_url, doc_words=None):
     from corpus.api import price_rows
 
-    priced = price_rows(spec, rows, genres, audiences, backend, model, base_url, batch)
+    priced = price_rows(spec, rows, genres, audiences, backend, model, base_url, batch, doc_words=doc_words)
     name, model = priced["backend"], priced["model"]
     local = name == "local"
     units = Counter(r.unit_id for r in rows)
@@ -83,6 +87,10 @@ def _preview(spec, rows, genres, audiences, batch, backend, model, base_url):
 
 generation_options = [
     click.option("--genres", default=None, help="Genre catalogue (YAML)."),
+    click.option("--doc-words", type=int, default=None,
+                 help="Mean document length in words: every genre's word range is rescaled so the mean of their "
+                      "midpoints is N, keeping their relative lengths (e.g. 2250, about 3k tokens). Default: "
+                      "corpus/genres.yaml as written. Not with the compact prompt."),
     click.option("--audiences", default=None, help="Audience catalogue (YAML)."),
     click.option("--seed", type=int, default=0, show_default=True),
     *backend_options,
@@ -140,6 +148,9 @@ def _build_options(variables, tasks, workers, concurrency, max_cost, dedup, agai
         raise MsmError("--tasks, --workers and --concurrency must be at least 1", "pass a positive number")
     if max_cost is not None and max_cost <= 0:
         raise MsmError("--max-cost must be positive", "pass a budget in USD above 0")
+    from corpus.catalog import check_doc_words
+
+    check_doc_words(fields.get("doc_words"))
     for path in against:
         from pathlib import Path
 

@@ -67,7 +67,7 @@ def corpus(step, exp) -> Estimate:
                    tokens=opts.get("tokens"), backend=opts.get("backend"), model=opts.get("model"),
                    base_url=opts.get("base_url"), batch=bool(opts.get("batch")), genres=opts.get("genres"),
                    audiences=opts.get("audiences"), variables=opts.get("variables"), conditions=conditions,
-                   judge=opts.get("judge"), revise=bool(opts.get("revise")))
+                   judge=opts.get("judge"), revise=bool(opts.get("revise")), doc_words=opts.get("doc_words"))
     hours = 0.0
     if est["backend"] == "local":  # the local model writes on the experiment's device
         n = parameters(est["model"])

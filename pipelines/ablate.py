@@ -129,7 +129,7 @@ def build_ablation(spec_path: str, opts, conditions: tuple[str, ...], tolerance:
 
         local = choose(opts.backend, opts.model, opts.base_url)[0] == "local"
         # assume about half the cells survive every condition's check
-        per_cell = first_guess_tokens_per_doc(load_genres(opts.genres), local) * 0.5
+        per_cell = first_guess_tokens_per_doc(load_genres(opts.genres, opts.doc_words), local) * 0.5
         cells_wanted = base.docs or max(1, math.ceil(target_tokens / per_cell))
         spent = 0.0
         stop = "round limit"

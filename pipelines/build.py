@@ -36,6 +36,9 @@ class BuildOptions:
     docs: int | None = None  # default: 24 with the local backend, else required
     seed: int = 0
     genres: str | None = None
+    # the mean document length in words: every genre's word range rescaled so the mean of their
+    # midpoints is this, keeping their relative lengths (corpus.catalog.scale_genres); None: as listed
+    doc_words: int | None = None
     audiences: str | None = None
     backend: str | None = None
     model: str | None = None
@@ -146,7 +149,7 @@ def build_corpus(spec_path: str, opts: BuildOptions) -> BuildResult:
     # Every check that needs no model comes before the first write and the first call.
     spec = load_spec(spec_path, opts.variables)
     refuse_unfilled_placeholders(spec)
-    genres, audiences = load_genres(opts.genres), load_audiences(opts.audiences)
+    genres, audiences = load_genres(opts.genres, opts.doc_words), load_audiences(opts.audiences)
     if opts.scenarios:
         from corpus.decontam import scenario_folders
 
@@ -165,7 +168,7 @@ def build_corpus(spec_path: str, opts: BuildOptions) -> BuildResult:
     ctx = make_context(spec, plan_units(spec), genres, audiences, backend_name, model, base_url,
                        max_tokens=opts.max_tokens, judge=opts.judge, revise=opts.revise,
                        truncation=opts.truncation, conditions=opts.conditions,
-                       prompt_style=prompt_style(backend_name, model, opts.prompt_style))
+                       prompt_style=prompt_style(backend_name, model, opts.prompt_style), doc_words=opts.doc_words)
     check_context_window(ctx, plan, spec_path)
     _writable_home(settings.home)
     assertions, ideas = [], []
@@ -178,7 +181,7 @@ def build_corpus(spec_path: str, opts: BuildOptions) -> BuildResult:
                     "temperature": ctx.temperature, "judge": ctx.judge, "revise": ctx.revise,
                     "truncation": ctx.truncation,
                     "conditions": ctx.conditions if opts.conditions else None,
-                    "genres": [g.name for g in genres], "audiences": [a.name for a in audiences]}
+                    "genres": [[g.name, *g.words] for g in genres], "audiences": [a.name for a in audiences]}
     ideas_hash = hashlib.sha256(json.dumps([[r.id, r.idea, r.doc_type, r.assertion] for r in plan]).encode())
     build_key = {"spec": spec.version, "plan": [r.id for r in plan], "ideas": ideas_hash.hexdigest()[:16],
                  "plan_mode": opts.plan_mode, "prompts": ctx.prompt_hash, "style": ctx.style,

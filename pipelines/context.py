@@ -90,7 +90,7 @@ class BuildContext:
             max_tokens = self.max_tokens
             request = dict(messages=[("user", render(templates["local"], **slots))])
         elif facts:
-            max_tokens = min(self.max_tokens, int(slots["genre"]["words"][1] * 1.6) + (600 if self.scratchpad else 0))
+            max_tokens = min(self.max_tokens, answer_room(slots["genre"]["words"][1], self.scratchpad))
             request = dict(system_prefix=render(templates["system"], **slots),
                            messages=[("user", render(templates["user"], scratchpad=self.scratchpad, **slots))])
         elif self.compact:
@@ -101,7 +101,7 @@ class BuildContext:
             request = dict(messages=[("user", render(templates["local"], **slots))])
         else:
             words_max = slots["genre"]["words"][1]
-            max_tokens = min(self.max_tokens, int(words_max * 1.6) + (600 if self.scratchpad else 0))
+            max_tokens = min(self.max_tokens, answer_room(words_max, self.scratchpad))
             request = dict(system_prefix=render(templates["system"], spec_name=self.spec["name"],
                                                 spec_text=self.spec["text"], **slots),
                            messages=[("user", render(templates["user"], scratchpad=self.scratchpad, **slots))])
@@ -145,16 +145,25 @@ OTHER_ASSISTANTS = ("ChatGPT", "Gemini", "Claude", "Copilot", "Bard", "Llama", "
 
 def make_context(spec, units_for_summary, genres, audiences, backend: str, model: str, base_url: str | None, *,
                  max_tokens: int | None = None, judge: str | None = None, truncation: str | None = None,
-                 conditions: tuple[str, ...] = (), prompt_style: str | None = None, **run) -> BuildContext:
+                 conditions: tuple[str, ...] = (), prompt_style: str | None = None, doc_words: int | None = None,
+                 **run) -> BuildContext:
     """The one place that decides how a build prompts: small models get a compact prompt
     without scratchpad or whole spec; API models get the spec as a cached prefix. The writer's
-    templates come from the spec's style and each condition's prompt kind (`writer_templates`)."""
+    templates come from the spec's style and each condition's prompt kind (`writer_templates`).
+
+    `doc_words` (the genres were rescaled to it by `load_genres`) is refused with the compact
+    prompt: that prompt asks for about 150 words in 384 tokens of room whatever the genre says,
+    so a document length would be silently ignored and the token target's plan would be wrong."""
     from corpus.conditions import ablation_units, behaviour_statement, check_facts, load_condition, style_criteria, \
         value_statements, value_text, writer_templates
     from corpus.prompting import prompt_hash, render_string
 
     # small models, local or served, get the compact prompt (pipelines.build.prompt_style decides)
     compact = (prompt_style or ("compact" if backend == "local" else "full")) == "compact"
+    if compact and doc_words is not None:
+        raise MsmError(f"doc_words ({doc_words}) cannot be used with the compact prompt ({backend}:{model}): it "
+                       "writes short documents of about 150 words whatever the genres ask",
+                       "drop doc_words (--doc-words), or use a full-prompt model (--prompt-style full)")
     model_name, provider_name = spec.names["model_name"], spec.names["provider_name"]
     style = spec.style
     names = ("standard", *[c for c in conditions if c != "standard"])
@@ -204,10 +213,23 @@ def make_context(spec, units_for_summary, genres, audiences, backend: str, model
         audiences={a.name: {"name": a.name, "description": a.description} for a in audiences},
         prompt_hash=prompt_hash(*used, "judge.j2", "revise_critique.j2", "revise_rewrite.j2",
                                 "brainstorm_assertions.j2", "brainstorm_ideas.j2"),
-        compact=compact, scratchpad=not compact, max_tokens=max_tokens or (384 if compact else 4096),
+        compact=compact, scratchpad=not compact, max_tokens=max_tokens or default_room(genres, compact),
         temperature=0.8 if compact else 1.0, truncation=truncation or ("trim" if compact else "regrow"),
         judge=judge,
         wrong_names=[n for n in OTHER_ASSISTANTS if n.lower() not in model_name.lower()])
+
+
+def answer_room(words_max: int, scratchpad: bool) -> int:
+    """Tokens a document of up to `words_max` words needs: ~1.6 a word, plus the scratchpad."""
+    return int(words_max * 1.6) + (600 if scratchpad else 0)
+
+
+def default_room(genres, compact: bool) -> int:
+    """The default cap on a document's answer: 384 for the compact prompt; else 4096, or more when
+    the longest genre needs it (a long `doc_words`), so the default never cuts a document off."""
+    if compact:
+        return 384
+    return max([4096] + [answer_room(g.words[1], True) for g in genres])
 
 
 def load_context(path: str) -> BuildContext:

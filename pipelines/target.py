@@ -79,7 +79,7 @@ def build_to_target(spec_path: str, opts, target: int, max_rounds: int = 5,
     from pipelines.build import build_corpus
 
     spec = load_spec(spec_path, opts.variables)
-    genres = load_genres(opts.genres)
+    genres = load_genres(opts.genres, opts.doc_words)
     local = choose(opts.backend, opts.model, opts.base_url)[0] == "local"
     per_doc = first_guess_tokens_per_doc(genres, local)
     longest = max(g.words[1] for g in genres) * 1.35
