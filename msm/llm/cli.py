@@ -96,3 +96,50 @@ def prune(older_than, errors):
     removed = cache.prune(older_than_s=age, errors=errors)
     cache.close()
     click.echo(f"removed {removed} entr{'y' if removed == 1 else 'ies'}")
+
+
+@llm_group.command("simulate")
+@click.option("--port", type=int, required=True, help="Port to listen on; 0 picks a free one.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--time-scale", type=float, default=1.0, show_default=True,
+              help="Run the simulated clock this many times faster (latency, rate-limit minutes, batch processing).")
+@click.option("--seed", type=int, default=None, help="Answers are a function of (seed, prompt); default from the config.")
+@click.option("--config", "config_file", default=None,
+              help="A YAML file overriding keys of msm/llm/simulator.yaml (limits, lengths, rates).")
+def simulate(port, host, time_scale, seed, config_file):
+    """Serve a simulated frontier model (Anthropic Messages and Batches, OpenAI chat) until Ctrl-C,
+    to rehearse a paper-scale build on this machine with no key and no spend."""
+    import errno
+
+    from msm.llm.simulator import Simulator
+
+    if not 0 <= port <= 65535:
+        raise MsmError(f"--port {port} is not a port number", "use 0 to 65535 (0 picks a free one)")
+    if time_scale <= 0:
+        raise MsmError(f"--time-scale {time_scale} must be above 0", "use 1 for real time, 60 for a minute a second")
+    try:
+        sim = Simulator(time_scale=time_scale, seed=seed, config_file=config_file, host=host, port=port)
+    except FileNotFoundError:
+        raise MsmError(f"simulator config {config_file} does not exist", "give a YAML file with simulator.yaml's keys") from None
+    except ValueError as exc:
+        raise MsmError(f"simulator config {config_file}: {exc}", "use the keys and shapes of msm/llm/simulator.yaml") from None
+    try:
+        sim.start()
+    except OSError as exc:
+        sim.stop()
+        if exc.errno == errno.EADDRINUSE:
+            raise MsmError(f"port {port} on {host} is in use", "choose another --port, or 0 for a free one") from None
+        raise MsmError(f"cannot listen on {host}:{port}: {exc.strerror}", "check --host and --port") from None
+    url = sim.url
+    click.echo(f"simulated frontier model at {url}  (time scale {time_scale:g}, seed {sim.writer.seed})")
+    click.echo("point msm at it (no key is needed; any name works as --model):")
+    click.echo("  export MSM_NO_SPEND=1 ANTHROPIC_API_KEY=simulated")
+    click.echo(f"  msm corpus build ... --backend anthropic --base-url {url}")
+    click.echo(f"  msm corpus build ... --backend openai --base-url {url}/v1 --model simulated")
+    click.echo(f"billed totals: curl {url}/_stats   stop: Ctrl-C")
+    try:
+        sim.stopping.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sim.stop()
