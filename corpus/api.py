@@ -145,10 +145,13 @@ def parse_conditions(text: str) -> tuple[str, ...]:
 
 def price_rows(spec, rows, genres, audiences, backend: str | None = None, model: str | None = None,
                base_url: str | None = None, batch: bool = False, judge: str | None = None,
-               revise: bool = False, doc_words: int | None = None) -> dict:
-    """Upper-bound USD of writing (and, with an LLM judge, judging) these plan rows, from the price
-    table: every call uses its full max_tokens, the spec prefix is paid once. Also says which
-    backend and model the build would use."""
+               revise: bool = False, doc_words: int | None = None, max_tokens: int | None = None,
+               prompt_style: str | None = None) -> dict:
+    """USD of writing (revising) and judging these plan rows, two ways: `cost_usd`, an upper bound
+    (every call at its full max_tokens), and `expected_usd`, from the assumptions in
+    corpus/cost_model.yaml (answers as long as the genre asks, a share regrown or retried). Both
+    read the spec prefix once, then from the prompt cache. Also says which backend and model."""
+    from corpus.cost import expected_rows_usage
     from corpus.plan import plan_units
     from msm.llm.pricing import estimate as price
     from msm.llm.pricing import load_prices
@@ -159,42 +162,82 @@ def price_rows(spec, rows, genres, audiences, backend: str | None = None, model:
     if model is None:
         model = make_backend(name, None, base_url)[0].default_model
     ctx = make_context(spec, plan_units(spec), genres, audiences, name, model, base_url, judge=judge, revise=revise,
-                       doc_words=doc_words)
+                       doc_words=doc_words, max_tokens=max_tokens, prompt_style=prompt_style)
     table = load_prices()
-    written = price([ctx.generate_request(r.to_json()) for r in rows], name, model, table, batch=batch)
-    judged = price([ctx.judge_request(r.to_json(), "x" * 4 * 1200) for r in rows], name, model, table,
-                   batch=batch) if ctx.judge == "llm" else {"cost_usd": 0.0, "requests": 0, "usage": None}
-    return {"backend": name, "model": model, "cost_usd": written["cost_usd"] + judged["cost_usd"],
-            "calls": written["requests"] + judged["requests"], "output_tokens": written["usage"].output_tokens
-            + (judged["usage"].output_tokens if judged["usage"] else 0)}
+    requests = [ctx.generate_request(r.to_json()) for r in rows]
+    if ctx.revise:  # a critique and a rewrite of a document as long as the longest answer
+        requests += [q for r in rows for q in (ctx.critique_request(r.to_json(), "x" * 4 * 1200),
+                                               ctx.rewrite_request(r.to_json(), "x" * 4 * 1200, "x" * 1600))]
+    if ctx.judge == "llm":
+        requests += [ctx.judge_request(r.to_json(), "x" * 4 * 1200) for r in rows]
+    upper = price(requests, name, model, table, batch=batch)
+    expected = expected_rows_usage(ctx, rows)
+    return {"backend": name, "model": model, "cost_usd": upper["cost_usd"],
+            "expected_usd": table.cost(name, model, expected, batch=batch), "calls": upper["requests"],
+            "output_tokens": upper["usage"].output_tokens, "expected_output_tokens": expected.output_tokens}
 
 
 def estimate(spec_path: str, docs: int | None = None, tokens: int | str | None = None, backend: str | None = None,
              model: str | None = None, base_url: str | None = None, batch: bool = False, genres: str | None = None,
              audiences: str | None = None, variables: dict | None = None, conditions: tuple = (),
-             judge: str | None = None, revise: bool = False, doc_words: int | None = None, **_ignored) -> dict:
-    """What a build would make and cost, without calling a model: documents, kept tokens, USD.
+             judge: str | None = None, revise: bool = False, doc_words: int | None = None,
+             plan_mode: str = "cells", max_tokens: int | None = None, prompt_style: str | None = None,
+             **_ignored) -> dict:
+    """What a build would make and cost, without calling a model: planned documents (`docs`), the
+    documents and kept tokens expected in the named corpus (`kept_docs`, `tokens`), and USD both
+    as an upper bound (`cost_usd`) and as expected (`expected_usd`, corpus/cost_model.yaml).
 
-    The price is `price_rows` over a sample of up to 200 planned rows, scaled to the whole build;
-    with a token target the document count is the first round's guess of kept tokens per document.
+    With a token target, `docs` is what the first round plans (pipelines.target: the target over
+    the kept tokens a planned document is expected to yield, with its headroom; an ablation plans
+    cells for its matched share). Rows are priced over a sample of up to 200, scaled to the whole
+    build; brainstormed planning adds its assertions and idea calls (corpus.cost.brainstorm_usage).
     """
+    import math
+
+    from corpus.conditions import ablation_units
+    from corpus.cost import brainstorm_usage, cost_model, kept_tokens_per_doc
+    from corpus.plan import plan_units
+    from msm.llm.pricing import load_prices
     from msm.llm.select import choose
-    from pipelines.target import first_guess_tokens_per_doc, parse_tokens
+    from pipelines.build import prompt_style as choose_style
+    from pipelines.target import HEADROOM, parse_tokens
 
     spec = load_spec(spec_path, variables or {})
     genre_list, audience_list = load_genres(genres, doc_words), load_audiences(audiences)
-    per_doc = first_guess_tokens_per_doc(genre_list, choose(backend, model, base_url)[0] == "local")
-    if tokens is not None:
-        docs = max(1, round(parse_tokens(tokens) / per_doc))
-    docs = docs if docs is not None else 24
+    name, chosen_model, _ = choose(backend, model, base_url)
+    local = name == "local"
+    style = choose_style(name, chosen_model or "", prompt_style)
+    per_doc = kept_tokens_per_doc(genre_list, local)
     copies = max(1, len(conditions))
+    share = cost_model()["ablation_cell_share"] if conditions else 1.0
+    if tokens is not None:
+        target = parse_tokens(tokens)
+        docs = math.ceil(target / (per_doc * share) * (1.0 if conditions else HEADROOM))
+        kept_tokens = target * copies
+    else:
+        docs = docs if docs is not None else 24
+        kept_tokens = int(per_doc * share * docs * copies)
+    if style == "compact" or local:  # short documents: the kept count follows the survival share
+        kept_docs = docs * copies * share * cost_model()["survival"]
+    else:
+        kept_docs = kept_tokens / (per_doc / cost_model()["survival"])
     sample = make_plan(spec, genre_list, audience_list, min(docs, 200), seed=0)
     priced = price_rows(spec, sample, genre_list, audience_list, backend, model, base_url, batch, judge, revise,
-                        doc_words=doc_words)
+                        doc_words=doc_words, max_tokens=max_tokens, prompt_style=style)
     scale = docs * copies / len(sample)
+    cost, expected = priced["cost_usd"] * scale, priced["expected_usd"] * scale
+    calls = priced["calls"] * scale
+    if plan_mode == "brainstorm":
+        units = [u.text for u in (ablation_units(spec) if conditions else plan_units(spec))]
+        table = load_prices()
+        n, upper_usage = brainstorm_usage(units, docs, upper=True)
+        cost += table.cost(priced["backend"], priced["model"], upper_usage, batch=batch)
+        expected += table.cost(priced["backend"], priced["model"], brainstorm_usage(units, docs)[1], batch=batch)
+        calls += n
     return {"backend": priced["backend"], "model": priced["model"], "docs": docs * copies,
-            "tokens": int(per_doc * docs * copies), "cost_usd": priced["cost_usd"] * scale * (3 if revise else 1),
-            "calls": int(priced["calls"] * scale), "output_tokens": int(priced["output_tokens"] * scale)}
+            "kept_docs": int(round(kept_docs)), "tokens": int(kept_tokens), "cost_usd": cost,
+            "expected_usd": expected, "calls": int(calls), "output_tokens": int(priced["output_tokens"] * scale),
+            "expected_output_tokens": int(priced["expected_output_tokens"] * scale)}
 
 
 __all__ = ["Corpus", "PlanRow", "Spec", "ablate", "build", "build_named", "build_option_names", "check_build_options",

@@ -75,14 +75,17 @@ def _preview(spec, rows, genres, audiences, batch, backend, model, base_url, doc
     matrix = Counter((r.genre, r.audience) for r in rows)
     for genre in sorted({r.genre for r in rows}):
         click.echo(f"{genre:<24} " + " ".join(f"{matrix[(genre, a)]:>4}" for a in sorted({r.audience for r in rows})))
+    from corpus.cost import cost_model, document_tokens
+
     by_genre = {g.name: g for g in genres}
-    words = sum((by_genre[r.genre].words[0] + by_genre[r.genre].words[1]) / 2 for r in rows)
-    tokens = 384 * len(rows) if local else int(words * 1.35)
-    click.echo(f"projected: {len(rows)} documents, about {tokens:,} tokens of content"
-               + (" (local: content capped near 384 tokens)" if local else ""))
+    tokens = int(sum(document_tokens(by_genre[r.genre], local) for r in rows))
+    click.echo(f"projected: {len(rows)} documents, about {tokens:,} tokens of content "
+               f"(~{cost_model()['tokens_per_word']} tokens a word; about {cost_model()['survival']:.0%} kept)"
+               + (" (local: short compact documents)" if local else ""))
     click.echo(f"projected cost on {name}/{model}{' (batch)' if batch else ''}: "
-               f"${priced['cost_usd']:.2f} upper bound (every call uses its full max_tokens; "
-               f"the spec prefix is paid once, then read from the prompt cache)")
+               f"${priced['expected_usd']:.2f} expected (corpus/cost_model.yaml), "
+               f"${priced['cost_usd']:.2f} upper bound (every call uses its full max_tokens); "
+               "the spec prefix is paid once, then read from the prompt cache")
 
 
 generation_options = [
@@ -239,6 +242,12 @@ def _build(spec, variables, docs, tokens, executor, slurm_partition, slurm_time,
             target, tolerance = corpus_tokens(options.db, match_tokens), 0.02
         else:
             target, tolerance = parse_tokens(tokens), None
+        if options.max_cost is not None:  # refused here, before any call, when it cannot reach the target
+            from pipelines.target import describe_cost, refuse_short_budget
+
+            est = refuse_short_budget(spec, options, target)
+            click.echo(f"{target:,} kept tokens: {est['docs']:,} documents planned, ~{est['kept_docs']:,} kept; "
+                       f"{describe_cost(est)}; budget ${options.max_cost:,.2f}")
         outcome = build_to_target(spec, options, target, tolerance=tolerance)
         for result in outcome.rounds:
             _print_summary(result)
@@ -246,6 +255,13 @@ def _build(spec, variables, docs, tokens, executor, slurm_partition, slurm_time,
                    f"corpus '{outcome.corpus_name}' -> {outcome.corpus_id}: {outcome.corpus_docs} documents, "
                    f"{outcome.kept_tokens:,} tokens")
         return
+    if options.max_cost is not None and docs is not None:
+        from pipelines.target import describe_cost, estimate_for
+
+        est = estimate_for(spec, options)
+        short = (": below the expected cost, so the build will stop with rows pending (a rerun with a larger "
+                 "--max-cost finishes it)") if options.max_cost < est["expected_usd"] else ""
+        click.echo(f"{docs:,} documents: {describe_cost(est)}; budget ${options.max_cost:,.2f}{short}")
     result = build_corpus(spec, options)
     _print_summary(result)
     if not result.complete and "submitted" not in result.status_counts:

@@ -20,9 +20,10 @@ from msm.errors import MsmError
 @dataclass
 class Estimate:
     tokens: int = 0  # corpus: kept tokens; train: tokens trained on; eval: tokens read and written
-    cost_usd: float = 0.0
+    cost_usd: float = 0.0  # an upper bound (a corpus: every call at its max_tokens, capped by max_cost)
     hours: float = 0.0  # on the experiment's device
     note: str = ""
+    expected_usd: float | None = None  # a corpus: from corpus/cost_model.yaml's assumptions
 
 
 @lru_cache(maxsize=1)
@@ -59,6 +60,8 @@ def _hours(flops: float, rate_tflops: float) -> float:
 
 
 def corpus(step, exp) -> Estimate:
+    """Planned and expected documents, kept tokens (and the counter that will count them), and USD
+    expected and as an upper bound; a max_cost below the expected cost is flagged (the step refuses it)."""
     from corpus.api import estimate
 
     opts = dict(step.inputs["options"])
@@ -67,17 +70,21 @@ def corpus(step, exp) -> Estimate:
                    tokens=opts.get("tokens"), backend=opts.get("backend"), model=opts.get("model"),
                    base_url=opts.get("base_url"), batch=bool(opts.get("batch")), genres=opts.get("genres"),
                    audiences=opts.get("audiences"), variables=opts.get("variables"), conditions=conditions,
-                   judge=opts.get("judge"), revise=bool(opts.get("revise")), doc_words=opts.get("doc_words"))
+                   judge=opts.get("judge"), revise=bool(opts.get("revise")), doc_words=opts.get("doc_words"),
+                   plan_mode=opts.get("plan_mode") or "cells", max_tokens=opts.get("max_tokens"),
+                   prompt_style=opts.get("prompt_style"))
     hours = 0.0
     if est["backend"] == "local":  # the local model writes on the experiment's device
         n = parameters(est["model"])
         hours = _hours(2 * n * est["output_tokens"], device(exp.device)["decode_tflops"])
-    cost = est["cost_usd"]
-    note = f"{est['docs']:,} documents by {est['backend']}:{est['model']}"
-    if opts.get("max_cost") is not None and cost > opts["max_cost"]:
-        note += f" (capped by max_cost ${opts['max_cost']:.0f})"
-        cost = float(opts["max_cost"])
-    return Estimate(est["tokens"], cost, hours, note)
+    note = (f"{est['docs']:,} documents planned, ~{est['kept_docs']:,} kept, by {est['backend']}:{est['model']}; "
+            f"${est['expected_usd']:,.0f} expected, ${est['cost_usd']:,.0f} upper bound")
+    max_cost = opts.get("max_cost")
+    if max_cost is not None:
+        note += f"; max_cost ${max_cost:,.0f}" + (" BELOW THE EXPECTED COST: the step will refuse it"
+                                                 if max_cost < est["expected_usd"] else "")
+    upper = est["cost_usd"] if max_cost is None else min(est["cost_usd"], float(max_cost))
+    return Estimate(est["tokens"], upper, hours, note, expected_usd=est["expected_usd"])
 
 
 def demos(step, exp) -> Estimate:

@@ -113,6 +113,10 @@ def build_ablation(spec_path: str, opts, conditions: tuple[str, ...], tolerance:
         raise MsmError(f"--tolerance {tolerance} is not a fraction between 0 and 1", "e.g. --tolerance 0.02")
     started = time.monotonic()
     spec = load_spec(spec_path, opts.variables)
+    if target_tokens is not None and opts.max_cost is not None:
+        from pipelines.target import refuse_short_budget
+
+        refuse_short_budget(spec_path, opts, target_tokens, tuple(conditions))
     name = opts.name or f"{spec.spec_id}-ablation"
     db = load_settings(opts.db).db
     base = dataclasses.replace(opts, conditions=tuple(conditions), register=False)
@@ -128,8 +132,11 @@ def build_ablation(spec_path: str, opts, conditions: tuple[str, ...], tolerance:
         from pipelines.target import first_guess_tokens_per_doc
 
         local = choose(opts.backend, opts.model, opts.base_url)[0] == "local"
-        # assume about half the cells survive every condition's check
-        per_cell = first_guess_tokens_per_doc(load_genres(opts.genres, opts.doc_words), local) * 0.5
+        # the share of cells kept under every condition and matched (corpus/cost_model.yaml)
+        from corpus.cost import cost_model
+
+        per_cell = first_guess_tokens_per_doc(load_genres(opts.genres, opts.doc_words), local) * \
+            cost_model()["ablation_cell_share"]
         cells_wanted = base.docs or max(1, math.ceil(target_tokens / per_cell))
         spent = 0.0
         stop = "round limit"

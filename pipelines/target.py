@@ -45,11 +45,41 @@ def parse_tokens(text: str) -> int:
 
 
 def first_guess_tokens_per_doc(genres, local: bool) -> float:
-    """Kept tokens a planned document yields, before any round has been measured."""
-    if local:
-        return 250.0  # SmolLM2 documents are capped near 384 tokens and many are dropped
-    words = sum((g.words[0] + g.words[1]) / 2 for g in genres) / len(genres)
-    return words * 1.35 * 0.8  # ~1.35 tokens a word; ~80% of documents survive filters and judge
+    """Kept tokens a planned document yields, before any round has been measured (the cost model's
+    tokens a word and survival share, corpus/cost_model.yaml)."""
+    from corpus.cost import kept_tokens_per_doc
+
+    return kept_tokens_per_doc(genres, local)
+
+
+def estimate_for(spec_path: str, opts, tokens: int | None = None, conditions: tuple = ()) -> dict:
+    """corpus.api.estimate for these build options: a target of `tokens`, else `opts.docs`."""
+    from corpus.api import estimate
+
+    return estimate(spec_path, docs=opts.docs if tokens is None else None, tokens=tokens, backend=opts.backend,
+                    model=opts.model, base_url=opts.base_url, batch=opts.batch, genres=opts.genres,
+                    audiences=opts.audiences, variables=opts.variables, conditions=tuple(conditions),
+                    judge=opts.judge, revise=opts.revise, doc_words=opts.doc_words, plan_mode=opts.plan_mode,
+                    max_tokens=opts.max_tokens, prompt_style=opts.prompt_style)
+
+
+def describe_cost(est: dict) -> str:
+    """'$1,057.30 expected, $1,500.80 upper bound (anthropic:claude-opus-4-6)': the two figures."""
+    return (f"${est['expected_usd']:,.2f} expected, ${est['cost_usd']:,.2f} upper bound "
+            f"({est['backend']}:{est['model']})")
+
+
+def refuse_short_budget(spec_path: str, opts, tokens: int, conditions: tuple = ()) -> dict:
+    """A budget below the expected cost of reaching the target cannot reach it: refuse before any
+    call is made, naming both figures. Returns the estimate (for the caller to show)."""
+    est = estimate_for(spec_path, opts, tokens, conditions)
+    if opts.max_cost is not None and opts.max_cost < est["expected_usd"]:
+        what = f"{tokens:,} kept tokens" + (f" per condition ({len(conditions)} conditions)" if conditions else "")
+        raise MsmError(f"max_cost ${opts.max_cost:,.2f} is below the expected cost of reaching {what}: "
+                       f"{describe_cost(est)}",
+                       f"raise max_cost (--max-cost) to at least ${math.ceil(est['expected_usd']):,}, "
+                       "or lower the tokens (--tokens)")
+    return est
 
 
 def corpus_tokens(db, name: str) -> int:
@@ -82,10 +112,14 @@ def build_to_target(spec_path: str, opts, target: int, max_rounds: int = 5,
     genres = load_genres(opts.genres, opts.doc_words)
     local = choose(opts.backend, opts.model, opts.base_url)[0] == "local"
     per_doc = first_guess_tokens_per_doc(genres, local)
-    longest = max(g.words[1] for g in genres) * 1.35
+    from corpus.cost import cost_model
+
+    longest = max(g.words[1] for g in genres) * cost_model()["tokens_per_word"]
     if target < longest:
         raise MsmError(f"--tokens {target:,} is below one document (up to ~{int(longest):,} tokens)",
                        f"ask for at least {int(longest):,} tokens, or use --docs")
+    if opts.max_cost is not None:
+        refuse_short_budget(spec_path, opts, target)
     name = opts.name or spec.spec_id
     rounds, kept, planned, spent = [], 0, 0, 0.0
     stop = "round limit"
