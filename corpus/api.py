@@ -182,10 +182,12 @@ def estimate(spec_path: str, docs: int | None = None, tokens: int | str | None =
              audiences: str | None = None, variables: dict | None = None, conditions: tuple = (),
              judge: str | None = None, revise: bool = False, doc_words: int | None = None,
              plan_mode: str = "cells", max_tokens: int | None = None, prompt_style: str | None = None,
-             **_ignored) -> dict:
+             tokenizer: str | None = None, **_ignored) -> dict:
     """What a build would make and cost, without calling a model: planned documents (`docs`), the
     documents and kept tokens expected in the named corpus (`kept_docs`, `tokens`), and USD both
     as an upper bound (`cost_usd`) and as expected (`expected_usd`, corpus/cost_model.yaml).
+    `counter` names the tokenizer that would count the kept tokens (msm.tokens.counter_name: the
+    trained model's `tokenizer` when it is on this machine, else SmolLM2's, stated as a fallback).
 
     With a token target, `docs` is what the first round plans (pipelines.target: the target over
     the kept tokens a planned document is expected to yield, with its headroom; an ablation plans
@@ -234,7 +236,10 @@ def estimate(spec_path: str, docs: int | None = None, tokens: int | str | None =
         cost += table.cost(priced["backend"], priced["model"], upper_usage, batch=batch)
         expected += table.cost(priced["backend"], priced["model"], brainstorm_usage(units, docs)[1], batch=batch)
         calls += n
+    from msm.tokens import counter_name
+
     return {"backend": priced["backend"], "model": priced["model"], "docs": docs * copies,
+            "counter": counter_name(tokenizer),
             "kept_docs": int(round(kept_docs)), "tokens": int(kept_tokens), "cost_usd": cost,
             "expected_usd": expected, "calls": int(calls), "output_tokens": int(priced["output_tokens"] * scale),
             "expected_output_tokens": int(priced["expected_output_tokens"] * scale)}

@@ -128,6 +128,10 @@ generation_options = [
                  help="compact: a short prompt without the whole spec or a scratchpad, judged offline, for small "
                       "models on any backend; full: the spec as a cached prefix. Default: the model table "
                       "(msm/llm/context_windows.yaml), else compact for the local backend, full otherwise."),
+    click.option("--tokenizer", default=None,
+                 help="Count kept tokens (token targets, matching) with this tokenizer: the trained model's HF id, "
+                      "a local alias or a directory, if it is on this machine (nothing is downloaded); otherwise "
+                      "SmolLM2's, stated as the fallback in every token figure. Default: SmolLM2's."),
     click.option("--max-tokens", type=click.IntRange(16, 65536), default=None,
                  help="Room for each document's answer (default 384 compact, 4096 full)."),
     click.option("--timeout", "idle_timeout", type=click.FloatRange(1.0, 86400.0), default=120.0,
@@ -246,14 +250,15 @@ def _build(spec, variables, docs, tokens, executor, slurm_partition, slurm_time,
             from pipelines.target import describe_cost, refuse_short_budget
 
             est = refuse_short_budget(spec, options, target)
-            click.echo(f"{target:,} kept tokens: {est['docs']:,} documents planned, ~{est['kept_docs']:,} kept; "
-                       f"{describe_cost(est)}; budget ${options.max_cost:,.2f}")
+            click.echo(f"{target:,} kept tokens ({est['counter']}): {est['docs']:,} documents planned, "
+                       f"~{est['kept_docs']:,} kept; {describe_cost(est)}; budget ${options.max_cost:,.2f}")
         outcome = build_to_target(spec, options, target, tolerance=tolerance)
         for result in outcome.rounds:
             _print_summary(result)
+        counter = outcome.rounds[0].token_counter if outcome.rounds else "no round ran"
         click.echo(f"\ntoken target {outcome.target:,}: {outcome.stop} after {len(outcome.rounds)} round(s); "
                    f"corpus '{outcome.corpus_name}' -> {outcome.corpus_id}: {outcome.corpus_docs} documents, "
-                   f"{outcome.kept_tokens:,} tokens")
+                   f"{outcome.kept_tokens:,} tokens (counted by {counter})")
         return
     if options.max_cost is not None and docs is not None:
         from pipelines.target import describe_cost, estimate_for
@@ -367,13 +372,15 @@ def _corpus_id(con, name: str) -> str:
 def list_corpora(db):
     """Named corpora and the immutable corpus each points to."""
     con = _connect(db)
-    rows = con.execute("SELECT c.name, c.corpus_id, v.n_docs, v.n_tokens, v.build_id, c.updated_at FROM corpora c "
-                       "JOIN corpus_versions v ON v.id = c.corpus_id ORDER BY c.name").fetchall()
+    rows = con.execute("SELECT c.name, c.corpus_id, v.n_docs, v.n_tokens, v.build_id, c.updated_at, "
+                       "coalesce(b.count_tokenizer, '?') FROM corpora c JOIN corpus_versions v ON v.id = c.corpus_id "
+                       "LEFT JOIN builds b ON b.id = v.build_id ORDER BY c.name").fetchall()
     con.close()
     if not rows:
         click.echo("no corpora yet: run `msm corpus build SPEC`")
-    for name, cid, n, tok, build_id, when in rows:
-        click.echo(f"{name:<24} {cid}  {n:>6} docs  {tok:>10,} tokens  build {build_id}  {when:%Y-%m-%d %H:%M}")
+    for name, cid, n, tok, build_id, when, counter in rows:
+        click.echo(f"{name:<24} {cid}  {n:>6} docs  {tok:>10,} tokens ({counter})  build {build_id}  "
+                   f"{when:%Y-%m-%d %H:%M}")
 
 
 @corpus_group.command("stats")
@@ -383,9 +390,10 @@ def stats(name, db):
     """Documents, tokens and drops of a corpus, by genre, audience and unit kind."""
     con = _connect(db)
     cid = _corpus_id(con, name)
-    n, tokens, build_id = con.execute("SELECT n_docs, n_tokens, build_id FROM corpus_versions WHERE id = ?",
-                                      [cid]).fetchone()
-    click.echo(f"corpus {name} -> {cid}: {n} documents, {tokens:,} tokens (build {build_id})")
+    n, tokens, build_id, counter = con.execute(
+        "SELECT v.n_docs, v.n_tokens, v.build_id, coalesce(b.count_tokenizer, '?') FROM corpus_versions v "
+        "LEFT JOIN builds b ON b.id = v.build_id WHERE v.id = ?", [cid]).fetchone()
+    click.echo(f"corpus {name} -> {cid}: {n} documents, {tokens:,} tokens counted by {counter} (build {build_id})")
     for label, column in (("genre", "d.genre"), ("audience", "d.audience"), ("unit kind", "p.unit_kind")):
         rows = con.execute(f"SELECT {column}, count(*), sum(d.n_tokens) FROM corpus_documents cd "
                            "JOIN documents d ON d.id = cd.document_id JOIN plan_rows p ON p.build_id = d.build_id "
@@ -420,7 +428,7 @@ def report(name, out, no_embeddings, db):
 
         add_embedding_diversity(gathered, settings.db)
     path = write_report(gathered, Path(out) if out else settings.home / "reports" / name)
-    click.echo(f"{gathered.n_docs} documents, {gathered.n_tokens:,} tokens; distinct-2 {gathered.distinct[2]:.3f}"
+    click.echo(f"{gathered.n_docs} documents, {gathered.n_tokens:,} tokens ({gathered.token_counter}); distinct-2 {gathered.distinct[2]:.3f}"
                + (f", Vendi {gathered.vendi:.1f}" if gathered.vendi is not None else "")
                + f"; {len(gathered.uncovered_units)} unit(s) with no kept document")
     click.echo(f"wrote {path} and {len(gathered.files)} plots")

@@ -72,12 +72,13 @@ def corpus(step, exp) -> Estimate:
                    audiences=opts.get("audiences"), variables=opts.get("variables"), conditions=conditions,
                    judge=opts.get("judge"), revise=bool(opts.get("revise")), doc_words=opts.get("doc_words"),
                    plan_mode=opts.get("plan_mode") or "cells", max_tokens=opts.get("max_tokens"),
-                   prompt_style=opts.get("prompt_style"))
+                   prompt_style=opts.get("prompt_style"), tokenizer=opts.get("tokenizer"))
     hours = 0.0
     if est["backend"] == "local":  # the local model writes on the experiment's device
         n = parameters(est["model"])
         hours = _hours(2 * n * est["output_tokens"], device(exp.device)["decode_tflops"])
     note = (f"{est['docs']:,} documents planned, ~{est['kept_docs']:,} kept, by {est['backend']}:{est['model']}; "
+            f"tokens counted by {est['counter']}; "
             f"${est['expected_usd']:,.0f} expected, ${est['cost_usd']:,.0f} upper bound")
     max_cost = opts.get("max_cost")
     if max_cost is not None:

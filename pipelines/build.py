@@ -68,6 +68,10 @@ class BuildOptions:
     # folders to the project's)
     scenarios: tuple[str, ...] | None = None
     max_tokens: int | None = None
+    # the tokenizer that counts kept tokens (token targets, matching): the trained model's, as an HF
+    # id, a local alias or a directory, when it is on this machine (never downloaded); otherwise
+    # SmolLM2's, named as its fallback in every figure. None: SmolLM2's (msm.tokens.counter_for)
+    tokenizer: str | None = None
     # compact (a short prompt, no whole spec, no scratchpad, the offline judge) or full; None: the
     # model table's prompt_styles, else compact for the local backend and full for the others
     prompt_style: str | None = None
@@ -141,7 +145,7 @@ def build_corpus(spec_path: str, opts: BuildOptions) -> BuildResult:
     from msm.config import load_settings
     from msm.llm.pricing import load_prices
     from msm.llm.select import choose, make_backend
-    from msm.tokens import default_counter
+    from msm.tokens import counter_for
     from pipelines.context import make_context
 
     started = time.monotonic()
@@ -186,7 +190,8 @@ def build_corpus(spec_path: str, opts: BuildOptions) -> BuildResult:
     build_key = {"spec": spec.version, "plan": [r.id for r in plan], "ideas": ideas_hash.hexdigest()[:16],
                  "plan_mode": opts.plan_mode, "prompts": ctx.prompt_hash, "style": ctx.style,
                  "style_criteria": ctx.style_criteria,
-                 "backend": backend_name, "model": model, "code": code_version(), **settings_key}
+                 "backend": backend_name, "model": model, "code": code_version(), **settings_key,
+                 **({"tokenizer": opts.tokenizer} if opts.tokenizer else {})}
     build_id = "b" + hashlib.sha256(json.dumps(build_key, sort_keys=True).encode()).hexdigest()[:15]
     root = settings.home / "builds" / build_id
     staged = root / "staged"
@@ -204,7 +209,7 @@ def build_corpus(spec_path: str, opts: BuildOptions) -> BuildResult:
     tmp_ctx = root / "context.json.tmp"
     ctx.save(str(tmp_ctx))
     tmp_ctx.replace(ctx_path)
-    counter = default_counter()
+    counter = counter_for(opts.tokenizer)
     _record_start(settings.db, spec, build_id, build_key, backend_name, model, counter.name, plan, assertions, ideas)
 
     with _stopped_builds_recorded(settings.db, build_id, logs):

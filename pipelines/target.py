@@ -60,7 +60,7 @@ def estimate_for(spec_path: str, opts, tokens: int | None = None, conditions: tu
                     model=opts.model, base_url=opts.base_url, batch=opts.batch, genres=opts.genres,
                     audiences=opts.audiences, variables=opts.variables, conditions=tuple(conditions),
                     judge=opts.judge, revise=opts.revise, doc_words=opts.doc_words, plan_mode=opts.plan_mode,
-                    max_tokens=opts.max_tokens, prompt_style=opts.prompt_style)
+                    max_tokens=opts.max_tokens, prompt_style=opts.prompt_style, tokenizer=opts.tokenizer)
 
 
 def describe_cost(est: dict) -> str:
@@ -74,7 +74,7 @@ def refuse_short_budget(spec_path: str, opts, tokens: int, conditions: tuple = (
     call is made, naming both figures. Returns the estimate (for the caller to show)."""
     est = estimate_for(spec_path, opts, tokens, conditions)
     if opts.max_cost is not None and opts.max_cost < est["expected_usd"]:
-        what = f"{tokens:,} kept tokens" + (f" per condition ({len(conditions)} conditions)" if conditions else "")
+        what = f"{tokens:,} kept tokens ({est['counter']})" + (f" per condition ({len(conditions)} conditions)" if conditions else "")
         raise MsmError(f"max_cost ${opts.max_cost:,.2f} is below the expected cost of reaching {what}: "
                        f"{describe_cost(est)}",
                        f"raise max_cost (--max-cost) to at least ${math.ceil(est['expected_usd']):,}, "

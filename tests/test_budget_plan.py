@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import math
 import pathlib
+import re
 
 import pytest
 import yaml
@@ -93,8 +94,9 @@ def test_a_budget_above_the_expected_cost_is_accepted_and_both_figures_shown(api
                      "--model", MODEL, "--base-url", api.url, "--dedup", "none", "--no-progress")
     assert result.returncode == 0, result.stderr
     first = result.stdout.splitlines()[0]
-    assert first.startswith("4,000 kept tokens:") and "expected" in first and "upper bound" in first
+    assert first.startswith("4,000 kept tokens (") and "expected" in first and "upper bound" in first
     assert "budget $5.00" in first and "token target 4,000" in result.stdout
+    assert re.search(r"token target 4,000: .* tokens \(counted by [^)]+\)", result.stdout)
 
 
 def test_a_fixed_document_count_shows_its_figures_and_a_short_budget_stops_with_rows_pending(api):
