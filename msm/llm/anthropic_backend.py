@@ -15,7 +15,7 @@ class AnthropicBackend(Backend):
     supports_batch = True
 
     def __init__(self, api_key: str | None = None, base_url: str | None = None, idle_timeout: float = 120.0,
-                 connect_timeout: float = 10.0, stream: bool = True):
+                 connect_timeout: float = 10.0, stream: bool = True, time_scale: float = 1.0):
         self.api_key = api_key or os.environ.get("ANTHROPIC_API_KEY")
         if not self.api_key:
             raise FatalError("the anthropic backend needs an API key",
@@ -26,7 +26,8 @@ class AnthropicBackend(Backend):
         self._sdk = anthropic
         # The read timeout is an idle timeout: it fires when no bytes arrive for that long,
         # so a long generation that keeps streaming is never cut, and a hung one is.
-        timeout = httpx2.Timeout(idle_timeout, connect=connect_timeout)
+        # `time_scale` (benchmarks only) divides both timeouts, as RetryPolicy.time_scale divides its delays.
+        timeout = httpx2.Timeout(idle_timeout / time_scale, connect=connect_timeout / time_scale)
         self.client = anthropic.AsyncAnthropic(api_key=self.api_key, base_url=base_url, max_retries=0, timeout=timeout)
         self.stream = stream
 

@@ -46,6 +46,16 @@ class Faults:
     hang_s: float = 60.0  # a hung call holds the connection this long (or until the server stops)
     stall_s: float = 60.0  # a stalled stream goes silent this long after its first chunk
     batch_item_rate: float = 0.0  # share of batch items that come back errored or expired
+    # A fixed fault schedule: when set, the k-th counted request (Messages, chat, completions; retries
+    # included) gets schedule[k % len(schedule)] (None: no fault) instead of a draw at `rate`, so a
+    # benchmark pins exactly how many of each fault it injects. "stall" (streamed Messages answers):
+    # the stream sends its first events, one more after `stall_after` seconds, then goes silent
+    # for `stall_s` and closes without finishing.
+    schedule: tuple[str | None, ...] = ()
+    stall_after: float = 1.0
+    # Fault kinds a Messages request gets at once, before the server's latency, as a rate limiter or
+    # an overloaded front end answers (e.g. ("429", "529")); the others come after it. Empty: all after.
+    reject_first: tuple[str, ...] = ()
 
 
 @dataclass
@@ -136,17 +146,22 @@ LINK_CHECKS = {"attributes_behaviour_to_value": True, "no_link_between_value_and
 CAUSAL = re.compile(r"\b(because|so that|since)\b", re.I)
 
 
-def fake_verdicts(seed_text: str, criteria: list[str], fail_rate: float, rates: dict | None = None) -> str:
+def fake_verdicts(seed_text: str, criteria: list[str], fail_rate: float, rates: dict | None = None,
+                  link_pass_rate: float | None = None) -> str:
     """The JSON a judge is asked for. Each criterion fails with probability fail_rate (or its own
     rate in `rates`), except the condition checks in LINK_CHECKS, which read the <document> for a
-    causal link word."""
+    causal link word, or, given `link_pass_rate`, pass with that probability, drawn per prompt and
+    criterion independently of everything else."""
     rng = random.Random(hashlib.sha256(("judge" + seed_text).encode()).digest())
     document = re.search(r"<document>\s*(.*?)\s*</document>", seed_text, re.S)
     linked = bool(CAUSAL.search(document.group(1))) if document else False
     out = {}
     for c in criteria:
         verdict = rng.random() >= (rates or {}).get(c, fail_rate)
-        if c in LINK_CHECKS:
+        if c in LINK_CHECKS and link_pass_rate is not None:
+            draw = random.Random(hashlib.sha256(f"link\x00{c}\x00{seed_text}".encode()).digest()).random()
+            verdict = draw < link_pass_rate
+        elif c in LINK_CHECKS:
             verdict = linked == LINK_CHECKS[c]
         out[c] = {"verdict": verdict, "reason": "checked against the unit"}
     return json.dumps(out)
@@ -212,6 +227,7 @@ class LoopbackServer:
         self.stream_gap = stream_gap  # seconds between the chunks of a streamed chat answer
         self.stream_usage = stream_usage  # False: no usage chunk even when asked (llama-cpp-python)
         self.headers_first = headers_first  # a streamed answer sends its headers at once, then waits `latency`
+        self.scheduled = 0  # requests that have taken their place in faults.schedule
         self.stall_next = 0  # this many streamed answers go silent for faults.stall_s after their first chunk
         self.output_tokens = output_tokens
         self.faults = faults or Faults()
@@ -225,6 +241,7 @@ class LoopbackServer:
         self.length_spread = 0.0  # documents run output_tokens * (1 + up to this share), drawn per prompt
         self.judge_garble_rate = judge_garble_rate  # share of verdicts answered as prose, drawn per call
         self.criterion_fail_rates: dict[str, float] = {}  # per-criterion fail rates (e.g. include: 0.3)
+        self.link_check_pass_rate: float | None = None  # set: LINK_CHECKS pass with this probability (fake_verdicts)
         self.planted: list[tuple[str, str]] = []  # (regex, answer): a prompt that matches gets that answer
         self.stats = ServerStats()
         self.lock = threading.Lock()
@@ -262,6 +279,12 @@ class LoopbackServer:
     # ---- decisions ---------------------------------------------------------------------
     def draw_fault(self) -> str | None:
         with self.lock:
+            if self.faults.schedule:
+                fault = self.faults.schedule[self.scheduled % len(self.faults.schedule)]
+                self.scheduled += 1
+                if fault is not None:
+                    self.stats.faults[fault] += 1
+                return fault
             if self.faults.rate and self.rng.random() < self.faults.rate:
                 fault = self.rng.choice(self.faults.kinds)
                 self.stats.faults[fault] += 1
@@ -303,7 +326,7 @@ class LoopbackServer:
             text = "I think this document is mostly fine, though " + fake_text(prompt, 20)
         elif criteria:
             text = fake_verdicts(prompt, [c.strip() for c in criteria.group(1).split(",")], self.judge_fail_rate,
-                                 self.criterion_fail_rates)
+                                 self.criterion_fail_rates, self.link_check_pass_rate)
         elif "<reasoning>" in prompt and "<response>" in prompt:
             text = (f"<reasoning>\n{fake_text('think' + prompt, 24)}\n</reasoning>\n"
                     f"<response>\n{fake_text(prompt, self.output_tokens)}\n</response>")
@@ -559,20 +582,27 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(body.get("max_tokens"), int) or body["max_tokens"] < 1:
             self._error(400, "invalid_request_error", "max_tokens: must be >= 1")
             return
+        early = srv.faults.reject_first
+        fault = srv.draw_fault() if early else None
+        if fault in early and self._fault(fault, openai=False):
+            return
         if srv.latency:
             time.sleep(srv.latency)
-        fault = srv.draw_fault()
+        if not early:
+            fault = srv.draw_fault()
         if self._fault(fault, openai=False, stream=bool(body.get("stream"))):
             return
         message, prompt = self._message_payload(body, fault)
         if body.get("stream"):
-            self._stream_message(message)
+            if not self._stream_message(message, stall=fault == "stall"):
+                return
         else:
             self._send(200, message)
         srv.record_answer(prompt)
 
-    def _stream_message(self, message: dict) -> None:
-        """Server-sent events in the Messages streaming format, chunked so the connection stays alive."""
+    def _stream_message(self, message: dict, stall: bool = False) -> bool:
+        """Server-sent events in the Messages streaming format, chunked so the connection stays alive.
+        With `stall`, the stream goes silent after its first events (see Faults.schedule): False."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
@@ -591,10 +621,22 @@ class _Handler(BaseHTTPRequestHandler):
                                       "delta": {"stop_reason": message["stop_reason"], "stop_sequence": message["stop_sequence"]},
                                       "usage": {"output_tokens": message["usage"]["output_tokens"]}}),
                    ("message_stop", {"type": "message_stop"})]
-        for name, data in events:
-            chunk = f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
-            self.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
-        self.wfile.write(b"0\r\n\r\n")
+        srv = self.server_ref
+        try:
+            for i, (name, data) in enumerate(events):
+                if stall and i == 3:  # message_start, block start and one delta sent
+                    srv.stopping.wait(srv.faults.stall_after)
+                elif stall and i == 4:  # one more delta, then silence
+                    srv.stopping.wait(srv.faults.stall_s)
+                    self.close_connection = True
+                    return False
+                chunk = f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+                self.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+            self.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+            return False
+        return True
 
     # ---- Anthropic Message Batches --------------------------------------------------------
     def _batch_view(self, batch: dict) -> dict:
