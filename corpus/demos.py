@@ -77,6 +77,7 @@ class DemoOptions:
     idle_timeout: float = 120.0  # seconds of silence mid-answer before a call is cut and retried
     first_byte_timeout: float = 600.0  # seconds an answer may take to start (a busy server's queue)
     batch: bool = False
+    batch_poll_s: float = 30.0  # seconds between looks at an open Message Batch
     seed: int = 0
     dedup_threshold: float = 0.91
     embed_dedup: bool = True
@@ -321,7 +322,7 @@ def build_demos(spec_path: str, opts: DemoOptions, log: Callable[[str], None] = 
     if target is not None and not matched:
         members = []  # a set that misses its token target is not named (as corpus matching does)
 
-    config = {k: v for k, v in asdict(opts).items() if k not in ("name", "against", "progress", "match_tokens_of")}
+    config = {k: v for k, v in asdict(opts).items() if k not in ("name", "against", "progress", "match_tokens_of", "batch_poll_s")}
     config.update(against=[str(p) for p in against], style=style, target_tokens=target)
     templates = prompt_hash(*TEMPLATES, RESPONSE_TEMPLATES[style])
     build_id = "d" + hashlib.sha256(json.dumps([spec.version, config, templates], sort_keys=True,
@@ -397,7 +398,7 @@ async def _llm_rounds(spec, opts: DemoOptions, log, decontaminate, goal: Goal, s
         await backend.aclose()
         raise
     slots = await backend.slots() if hasattr(backend, "slots") else None
-    client = LLMClient(backend, model, cache=default_cache(), max_cost=opts.max_cost,
+    client = LLMClient(backend, model, cache=default_cache(), max_cost=opts.max_cost, batch_poll_s=opts.batch_poll_s,
                        concurrency=effective_concurrency(opts.concurrency, slots))
     embed = _question_embedder() if opts.embed_dedup else None
     try:

@@ -241,12 +241,28 @@ class RunOutcome:
     outputs: dict  # key -> outputs
 
 
-def run_experiment(exp: Experiment, log=print, progress: bool | None = None) -> RunOutcome:
-    """Run every step not already done, in order; a failing step is recorded and stops the run."""
+def needed(steps: list[Step], kinds) -> list[Step]:
+    """The steps of these kinds and every step they need, in plan order."""
+    by_key = {s.key: s for s in steps}
+    wanted = {s.key for s in steps if s.kind in kinds}
+    todo = list(wanted)
+    while todo:
+        for need in by_key[todo.pop()].needs:
+            if need not in wanted:
+                wanted.add(need)
+                todo.append(need)
+    return [s for s in steps if s.key in wanted]
+
+
+def run_experiment(exp: Experiment, log=print, progress: bool | None = None, kinds=None) -> RunOutcome:
+    """Run every step not already done, in order; a failing step is recorded and stops the run.
+    With `kinds`, only the steps of those kinds and what they need."""
     from warehouse.experiments_store import finish_step, record_run, start_step
 
     started = time.monotonic()
     steps = plan_steps(exp)
+    if kinds:
+        steps = needed(steps, set(kinds))
     db = _db()
     done = cached(steps)
     run_id = "r" + digest([exp.name, exp.profile, [s.key for s in steps], time.time()])[:15]

@@ -31,20 +31,56 @@ def experiment_group():
 @click.option("--plan", "plan_only", is_flag=True,
               help="Print the steps, which are cached, and the projected tokens, cost and device hours; run nothing.")
 @click.option("--no-report", is_flag=True, help="Skip writing the report at the end.")
+@click.option("--steps", default=None,
+              help="Run only these step kinds (comma-separated: corpus, ablation, demos, train, eval) and what they "
+                   "need.")
+@click.option("--simulate", is_flag=True,
+              help="Rehearse the profile at full size on this machine: every model call goes to a simulated "
+                   "frontier model (`msm llm simulate`), training and evals use a tiny random model, in a home of "
+                   "its own under $MSM_HOME/rehearsals. Spends nothing.")
+@click.option("--scale", type=float, default=1.0, show_default=True,
+              help="With --simulate: multiply every count (tokens, documents, demonstrations, budgets) by this.")
+@click.option("--time-scale", type=float, default=200.0, show_default=True,
+              help="With --simulate: divide the simulated model's durations (latency, batch processing, rate-limit "
+                   "windows) and the client's batch polls by this.")
 @db_option
-def run(file, profile, plan_only, no_report, db):
+def run(file, profile, plan_only, no_report, steps, simulate, scale, time_scale, db):
     """Run every step not already done (each keyed by the hash of its inputs), then write the report."""
-    from msm.experiment import run_experiment
+    from msm.experiment import KINDS, run_experiment
 
+    from msm.errors import MsmError
+
+    kinds = tuple(k.strip() for k in steps.split(",") if k.strip()) if steps else ()
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise MsmError(f"--steps: no step kind '{unknown[0]}'", f"use some of: {', '.join(KINDS)}")
+    if not simulate and (scale != 1.0 or time_scale != 200.0):
+        raise MsmError("--scale and --time-scale apply only with --simulate", "add --simulate, or drop them")
+    if simulate:
+        _rehearse(file, profile, kinds, scale, time_scale, plan_only)
+        return
     exp = _load(file, profile, db)
     if plan_only:
         _print_plan(exp)
         return
-    outcome = run_experiment(exp, log=click.echo)
+    outcome = run_experiment(exp, log=click.echo, kinds=kinds or None)
     click.echo(f"experiment {exp.name} ({exp.profile}): {len(outcome.ran)} step(s) run, {len(outcome.reused)} "
                f"cached, {outcome.seconds:.1f} s  (run {outcome.run_id})")
     if not no_report:
         _report(exp, outcome.steps, outcome.outputs, None)
+
+
+def _rehearse(file, profile, kinds, scale, time_scale, plan_only):
+    from msm.rehearsal import Rehearsal, load_rehearsal, rehearse
+
+    settings = Rehearsal(scale=scale, time_scale=time_scale, kinds=kinds)
+    if plan_only:
+        _print_plan(load_rehearsal(file, profile, "http://127.0.0.1:0", settings))
+        return
+    exp, outcome, billed, home = rehearse(file, profile, settings, log=click.echo)
+    click.echo(f"rehearsal {exp.name} ({exp.profile}): {len(outcome.ran)} step(s) run, {len(outcome.reused)} "
+               f"cached, {outcome.seconds:.1f} s; simulator: {billed.get('answered', 0):,} answers, "
+               f"{billed.get('batches_created', 0)} batches; home {home}")
 
 
 def _report(exp, steps, outputs, out):

@@ -137,6 +137,12 @@ def _seeds(where: str, value) -> list:
 
 def load_experiment(path: str | Path, profile: str | None = None) -> Experiment:
     """The file at `path` under `profile` (default: the first profile listed), validated."""
+    merged, profile, profiles = merged_profile(path, profile)
+    return parse_experiment(merged, Path(path), profile, profiles)
+
+
+def merged_profile(path: str | Path, profile: str | None = None) -> tuple[dict, str, list]:
+    """(the file's mapping with `profile` merged over it, the profile's name, every profile's name)."""
     from msm.config import read_yaml
 
     path = Path(path)
@@ -152,7 +158,7 @@ def load_experiment(path: str | Path, profile: str | None = None) -> Experiment:
     merged = merge({k: v for k, v in raw.items() if k != "profiles"},
                    _mapping(f"{path}: profiles.{profile}", profiles.get(profile)) if profile else {})
     _unknown(f"{path}: profiles.{profile}", merged, TOP - {"profiles"})
-    return parse_experiment(merged, path, profile or "default", list(profiles))
+    return merged, profile or "default", list(profiles)
 
 
 def parse_experiment(raw: dict, source: Path, profile: str, profiles: list) -> Experiment:
