@@ -122,3 +122,45 @@ def brainstorm_usage(unit_texts: list[str], docs: int, upper: bool = False) -> t
         usage.output_tokens += times * room if upper else slots * (1 + m["top_up_share"]) * m[
             "idea_answer_tokens_per_slot"]
     return int(round(calls)), _rounded(usage)
+
+
+def expected_demos_usage(spec, n: int, cot: bool, domains: int = 8, behaviors_only: bool = False,
+                         style: str = "values") -> tuple[int, Usage]:
+    """(calls, usage) of writing `n` demonstrations: the question lists, an answer per question that
+    is not a duplicate, a judge call per answer, and one backfill round for what the judge drops.
+    The prompts are the real templates rendered around texts of the expected lengths."""
+    from corpus.demos import CRITERIA, QUESTION_TOKENS, QUESTIONS_PER_CALL, RESPONSE_TEMPLATES, VALUE_CRITERION
+    from corpus.prompting import render
+
+    m, d = cost_model(), cost_model()["demos"]
+    names = spec.names
+    prefix = render("demo_system.j2", spec_name=spec.name, spec_text=spec.text, **names)
+    question = "x" * (d["question_tokens"] * 4)
+    reasoning = "x" * (d["reasoning_tokens"] * 4) if cot else None
+    answer_tokens = d["response_tokens"] + (d["reasoning_tokens"] if cot else 0)
+    response = "x" * (d["response_tokens"] * 4)
+    criteria = len(CRITERIA) + (1 if behaviors_only else 0) + 1
+    verdicts = d["judge_answer_tokens"] + m["judge"]["answer_tokens_per_criterion"] * criteria
+
+    def req(text: str, room: int) -> Request:
+        from msm.llm.types import Message
+
+        return Request(messages=(Message("user", text),), system_prefix=prefix, max_tokens=room)
+
+    asked = n * d["questions_per_wanted"]
+    answered = asked * (1 - d["duplicate_share"])
+    kept = answered * d["kept_share"]
+    if kept < n:  # one backfill round, sized as corpus/demos.py sizes it (x1.2 over the rate)
+        more = (n - kept) / d["kept_share"] * 1.2
+        asked, answered = asked + more, answered + more * (1 - d["duplicate_share"])
+    usage, seen = Usage(), set()
+    per_domain = math.ceil(n * d["questions_per_wanted"] / domains)
+    lists = domains * math.ceil(per_domain / QUESTIONS_PER_CALL) * (asked / (n * d["questions_per_wanted"]))
+    _add(usage, req(render("demo_questions.j2", count=QUESTIONS_PER_CALL, domain="x" * 20, existing=[], part=1, parts=1, **names),
+                    QUESTION_TOKENS), asked / lists * d["question_tokens"], seen, lists)
+    _add(usage, req(render(RESPONSE_TEMPLATES[style], question=question, cot=cot, behaviors_only=behaviors_only,
+                           **names), 1 << 20), answer_tokens, seen, answered)
+    _add(usage, req(render("demo_judge.j2", question=question, reasoning=reasoning, response=response,
+                           behaviors_only=behaviors_only, style=style, **names), 1 << 20), verdicts, seen,
+         answered * (1 + m["judge"]["retry_share"]))
+    return int(round(lists + answered * (2 + m["judge"]["retry_share"]) + 1)), _rounded(usage)

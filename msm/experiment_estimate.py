@@ -109,8 +109,25 @@ def demos(step, exp) -> Estimate:
     hours = 0.0
     if backend == "local":
         hours = _hours(2 * parameters(model) * usage.output_tokens, device(exp.device)["decode_tflops"])
+    expected = _expected_demos(step, opts, backend, model, n)
     return Estimate(n * sizes["tokens_per_demo"]["written"] * reasoning, cost, hours,
-                    f"{n:,} written by {backend}:{model}" + (" with reasoning" if reasoning > 1 else ""))
+                    f"{n:,} written by {backend}:{model}" + (" with reasoning" if reasoning > 1 else "")
+                    + (f"; expected ${expected:,.2f}" if expected is not None else ""), expected_usd=expected)
+
+
+def _expected_demos(step, opts: dict, backend: str, model: str, n: int) -> float | None:
+    """The expected USD of a written demo set (corpus/cost_model.yaml `demos:`), or None for a local model."""
+    if backend == "local":
+        return None
+    from corpus.cost import expected_demos_usage
+    from corpus.demos import spec_style
+    from corpus.spec import load_spec
+    from msm.llm.pricing import load_prices
+
+    spec = load_spec(step.work["spec"], opts.get("variables") or {})
+    _, usage = expected_demos_usage(spec, n, bool(opts.get("cot")), int(opts.get("domains") or 8),
+                                    bool(opts.get("behaviors_only")), spec_style(spec, opts.get("style")))
+    return load_prices().cost(backend, model, usage, batch=bool(opts.get("batch")))
 
 
 def train(step, exp, upstream: dict) -> Estimate:

@@ -9,8 +9,10 @@ each eval runs on that model. What is not a GPU or an API key is the real code p
 What the rehearsal changes, and nothing else:
 - model calls go to the simulator (its base URL, a throwaway key), and the client looks at an
   open batch every `30 s / time_scale` (the simulator's durations are divided alike);
-- the trained model is `tiny-random` on the CPU, `train_steps` steps a stage, its sequences cut
-  to the 512 positions it reads (the packing and tokenizing code is the same at any length);
+- the trained model is `tiny-random` on the CPU, `train_steps` steps a stage of one sequence each
+  (no gradient accumulation), its sequences cut to the 512 positions it reads: the whole corpus is
+  still loaded, tokenized and packed, which is the data path's cost; the steps only show that
+  training starts on it (a tiny model's step costs what its 49k-word output layer costs);
 - one seed (the data steps do not depend on it), and generated agentic answers kept short;
 - with `scale` < 1 (the quick rehearsal), every count (tokens, documents, demonstrations, budget)
   is multiplied by it.
@@ -131,6 +133,7 @@ def rehearsal_mapping(raw: dict, url: str, settings: Rehearsal) -> dict:
     for kind in ("midtrain", "aft"):
         stage = train.setdefault(kind, {})
         stage["max_steps"] = settings.train_steps
+        stage["batch_size"], stage["grad_accum"] = 1, 1
         stage["max_len"] = min(stage.get("max_len") or TINY_POSITIONS, TINY_POSITIONS)
     return raw
 

@@ -92,3 +92,18 @@ def test_bad_rehearsal_options_are_one_line(args, needle, isolated_home):
     result = run_msm("experiment", "run", str(REPO / "experiments" / "cheese.yaml"), "--profile", "paper", *args)
     assert_one_line_error(result, needle)
     assert not (isolated_home / "rehearsals").exists()
+
+
+def test_a_written_demo_set_has_an_expected_cost_below_its_upper_bound(isolated_home):
+    """The plan prices a written demo set twice: the upper bound (every call at its room) and the
+    expected cost from corpus/cost_model.yaml, which grows with n and with reasoning."""
+    from msm.experiment_estimate import estimate_steps
+
+    exp = load_rehearsal(REPO / "experiments" / "aft_scaling.yaml", "paper", URL, Rehearsal())
+    steps = [s for s in plan_steps(exp) if s.kind == "demos"]
+    estimates = estimate_steps(exp, steps)
+    by_n = sorted((s.inputs["options"]["n"], estimates[s.key]) for s in steps)
+    for n, e in by_n:
+        assert 0 < e.expected_usd < e.cost_usd and f"expected ${e.expected_usd:,.2f}" in e.note
+    (n0, small), (n1, large) = by_n[0], by_n[-1]
+    assert 0.8 < (large.expected_usd / small.expected_usd) / (n1 / n0) < 1.2  # about linear in n
