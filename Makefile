@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.msm-installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install models llama demo test smoke slow clean-venv
+.PHONY: install models llama demo test smoke slow bench bench-quick clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,8 +54,19 @@ $(LLAMA_STAMP):
 
 llama: $(LLAMA_STAMP)
 
-smoke: models llama
+smoke: models llama bench-quick
 	MSM_LLAMA_PYTHON=$(LLAMA_VENV)/bin/python $(BIN)/python -m pytest -m "smoke or heavy" -q
+
+# Every benchmark, full size, one after another (benchmarks/RESULTS.md: figures, goals, commands);
+# by hand, like `make slow`: about 25-30 minutes on 2 cores.
+BENCHES := spec_parse backends dedup corpus ablation train eval agentic
+bench: models
+	@set -e; for b in $(BENCHES); do echo "== benchmarks/$$b.py"; $(BIN)/python benchmarks/$$b.py; done
+
+# The same scripts at small counts, without goals, so that a benchmark that breaks is seen at once
+# (part of `make smoke`).
+bench-quick: models
+	@set -e; for b in $(BENCHES); do echo "== benchmarks/$$b.py --quick"; $(BIN)/python benchmarks/$$b.py --quick; done
 
 # By hand, no budget: the cheese experiment end to end, the ten-point kill sweep, real-model runs.
 slow: models

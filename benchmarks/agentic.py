@@ -30,7 +30,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--quick", action="store_true", help="1 condition x 2 samples x 4 tokens, no goals (smoke)")
     args = parser.parse_args()
+    if args.quick:
+        args.conditions, args.samples, args.max_tokens = 1, 2, 4
 
     import torch
 

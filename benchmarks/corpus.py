@@ -52,7 +52,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32, help="calls in flight, in total")
     parser.add_argument("--tasks", type=int, default=1)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="60 documents at L = 0.05 s, no goals (smoke)")
     args = parser.parse_args()
+    if args.quick:
+        args.docs, args.latency = 60, 0.05
 
     home = Path(tempfile.mkdtemp(prefix="msm-bench-corpus-"))
     os.environ.update(MSM_HOME=str(home), ANTHROPIC_API_KEY=KEY)

@@ -34,7 +34,10 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=24)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--quick", action="store_true", help="4 items, 1 round, no goals (smoke)")
     args = parser.parse_args()
+    if args.quick:
+        args.items, args.rounds = 4, 1
 
     import torch
 

@@ -1,6 +1,6 @@
 """Spec parse time on OpenAI's Model Spec, and on a 10x synthetic spec (the parse must be linear).
 
-Run: .venv/bin/python benchmarks/spec_parse.py [path-to-spec]
+Run: .venv/bin/python benchmarks/spec_parse.py [path-to-spec] [--quick]
 The figures come last, as `name = value` lines.
 """
 
@@ -34,15 +34,17 @@ def scaled(text: str, factor: int) -> str:
 
 
 def main() -> None:
-    path = Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT
+    args = [a for a in sys.argv[1:] if a != "--quick"]
+    quick = "--quick" in sys.argv[1:]  # fewer repeats, no goals (smoke)
+    path = Path(args[0]) if args else DEFAULT
     if not path.is_file():
         sys.exit(f"spec not found: {path} (pass a path, or put ../shared/realworld beside the repo)")
     text = path.read_text(encoding="utf-8")
     big = scaled(text, 10)
     best_of(text, 2)  # warm up imports, regex caches and the format file
-    t1, n1 = best_of(text, 15)
-    t10, n10 = best_of(big, 5)
-    t40, _ = best_of(scaled(text, 40), 2)
+    t1, n1 = best_of(text, 3 if quick else 15)
+    t10, n10 = best_of(big, 1 if quick else 5)
+    t40, _ = best_of(scaled(text, 40), 1 if quick else 2)
     print(f"input: {path.name}, {len(text.encode()) / 1024:.0f} KiB, {n1} units; 10x: {len(big.encode()) / 2**20:.2f} MiB, {n10} units")
     print(f"best of 15 at 1x, best of 5 at 10x; python {sys.version.split()[0]}")
     print(f"t(40x)/t(10x) = {t40 / t10:.2f} (4.0 is linear)")
