@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.msm-installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install models llama demo test smoke slow bench bench-quick clean-venv
+.PHONY: install models llama demo test smoke slow bench bench-quick rehearsal clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -65,8 +65,16 @@ bench: models
 
 # The same scripts at small counts, without goals, so that a benchmark that breaks is seen at once
 # (part of `make smoke`).
+# The rehearsal runs here at a hundredth of the paper's counts (about 5 minutes); at full size it
+# takes hours, so `make rehearsal` runs it by hand.
 bench-quick: models
-	@set -e; for b in $(BENCHES); do echo "== benchmarks/$$b.py --quick"; $(BIN)/python benchmarks/$$b.py --quick; done
+	@set -e; for b in $(BENCHES) rehearsal; do echo "== benchmarks/$$b.py --quick"; $(BIN)/python benchmarks/$$b.py --quick; done
+
+# The paper-scale rehearsal at full size (benchmarks/RESULTS.md): the cheese experiment's every step,
+# then aft_scaling's demonstration sets (1,250 to 80,000). Hours on 2 cores; it resumes when rerun.
+rehearsal: models
+	$(BIN)/python benchmarks/rehearsal.py --experiment cheese
+	$(BIN)/python benchmarks/rehearsal.py --experiment aft_scaling --steps demos
 
 # By hand, no budget: the cheese experiment end to end, the ten-point kill sweep, real-model runs.
 slow: models

@@ -37,7 +37,7 @@ GOALS = {"rehearsal_kept_tokens_vs_target": (0.98, None), "rehearsal_demos_vs_ta
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--experiment", required=True, help="a name under experiments/ (cheese, aft_scaling...)")
+    parser.add_argument("--experiment", default="cheese", help="a name under experiments/ (cheese, aft_scaling...)")
     parser.add_argument("--profile", default="paper")
     parser.add_argument("--steps", default=None, help="step kinds to run (and what they need); default all")
     parser.add_argument("--quick", action="store_true", help="a hundredth of the counts; no thresholds")
