@@ -200,6 +200,25 @@ def test_packed_documents_do_not_attend_across_boundaries():
     assert wide.efficiency > 0.95
 
 
+def test_padded_documents_get_a_2d_mask_and_the_logits_of_each_document_alone():
+    from msm.tiny import tiny_causal_lm
+
+    model, tok = tiny_causal_lm()
+    texts = ["Hello there, how are you doing today?", "The cat sat on the mat.", "Oversight keeps people safe."]
+    padded = pack_documents(texts, tok, 64, packing=False)
+    batch = collate(padded.examples, tok.pad_token_id)
+    assert batch.pop("real_tokens") == padded.real_tokens
+    assert batch["attention_mask"].dim() == 2 and "position_ids" not in batch
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    for row, example in enumerate(padded.examples):
+        n = len(example["input_ids"])
+        with torch.no_grad():
+            ref = model(input_ids=torch.tensor(example["input_ids"])[None]).logits[0]
+        assert torch.allclose(logits[row, :n], ref, atol=1e-4)
+        assert (batch["labels"][row, n:] == IGNORE).all()
+
+
 @pytest.mark.heavy
 def test_kill_minus_nine_then_resume_matches_an_uninterrupted_run(tmp_path):
     raw = config(tmp_path, checkpoint_every=40)

@@ -171,10 +171,11 @@ def pack_documents(texts: list[str], tokenizer, max_len: int, packing: bool = Tr
     ids = tokenizer([texts[i] for i in order], add_special_tokens=False)["input_ids"]
     examples = []
     if not packing:
+        # One document per row needs no segments: collate gives such rows a 2-D padding mask, which
+        # the attention kernels take as is, instead of a block-diagonal 4-D mask.
         for doc in ids:
             doc = (doc + [eos])[:max_len]
-            labels = list(doc)
-            examples.append({"input_ids": doc, "labels": labels, "segments": [0] * len(doc)})
+            examples.append({"input_ids": doc, "labels": list(doc)})
         real = sum(len(e["input_ids"]) for e in examples)
         return Packed(examples, real, real)  # padding happens per batch; see collate's pad count
     stream, segments, starts = [], [], []
