@@ -1,8 +1,10 @@
 """Near-duplicate detection over a build's judged documents: MinHash and embeddings.
 
 Runs after the judge and before the loader. Exact duplicates are the loader's job (it keeps the
-lowest plan row id of each normalised text), so each exact group is represented here by its
-first member, and a verdict on it applies to its twins too.
+member with the lowest `keeper_key`: plan cell, then row id), so each exact group is represented
+here by that member, and a verdict on it applies to its twins too. Every method keeps the member
+of a cluster with the lowest `keeper_key` as well, so an ablation keeps the same cell under each
+condition (a plain build has no cells: the lowest row id keeps its place).
 
 - MinHash: datatrove's four stages (signature, buckets, cluster, filter) on one task, since the
   corpus of one build is small next to a web crawl. Catches copies with edits.
@@ -47,7 +49,9 @@ def near_duplicates(rows: list[dict], methods: tuple[str, ...], workdir: Path, t
     `embeddings(texts, hashes)` returns unit vectors; the build passes one that reads and
     writes the warehouse's vector store.
     """
-    judged = sorted((r for r in rows if r["meta"]["status"] == "judged"), key=lambda r: r["id"])
+    from warehouse.corpus_load import keeper_key
+
+    judged = sorted((r for r in rows if r["meta"]["status"] == "judged"), key=keeper_key)
     firsts: dict[str, dict] = {}
     twins: dict[str, list[str]] = {}
     for r in judged:
@@ -69,7 +73,8 @@ def near_duplicates(rows: list[dict], methods: tuple[str, ...], workdir: Path, t
                 raise ValueError("embedding dedup needs an embeddings function")
             hashes = [normalised_hash(r["text"]) for r in live]
             vectors = embeddings([r["text"] for r in live], hashes)
-            new = embedding_duplicates([r["id"] for r in live], vectors, threshold)
+            new = embedding_duplicates([r["id"] for r in live], vectors, threshold,
+                                       order=[keeper_key(r) for r in live])
         else:
             raise ValueError(f"unknown dedup method {method!r}: use {', '.join(METHODS)}")
         found.update({d.document: d for d in new})
@@ -116,7 +121,10 @@ def mark_near_duplicates(db, rows: list[dict], methods: tuple[str, ...], workdir
                          "similarity": dup.similarity}
 
 
-def embedding_duplicates(ids: list[str], vectors, threshold: float) -> list[Duplicate]:
+def embedding_duplicates(ids: list[str], vectors, threshold: float, order: list | None = None) -> list[Duplicate]:
+    """Clusters of vectors at cosine >= threshold; each keeps its member with the lowest `order`
+    (`keeper_key` of its row, as for exact twins; by default the row id)."""
+    order = order if order is not None else ids
     pairs = similar_pairs(vectors, threshold)
     best: dict[int, float] = {}
     for i, j, score in pairs:
@@ -124,7 +132,7 @@ def embedding_duplicates(ids: list[str], vectors, threshold: float) -> list[Dupl
         best[j] = max(best.get(j, 0.0), score)
     out = []
     for members in clusters_from_pairs(len(ids), [(i, j) for i, j, _ in pairs]):
-        keep = min(members, key=lambda m: ids[m])  # the lowest plan row id stays, as for exact twins
+        keep = min(members, key=lambda m: order[m])
         cluster = hashlib.sha256("\n".join(sorted(ids[m] for m in members)).encode()).hexdigest()[:12]
         out += [Duplicate(ids[m], ids[keep], "embedding", cluster, round(best[m], 4)) for m in members if m != keep]
     return out
@@ -148,7 +156,13 @@ def embedding_text(texts: list[str], tokenizer) -> list[str]:
 
 
 def minhash_duplicates(rows: list[dict], workdir: Path) -> list[Duplicate]:
-    """datatrove's MinHash stages on one task; the cluster's kept member is the lowest plan row id."""
+    """datatrove's MinHash stages on one task; each cluster keeps its member with the lowest
+    `keeper_key` (plan cell, then row id).
+
+    datatrove's own filter keeps a union-find root, which depends on the order of its bucket
+    pairs, so only its clusters are used here. The rows are written in `keeper_key` order all the
+    same, so the document indices it sees follow the same order.
+    """
     import shutil
 
     from datatrove.executor import LocalPipelineExecutor
@@ -157,8 +171,11 @@ def minhash_duplicates(rows: list[dict], workdir: Path) -> list[Duplicate]:
     from datatrove.pipeline.writers import JsonlWriter
 
     from pipelines.quiet import quiet_task_logs
+    from warehouse.corpus_load import keeper_key
 
     quiet_task_logs()
+    rows = sorted(rows, key=keeper_key)
+    order = {r["id"]: keeper_key(r) for r in rows}
     shutil.rmtree(workdir, ignore_errors=True)  # derived data: always recomputed from the rows given
     workdir.mkdir(parents=True)
     source = workdir / "input.jsonl"
@@ -192,7 +209,8 @@ def minhash_duplicates(rows: list[dict], workdir: Path) -> list[Duplicate]:
     for cluster, docs in members.items():
         ids = sorted(d for d, _ in docs)
         name = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:12]
-        out += [Duplicate(d, ids[0], "minhash", name) for d in ids[1:]]
+        keep = min(ids, key=order.__getitem__)
+        out += [Duplicate(d, keep, "minhash", name) for d in ids if d != keep]
     return out
 
 

@@ -31,6 +31,17 @@ def normalise(text: str) -> str:
     return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", "", text.lower())).strip()
 
 
+def keeper_key(row: dict) -> tuple[str, str]:
+    """The order in which duplicates keep their place: the plan cell first, then the row id.
+
+    An ablation's row id adds the condition, so ordering by row id would keep a different cell of
+    a duplicate group under each condition and unmatch it; ordering by cell keeps the same one
+    everywhere. Without a cell (a plain build) this is the row id's order.
+    """
+    plan = (row.get("meta") or {}).get("plan") or {}
+    return (plan.get("cell_id") or row["id"], row["id"])
+
+
 def read_staged(files) -> list[dict]:
     import pyarrow.parquet as pq
 
@@ -69,9 +80,9 @@ class PreparedLoad:
 
 
 def prepare_load(staged: list[dict], counter, cache) -> PreparedLoad:
-    """Exact dedup among kept documents (the lowest plan row id keeps its place), token counts
-    and the calls the rows used."""
-    kept = sorted((r for r in staged if r["meta"]["status"] == "judged"), key=lambda r: r["id"])
+    """Exact dedup among kept documents (the lowest `keeper_key`, i.e. plan cell then row id, keeps
+    its place), token counts and the calls the rows used."""
+    kept = sorted((r for r in staged if r["meta"]["status"] == "judged"), key=keeper_key)
     first_by_hash: dict[str, str] = {}
     for r in kept:
         digest = hashlib.sha256(normalise(r["text"]).encode()).hexdigest()
