@@ -177,6 +177,19 @@ def price_rows(spec, rows, genres, audiences, backend: str | None = None, model:
             "output_tokens": upper["usage"].output_tokens, "expected_output_tokens": expected.output_tokens}
 
 
+def expected_demos_cost(spec_path: str, n: int, backend: str, model: str, cot: bool = False, domains: int = 8,
+                        behaviors_only: bool = False, style: str | None = None, batch: bool = False,
+                        variables: dict | None = None) -> float:
+    """The expected USD of writing `n` demonstrations (corpus/cost_model.yaml `demos:`)."""
+    from corpus.cost import expected_demos_usage
+    from corpus.demos import spec_style
+    from msm.llm.pricing import load_prices
+
+    spec = load_spec(spec_path, variables or {})
+    _, usage = expected_demos_usage(spec, n, cot, domains, behaviors_only, spec_style(spec, style))
+    return load_prices().cost(backend, model, usage, batch=batch)
+
+
 def estimate(spec_path: str, docs: int | None = None, tokens: int | str | None = None, backend: str | None = None,
              model: str | None = None, base_url: str | None = None, batch: bool = False, genres: str | None = None,
              audiences: str | None = None, variables: dict | None = None, conditions: tuple = (),
@@ -248,5 +261,5 @@ def estimate(spec_path: str, docs: int | None = None, tokens: int | str | None =
 __all__ = ["Corpus", "PlanRow", "Spec", "ablate", "build", "build_named", "build_option_names", "check_build_options",
            "check_demo_options",
            "demo_option_names",
-           "demos", "estimate", "load_audiences", "load_genres", "load_spec", "make_plan", "parse_conditions",
+           "demos", "estimate", "expected_demos_cost", "load_audiences", "load_genres", "load_spec", "make_plan", "parse_conditions",
            "price_rows"]

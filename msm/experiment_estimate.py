@@ -119,15 +119,12 @@ def _expected_demos(step, opts: dict, backend: str, model: str, n: int) -> float
     """The expected USD of a written demo set (corpus/cost_model.yaml `demos:`), or None for a local model."""
     if backend == "local":
         return None
-    from corpus.cost import expected_demos_usage
-    from corpus.demos import spec_style
-    from corpus.spec import load_spec
-    from msm.llm.pricing import load_prices
+    from corpus.api import expected_demos_cost
 
-    spec = load_spec(step.work["spec"], opts.get("variables") or {})
-    _, usage = expected_demos_usage(spec, n, bool(opts.get("cot")), int(opts.get("domains") or 8),
-                                    bool(opts.get("behaviors_only")), spec_style(spec, opts.get("style")))
-    return load_prices().cost(backend, model, usage, batch=bool(opts.get("batch")))
+    return expected_demos_cost(str(step.work["spec"]), n, backend, model, cot=bool(opts.get("cot")),
+                               domains=int(opts.get("domains") or 8), behaviors_only=bool(opts.get("behaviors_only")),
+                               style=opts.get("style"), batch=bool(opts.get("batch")),
+                               variables=opts.get("variables"))
 
 
 def train(step, exp, upstream: dict) -> Estimate:
