@@ -261,5 +261,5 @@ def estimate(spec_path: str, docs: int | None = None, tokens: int | str | None =
 __all__ = ["Corpus", "PlanRow", "Spec", "ablate", "build", "build_named", "build_option_names", "check_build_options",
            "check_demo_options",
            "demo_option_names",
-           "demos", "estimate", "expected_demos_cost", "load_audiences", "load_genres", "load_spec", "make_plan", "parse_conditions",
-           "price_rows"]
+           "demos", "estimate", "expected_demos_cost", "load_audiences", "load_genres", "load_spec", "make_plan",
+           "parse_conditions", "price_rows"]
