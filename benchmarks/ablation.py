@@ -59,6 +59,7 @@ def main() -> None:
 
     with LoopbackServer(api_key=KEY, latency=0.0, output_tokens=args.output_tokens, judge_fail_rate=0.0) as server:
         server.link_check_pass_rate = PASS
+        server.vary_repeats = True  # replicate cells get distinct samples, as a real model at temperature 1 writes
         server.length_spread = 0.6  # 90 to 144 tokens: token matching has real gaps to close
         opts = BuildOptions(docs=cells, backend="anthropic", model=MODEL, base_url=server.url, progress=False,
                             concurrency=args.concurrency, dedup=("minhash",))

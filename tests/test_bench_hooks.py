@@ -70,3 +70,14 @@ def test_the_judge_passes_condition_checks_at_the_pinned_rate():
         passed += sum(v["verdict"] for v in verdicts.values())
         total += len(verdicts)
     assert abs(passed / total - 0.9) < 0.015
+
+
+def test_vary_repeats_gives_a_prompt_asked_again_another_sample(loopback):
+    """Off (the default), a prompt gets one answer, which exact-duplicate tests rely on; on, the
+    second asking gets another text, as a real model at temperature 1 would write."""
+    prompt = "Write a memo.\n<document>"
+    first, again = loopback.answer(prompt, 500, [])[0], loopback.answer(prompt, 500, [])[0]
+    assert first == again
+    loopback.vary_repeats = True
+    samples = [loopback.answer(prompt, 500, [])[0] for _ in range(3)]
+    assert len(set(samples)) == 3 and samples[0] == first

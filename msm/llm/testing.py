@@ -243,6 +243,11 @@ class LoopbackServer:
         self.criterion_fail_rates: dict[str, float] = {}  # per-criterion fail rates (e.g. include: 0.3)
         self.link_check_pass_rate: float | None = None  # set: LINK_CHECKS pass with this probability (fake_verdicts)
         self.planted: list[tuple[str, str]] = []  # (regex, answer): a prompt that matches gets that answer
+        # True: a prompt asked again gets another sample, as a real model at temperature 1 gives (the
+        # Messages API carries no seed, so replicate plan rows send identical prompts); False: one answer
+        # per prompt, which tests of exact duplicates rely on
+        self.vary_repeats = False
+        self._asked: Counter = Counter()
         self.stats = ServerStats()
         self.lock = threading.Lock()
         self.stopping = threading.Event()
@@ -311,6 +316,13 @@ class LoopbackServer:
         """
         if forced == "refusal" or "[refuse]" in prompt:
             return "", "refusal", None
+        if self.vary_repeats:
+            digest = hashlib.sha256(prompt.encode()).hexdigest()
+            with self.lock:
+                repeat = self._asked[digest]
+                self._asked[digest] += 1
+            if repeat:
+                prompt = f"{prompt}\n[sample {repeat}]"
         criteria = re.search(r"^CRITERIA: (.+)$", prompt, re.M)
         reply = re.search(r"^REPLY: (assertions|ideas|domains|questions)$", prompt, re.M)
         planted = next((answer for pattern, answer in self.planted if re.search(pattern, prompt)), None)
