@@ -343,3 +343,38 @@ def test_cli_bad_input_is_one_line(tmp_path):
     assert_one_line_error(run_msm("llm", "simulate", "--port", "0", "--config", str(tmp_path / "none.yaml")),
                           "does not exist")
     assert_one_line_error(run_msm("llm", "simulate", "--port", "0", "--time-scale", "0"), "--time-scale")
+
+
+def test_a_simulator_process_ends_when_its_parent_is_killed(tmp_path):
+    """A rehearsal killed outright (SIGKILL, or SIGTERM before exit handlers run) must not leave its
+    simulator serving: the child notices its parent is gone and stops."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = ("import time\nfrom msm.llm.simulator import SimulatorProcess\n"
+              "if __name__ == '__main__':\n"
+              "    with SimulatorProcess() as sim:\n"
+              "        print(sim.process.pid, flush=True)\n"
+              "        time.sleep(600)\n")
+    path = tmp_path / "parent.py"
+    path.write_text(script)
+    parent = subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE, text=True,
+                              cwd=str(__import__("pathlib").Path(__file__).resolve().parent.parent))
+    child = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait(timeout=10)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        if open(f"/proc/{child}/stat").read().split()[2] == "Z":  # exited, not yet reaped
+            break
+        time.sleep(0.2)
+    else:
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError("the simulator outlived its killed parent by 15 s")

@@ -451,7 +451,10 @@ def _serve(kwargs: dict, ready) -> None:
 
     signal.signal(signal.SIGTERM, lambda *_: sim.stopping.set())  # terminate(): stop cleanly, spool removed
     ready.put(sim.url)
-    try:
-        sim.stopping.wait()
+    parent = os.getppid()
+    try:  # a parent killed outright (SIGKILL, or SIGTERM before its exit handlers) leaves no one to stop it
+        while not sim.stopping.wait(1.0):
+            if os.getppid() != parent:
+                break
     finally:
         sim.stop()
