@@ -53,8 +53,8 @@ def main() -> None:
     exp, outcome, _, home = rehearse(path, args.profile, settings, log=lambda s: print(s, flush=True),
                                      progress=False)
     wall = time.monotonic() - started
-    figures = collect(exp, outcome, home)
-    figures["rehearsal_plan_vs_billed_cost"] = round(figures.pop("_expected_usd") / max(billed_usd(home), 1e-9), 3)
+    figures, expected = collect(exp, outcome, home)
+    figures["rehearsal_plan_vs_billed_cost"] = round(expected / max(billed_usd(home), 1e-9), 3)
     rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
     figures["rehearsal_peak_rss_gb"] = round(rss / 1024 ** 2, 2)  # ru_maxrss is in kB on Linux
     figures["rehearsal_this_run_wall_min"] = round(wall / 60, 1)
@@ -69,8 +69,8 @@ def main() -> None:
             print("goals missed: " + "; ".join(missed))
 
 
-def collect(exp, outcome, home: Path) -> dict:
-    """The figures, from the warehouse the rehearsal wrote and the plan's own estimate."""
+def collect(exp, outcome, home: Path) -> tuple[dict, float]:
+    """(the figures, from the warehouse the rehearsal wrote; the plan's expected USD of its data steps)."""
     import duckdb
 
     from msm.experiment_estimate import estimate_steps
@@ -119,7 +119,6 @@ def collect(exp, outcome, home: Path) -> dict:
         con.close()
     if ideas:
         figures["rehearsal_rows_with_ideas"] = round(ideas[0], 4)
-    figures["_expected_usd"] = expected
     figures["rehearsal_wall_min"] = round(sum(s for _, s in seconds) / 60, 1)
     for kind, s in seconds:
         figures[f"rehearsal_wall_min_{kind}"] = round(s / 60, 1)
@@ -128,7 +127,7 @@ def collect(exp, outcome, home: Path) -> dict:
     db_mb = (home / "msm.duckdb").stat().st_size / 1e6
     if tokens:
         figures["rehearsal_warehouse_mb_per_m_tokens"] = round(db_mb / (tokens / 1e6), 2)
-    return figures
+    return figures, expected
 
 
 def build_stage_seconds(home: Path) -> dict:

@@ -77,45 +77,45 @@ def _scaled_tokens(value, scale: float):
     return value if value is None or scale == 1 else max(1, int(parse_tokens(value) * scale))
 
 
-def _point_at(options: dict, url: str, settings: Rehearsal, counts: tuple[str, ...]) -> dict:
-    """A step's model options aimed at the simulator, its counts and budget scaled."""
+def _scaled(options: dict, settings: Rehearsal, counts: tuple[str, ...]) -> dict:
+    """A step's options with its counts, token target and budget multiplied by `settings.scale`."""
     out = dict(options)
+    if settings.scale == 1:
+        return out
+    for key in counts:
+        if out.get(key) is not None:
+            out[key] = max(1, math.ceil(out[key] * settings.scale))
+    if out.get("tokens") is not None:
+        out["tokens"] = _scaled_tokens(out["tokens"], settings.scale)
+    if out.get("max_cost") is not None:
+        out["max_cost"] = out["max_cost"] * settings.scale
+    return out
+
+
+def _point_at(options: dict, url: str, settings: Rehearsal, counts: tuple[str, ...]) -> dict:
+    """A step's options scaled and, when it calls a model, aimed at the simulator."""
+    out = _scaled(options, settings, counts)
     backend = out.get("backend")
     if out.get("from_preferences") or backend == "local":
         return out
     out["backend"] = backend if backend in LLM_BACKENDS else "anthropic"
     out["base_url"] = url + ("/v1" if out["backend"] == "openai" else "")
     out["batch_poll_s"] = 30.0 / settings.time_scale
-    if settings.scale != 1:
-        for key in counts:
-            if out.get(key) is not None:
-                out[key] = max(1, math.ceil(out[key] * settings.scale))
-        if out.get("max_cost") is not None:
-            out["max_cost"] = out["max_cost"] * settings.scale
     return out
 
 
 def rehearsal_mapping(raw: dict, url: str, settings: Rehearsal) -> dict:
     """The paper profile's merged mapping, changed only as the module docstring says."""
     raw = copy.deepcopy(raw)
-    corpus = _point_at(raw.get("corpus") or {}, url, settings, ("docs",))
-    corpus["tokens"] = _scaled_tokens(corpus.get("tokens"), settings.scale)
-    raw["corpus"] = corpus
+    raw["corpus"] = _point_at(raw.get("corpus") or {}, url, settings, ("docs",))
     for arm in (raw.get("arms") or {}).values():
         if isinstance(arm, dict):
             arm.pop("seeds", None)
             if isinstance(arm.get("corpus"), dict):
-                arm_corpus = arm["corpus"]
-                if "tokens" in arm_corpus:
-                    arm_corpus["tokens"] = _scaled_tokens(arm_corpus["tokens"], settings.scale)
-                if settings.scale != 1 and arm_corpus.get("docs") is not None:
-                    arm_corpus["docs"] = max(1, math.ceil(arm_corpus["docs"] * settings.scale))
+                arm["corpus"] = _scaled(arm["corpus"], settings, ("docs",))
     for name, demo in (raw.get("demos") or {}).items():
         if isinstance(demo, dict):
-            pointed = _point_at(demo, url, settings, ("n",))
-            if demo.get("from_preferences") and settings.scale != 1 and demo.get("n") is not None:
-                pointed["n"] = max(1, math.ceil(demo["n"] * settings.scale))
-            raw["demos"][name] = pointed
+            raw["demos"][name] = _point_at(demo, url, settings, ("n",))
     for spec in (raw.get("evals") or {}).values():
         if isinstance(spec, dict):
             if isinstance(spec.get("judge"), dict):
@@ -180,8 +180,8 @@ def rehearse(path: str | Path, profile: str | None, settings: Rehearsal, log=pri
     from msm.llm.simulator import SimulatorProcess
 
     settings.validate()
-    name = merged_profile(path, profile)[0]["name"]
-    chosen = merged_profile(path, profile)[1]
+    raw, chosen, _ = merged_profile(path, profile)
+    name = raw["name"]
     home = home_for(name, chosen, settings)
     with Home(home), SimulatorProcess(time_scale=settings.time_scale, config_overrides=settings.simulator) as sim:
         from msm.experiment import run_experiment

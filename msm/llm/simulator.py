@@ -426,19 +426,6 @@ class SimulatorProcess(LoopbackProcess):
     def __init__(self, **simulator_kwargs):
         super().__init__(**copy.deepcopy(simulator_kwargs))
 
-    def __enter__(self) -> "SimulatorProcess":
-        import multiprocessing as mp
-
-        ctx = mp.get_context("spawn")
-        ready = ctx.Queue()
-        self.process = ctx.Process(target=_serve, args=(self.server_kwargs, ready), daemon=True)
-        self.process.start()
-        self.url = ready.get(timeout=60)
-        if isinstance(self.url, Exception):
-            self.process.join(timeout=10)
-            raise self.url
-        return self
-
 
 def _serve(kwargs: dict, ready) -> None:
     """A SimulatorProcess child: serve until terminated."""
@@ -458,3 +445,6 @@ def _serve(kwargs: dict, ready) -> None:
                 break
     finally:
         sim.stop()
+
+
+SimulatorProcess.serve = staticmethod(_serve)  # LoopbackProcess starts the child with it

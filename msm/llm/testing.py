@@ -405,9 +405,12 @@ class LoopbackProcess:
 
         ctx = mp.get_context("spawn")
         ready = ctx.Queue()
-        self.process = ctx.Process(target=_serve, args=(self.server_kwargs, ready), daemon=True)
+        self.process = ctx.Process(target=self.serve, args=(self.server_kwargs, ready), daemon=True)
         self.process.start()
         self.url = ready.get(timeout=60)
+        if isinstance(self.url, Exception):  # the child could not start its server: raised here
+            self.process.join(timeout=10)
+            raise self.url
         return self
 
     def stats(self) -> dict:
@@ -426,6 +429,9 @@ def _serve(server_kwargs: dict, ready) -> None:
     server = LoopbackServer(**server_kwargs).start()
     ready.put(server.url)
     server.stopping.wait()
+
+
+LoopbackProcess.serve = staticmethod(_serve)  # the child's entry point; a subclass names its own
 
 
 def _anthropic_prompt(body: dict) -> tuple[str, str, str]:
