@@ -204,13 +204,18 @@ def build_corpus(spec_path: str, opts: BuildOptions) -> BuildResult:
         cache_dir=str(settings.home / "cache"), max_cost=opts.max_cost, concurrency=opts.concurrency,
         workers=opts.workers, batch=opts.batch, batch_poll_s=opts.batch_poll_s, idle_timeout=opts.idle_timeout,
         first_byte_timeout=opts.first_byte_timeout,
-        progress=opts.progress and opts.executor == "local", n_planned=len(plan), executor=opts.executor)
+        progress=opts.progress and opts.executor == "local", n_planned=len(plan), executor=opts.executor,
+        embed="embedding" in opts.dedup, known_vectors=str(root / "known_vectors.txt"))
     ctx_path = root / "context.json"
     tmp_ctx = root / "context.json.tmp"
     ctx.save(str(tmp_ctx))
     tmp_ctx.replace(ctx_path)
     counter = counter_for(opts.tokenizer)
     _record_start(settings.db, spec, build_id, build_key, backend_name, model, counter.name, plan, assertions, ideas)
+    if ctx.embed:
+        from warehouse.vectors import write_known_hashes
+
+        write_known_hashes(settings.db, ctx.known_vectors)
 
     with _stopped_builds_recorded(settings.db, build_id, logs):
         return _run_build(spec, opts, settings, ctx, str(ctx_path), root, plan, counter, started)
@@ -222,12 +227,14 @@ def _run_build(spec, opts: BuildOptions, settings, ctx, ctx_path: str, root: Pat
     stages = {"plan": time.monotonic() - started}
     mark = time.monotonic()
     _stage(logs, "pipeline")
+    eval_vectors = None
     if opts.executor == "slurm":
         submitted = _submit_to_slurm(ctx_path, staged, logs, opts, plan, build_id)
         if submitted is not None:
             return BuildResult(build_id, None, None, len(plan), {"submitted": len(plan)}, {}, 0, counter.name, 0.0,
                                time.monotonic() - started, {}, False, note=submitted)
     else:
+        eval_vectors = _embed_eval_texts(opts, ctx)  # overlaps the pipeline; stored before decontamination
         _run_pipeline(ctx_path, staged, logs, opts.tasks, opts.workers, plan, opts.executor)
     stages["pipeline"] = time.monotonic() - mark
     stages.update(_step_seconds(logs))
@@ -240,6 +247,9 @@ def _run_build(spec, opts: BuildOptions, settings, ctx, ctx_path: str, root: Pat
     _stage(logs, "near-dup")
     if "embedding" in opts.dedup:  # reads and keeps vectors in the warehouse
         _wait_for_warehouse(settings.db, lock_wait, build_id)
+        from warehouse.vectors import store_staged_vectors
+
+        store_staged_vectors(settings.db, rows)  # the Embed step's vectors, read back by dedup and decontamination
     mark_near_duplicates(settings.db, rows, tuple(opts.dedup), root / "dedup", opts.dedup_threshold)
     stages["near-dup"] = time.monotonic() - mark
     mark = time.monotonic()
@@ -250,6 +260,10 @@ def _run_build(spec, opts: BuildOptions, settings, ctx, ctx_path: str, root: Pat
     scenarios = default_scenario_dirs() if opts.scenarios is None else [Path(p) for p in opts.scenarios]
     if "embedding" in opts.dedup and (against or scenarios):
         _wait_for_warehouse(settings.db, lock_wait, build_id)
+        if eval_vectors is not None:
+            from warehouse.vectors import store_vectors
+
+            store_vectors(settings.db, eval_vectors.result())
     mark_contaminated(rows, against, settings.db, "embedding" in opts.dedup, scenarios=scenarios)
     stages["decontaminate"] = time.monotonic() - mark
     mark = time.monotonic()
@@ -263,6 +277,22 @@ def _run_build(spec, opts: BuildOptions, settings, ctx, ctx_path: str, root: Pat
                          time.monotonic() - started, counts, lock_wait)
     summary.stage_seconds = stages
     return summary
+
+
+def _embed_eval_texts(opts: BuildOptions, ctx):
+    """The eval items' and scenarios' vectors the warehouse lacks, computed on a thread while the
+    pipeline runs (the first build in a warehouse embeds ~1,900 of them: ~10 s of MiniLM here)."""
+    if not ctx.embed:
+        return None
+    from corpus.decontam import default_item_dirs, default_scenario_dirs, eval_texts
+    from pipelines.dedup import normalised_hash
+    from pipelines.embed import read_known
+    from warehouse.vectors import embed_in_background
+
+    against = default_item_dirs() if opts.against is None else [Path(p) for p in opts.against]
+    scenarios = default_scenario_dirs() if opts.scenarios is None else [Path(p) for p in opts.scenarios]
+    texts = [t.plain for t in eval_texts(against, scenarios) if t.embedded]
+    return embed_in_background(texts, [normalised_hash(t) for t in texts], read_known(ctx.known_vectors))
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -604,6 +634,7 @@ def _record_start(db, spec, build_id, build_key, backend, model, counter_name, p
 def _pipeline(ctx_path: str, staged: Path) -> list:
     from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
 
+    from pipelines.embed import Embed
     from pipelines.steps import (Generate, Judge, Marking, PlaceholderFilter, PlanReader, Revise, StagedParquetWriter,
                                  document_row)
 
@@ -619,6 +650,7 @@ def _pipeline(ctx_path: str, staged: Path) -> list:
                                     max_non_alpha_words_ratio=0.8, min_stop_words=2)),
         Marking(PlaceholderFilter()),
         Judge(ctx_path),
+        Embed(ctx_path),  # vectors for embedding dedup and decontamination, on a thread of its own
         # one file per task, never split, so a reopened task replaces exactly its own shard; written
         # under a temporary name and renamed when whole, so a crash never leaves a shard half-written
         StagedParquetWriter(str(staged), output_filename="${rank}.parquet", adapter=document_row, compression=None,

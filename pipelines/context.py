@@ -53,6 +53,8 @@ class BuildContext:
     # style x prompt-kind table of corpus/conditions.yaml, resolved for this build
     templates: dict = field(default_factory=dict)
     style_criteria: list = field(default_factory=list)  # judge criteria every document of the style gets
+    embed: bool = False  # the Embed step computes judged documents' vectors (embedding dedup is on)
+    known_vectors: str | None = None  # a file of the text hashes the warehouse held vectors for at the start
 
     def save(self, path: str) -> None:
         with open(path, "w", encoding="utf-8") as fh:

@@ -81,3 +81,12 @@ def test_vary_repeats_gives_a_prompt_asked_again_another_sample(loopback):
     loopback.vary_repeats = True
     samples = [loopback.answer(prompt, 500, [])[0] for _ in range(3)]
     assert len(set(samples)) == 3 and samples[0] == first
+
+
+def test_a_retry_after_is_a_floor_spread_so_waiters_do_not_return_together():
+    policy = RetryPolicy()
+    waits = [policy.delay(1, 10.0) for _ in range(400)]
+    assert min(waits) >= 10.0 and max(waits) <= 12.5
+    # spread through the window: a quarter of the draws in each quarter of it, roughly
+    quarters = [sum(10 + 0.625 * q <= w < 10 + 0.625 * (q + 1) for w in waits) for q in range(4)]
+    assert all(60 <= n <= 140 for n in quarters), quarters

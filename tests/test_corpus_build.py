@@ -482,3 +482,38 @@ def test_brainstorm_asks_for_a_units_ideas_in_lists_that_fit_the_answer(api, iso
 def test_brainstorm_needs_an_api_model(tmp_path):
     assert_one_line_error(run_msm("corpus", "build", str(SPEC), "--docs", "2", "--backend", "local", "--plan",
                                   "brainstorm"), "needs a capable API model")
+
+
+def test_the_embed_step_vectors_are_minilms_stored_once_and_not_recomputed(api, isolated_home, monkeypatch):
+    import numpy as np
+
+    import pipelines.embed
+    from msm.models import load_embedder
+    from pipelines.dedup import embedding_text, normalised_hash
+    from warehouse.corpus_load import read_staged
+    from warehouse.vectors import unpack
+
+    monkeypatch.setattr(pipelines.embed, "BATCH", 4)  # full batches and the last partial one
+    result = build_corpus(str(SPEC), opts(api, docs=14, dedup=("minhash", "embedding"), dedup_threshold=0.99))
+    assert result.complete
+    rows = read_staged(sorted((isolated_home / "builds" / result.build_id / "staged").glob("*.parquet")))
+    carried = {r["id"]: unpack(r["meta"]["embedding"]["vector"]) for r in rows if "embedding" in r["meta"]}
+    # every judged document, and only those, carries its vector (a fresh warehouse knew none)
+    assert len(carried) >= 10 and set(carried) == {r["id"] for r in rows if r["meta"]["status"] == "judged"}
+    embedder = load_embedder()
+    texts = {r["id"]: r["text"] for r in rows}
+    ids = sorted(carried)
+    fresh = embedder.encode(embedding_text([texts[i] for i in ids], embedder.tokenizer), normalize_embeddings=True)
+    assert np.allclose(np.stack([carried[i] for i in ids]), fresh, atol=1e-5)
+    con = db(isolated_home)
+    stored = dict(con.execute("SELECT text_hash, vector FROM embeddings").fetchall())
+    con.close()
+    for i in ids:  # the warehouse holds the step's vector, not one computed again
+        assert np.allclose(stored[normalised_hash(texts[i])], carried[i], atol=1e-6)
+    # another build over the same answers (the offline judge): texts already embedded are passed over
+    again = build_corpus(str(SPEC), opts(api, docs=14, dedup=("minhash", "embedding"), dedup_threshold=0.99,
+                                         judge="offline"))
+    assert again.build_id != result.build_id and again.complete
+    rows2 = read_staged(sorted((isolated_home / "builds" / again.build_id / "staged").glob("*.parquet")))
+    seen = [r for r in rows2 if normalised_hash(r["text"]) in stored]
+    assert seen and not any("embedding" in r["meta"] for r in seen)

@@ -131,3 +131,32 @@ def test_distinct_seeds_share_one_batch(tiny, monkeypatch):
     requests = [Request.user(f"doc {i}", max_tokens=4, temperature=0.8, seed=1000 + i) for i in range(6)]
     results = LLMClient(LocalBackend(loaded=tiny, batch_size=8)).complete(requests)
     assert all(r.ok for r in results) and calls == [6]
+
+
+def test_samples_of_one_prompt_attend_to_one_shared_copy_and_match_the_unshared_path(tiny):
+    import copy
+
+    from msm.llm import shared_prefix
+
+    model, tokenizer = tiny
+    prompt = "the long shared inbox " * 12
+    # greedy, so every sample is the same text: batched on one shared prompt copy == alone
+    requests = [Request.user(prompt, max_tokens=12, temperature=0.0, seed=k) for k in range(5)]
+    alone = asyncio.run(LocalBackend(loaded=tiny, batch_size=1).call_many(requests[:1], "tiny"))
+    shared = asyncio.run(LocalBackend(loaded=tiny, batch_size=8).call_many(requests, "tiny"))
+    assert {r.text for r in shared} == {alone[0].text} and alone[0].usage.output_tokens == 12
+    assert model.config._attn_implementation != shared_prefix.NAME  # restored after the batch
+    # logits, teacher-forced over several new tokens at once (the causal part), against copies
+    ids = tokenizer([prompt] * 3, return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        prompt_cache = model(input_ids=ids[:1, :-1], use_cache=True).cache
+        copied = copy.deepcopy(prompt_cache)
+        copied.batch_repeat_interleave(3)
+        tail = torch.cat([ids[:, -1:], torch.randint(5, 100, (3, 4))], dim=1)
+        expected = model(input_ids=tail, cache=copied, use_cache=True).logits
+        cache = shared_prefix.shared_prefix_cache(prompt_cache)
+        assert shared_prefix.shareable(prompt_cache) and cache.get_seq_length() == ids.shape[1] - 1
+        with shared_prefix.sharing(model, cache):
+            got = model(input_ids=tail, cache=cache, use_cache=True,
+                        cache_position=torch.arange(ids.shape[1] - 1, ids.shape[1] + 4)).logits
+    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()

@@ -95,6 +95,7 @@ def test_lists_have_as_many_items_as_asked_each_of_realistic_length(sim):
 
 
 def test_a_long_list_is_cut_at_max_tokens_as_the_api_cuts_it(sim):
+    sim.config["sampling"]["repeats_vary"] = False  # the same draw asked twice: the cut one is its prefix
     client = sdk(sim)
     prompt = "Write 235 realistic requests.\nCOUNT: 235\nREPLY: questions"
     full = ask(client, prompt, max_tokens=20_000)
@@ -378,3 +379,15 @@ def test_a_simulator_process_ends_when_its_parent_is_killed(tmp_path):
     else:
         os.kill(child, signal.SIGKILL)
         raise AssertionError("the simulator outlived its killed parent by 15 s")
+
+
+def test_a_prompt_sent_again_is_sampled_again_unless_pinned():
+    overrides = {"near_duplicates": {"share": 0.0}}
+    with Simulator(time_scale=FAST, config_overrides=overrides) as server:
+        client = sdk(server)
+        first, second = (ask(client, doc_prompt(7)).content[0].text for _ in range(2))
+    assert first != second and jaccard(shingles(first), shingles(second)) < 0.2
+    with Simulator(time_scale=FAST, config_overrides={**overrides, "sampling": {"repeats_vary": False}}) as server:
+        client = sdk(server)
+        again = [ask(client, doc_prompt(7)).content[0].text for _ in range(2)]
+    assert again[0] == again[1] == first  # pinned: a function of (seed, prompt); the first draw is the same

@@ -3,9 +3,21 @@ vector is computed once per text and recipe and read back by every later build o
 
 from __future__ import annotations
 
+import base64
+import os
+
 import numpy as np
 
 RECIPE = "head128+tail128"
+
+
+def pack(vector) -> str:
+    """A vector as text for a staged row's JSON metadata: base64 of its float32 bytes."""
+    return base64.b64encode(np.asarray(vector, dtype=np.float32).tobytes()).decode("ascii")
+
+
+def unpack(text: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype=np.float32)
 
 
 def stored_embedder(db, model_name: str | None = None, batch_size: int = 32):
@@ -38,3 +50,83 @@ def stored_embedder(db, model_name: str | None = None, batch_size: int = 32):
             con.close()
 
     return embed
+
+
+def write_known_hashes(db, path: str) -> None:
+    """The text hashes the warehouse holds vectors for (default embedder and recipe), one a line,
+    so a build's Embed step passes over texts already embedded by an earlier build."""
+    from msm.errors import MsmError
+    from msm.models import default_alias
+    from warehouse.db import connect
+
+    try:
+        con = connect(db, read_only=True)
+    except MsmError:  # held by another writer: embed everything rather than wait
+        hashes = []
+    else:
+        try:
+            hashes = [h for (h,) in con.execute("SELECT text_hash FROM embeddings WHERE model = ? AND recipe = ?",
+                                                [default_alias("embedder"), RECIPE]).fetchall()]
+        finally:
+            con.close()
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write("".join(h + "\n" for h in hashes))
+    os.replace(tmp, path)
+
+
+def store_staged_vectors(db, rows: list[dict]) -> int:
+    """Move the vectors the Embed step put in staged rows (`meta["embedding"]`) into the
+    `embeddings` table; returns how many texts carried one."""
+    import hashlib
+
+    from warehouse.corpus_load import normalise
+
+    fresh = {}
+    for r in rows:
+        packed = r["meta"].pop("embedding", None)
+        if packed and packed.get("recipe") == RECIPE:
+            fresh[hashlib.sha256(normalise(r["text"]).encode()).hexdigest()] = (packed["model"], unpack(packed["vector"]))
+    return store_vectors(db, fresh)
+
+
+def store_vectors(db, vectors: dict[str, tuple[str, np.ndarray]]) -> int:
+    """Insert {text hash: (model, vector)} computed elsewhere (recipe RECIPE); returns how many."""
+    from warehouse.db import connect, insert_rows
+
+    if not vectors:
+        return 0
+    con = connect(db)
+    try:
+        insert_rows(con, "INSERT OR IGNORE INTO embeddings",
+                    [{"text_hash": h, "model": model, "recipe": RECIPE, "vector": np.asarray(v).tolist()}
+                     for h, (model, v) in vectors.items()])
+        return len(vectors)
+    finally:
+        con.close()
+
+
+def embed_in_background(texts: list[str], hashes: list[str], known: set[str]):
+    """Start embedding the texts whose hash is not in `known` on a thread (torch releases the GIL,
+    so it overlaps whatever the caller does next); `.result()` gives {hash: (model, vector)}
+    for `store_vectors`. The same recipe as `stored_embedder`, so the vectors are the same."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    todo = {h: t for t, h in zip(texts, hashes) if h not in known}
+
+    def run() -> dict:
+        if not todo:
+            return {}
+        from msm.models import default_alias, load_embedder
+        from pipelines.dedup import embedding_text
+
+        embedder = load_embedder()
+        vectors = embedder.encode(embedding_text(list(todo.values()), embedder.tokenizer),
+                                  normalize_embeddings=True, batch_size=32)
+        model = default_alias("embedder")
+        return {h: (model, vectors[k]) for k, h in enumerate(todo)}
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="msm-embed-eval")
+    future = pool.submit(run)
+    pool.shutdown(wait=False)
+    return future

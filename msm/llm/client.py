@@ -42,10 +42,17 @@ class RetryPolicy:
     # real durations (server latency, retry-after, timeouts alike) keeps the shipped policy's shape.
     time_scale: float = 1.0
 
+    # A 429 comes to every request in flight at once (the bucket is empty for all of them), each
+    # with the same retry-after: waiting exactly that long sends them back together, into the next
+    # 429. Each waits retry-after plus up to this share of it, drawn at random.
+    retry_after_spread: float = 0.25
+
     def delay(self, attempt: int, retry_after: float | None) -> float:
-        """Exponential backoff with full jitter; a server's retry-after is a floor."""
+        """Exponential backoff with full jitter; a server's retry-after, spread, is a floor."""
         backoff = random.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)) / self.time_scale)
-        return max(backoff, retry_after or 0.0)
+        if not retry_after:
+            return backoff
+        return max(backoff, retry_after * (1 + random.uniform(0, self.retry_after_spread)))
 
 
 class PriorityGate:

@@ -100,7 +100,11 @@ class LocalBackend(Backend):
         return (request.max_tokens, request.temperature, request.top_p, request.stop)
 
     def _generate_batch(self, requests, prompts, model, tokenizer, model_name) -> list[Response]:
+        import contextlib
+
         import torch
+
+        from msm.llm.shared_prefix import shareable, shared_prefix_cache, sharing
 
         started = time.monotonic()
         req = requests[0]
@@ -117,13 +121,19 @@ class LocalBackend(Backend):
         seeds = [r.seed for r in requests if r.seed is not None]
         if seeds:
             torch.manual_seed(hash(tuple(seeds)) & 0x7FFFFFFF)
+        attention = contextlib.nullcontext()
         if len(prompts) > 1 and len(set(prompts)) == 1 and enc["input_ids"].shape[1] > 1:
-            # one prompt, many samples: its KV cache is computed once and copied to every row
+            # one prompt, many samples: its KV cache is computed once; every row attends to that one
+            # copy (msm.llm.shared_prefix), or to its own copy where the model's layers are not plain
             with torch.no_grad():
                 cache = model(input_ids=enc["input_ids"][:1, :-1], use_cache=True, logits_to_keep=1).cache
-            cache.batch_repeat_interleave(len(prompts))
+            if shareable(cache):
+                cache = shared_prefix_cache(cache)
+                attention = sharing(model, cache)
+            else:
+                cache.batch_repeat_interleave(len(prompts))
             kwargs["cache"] = cache
-        with torch.no_grad():
+        with torch.no_grad(), attention:
             out = model.generate(**enc, **kwargs)
         new = out[:, enc["input_ids"].shape[1]:]
         elapsed = time.monotonic() - started

@@ -96,8 +96,9 @@ class Writer:
         return text[:1].upper() + text[1:] + end
 
     # ---- purposes --------------------------------------------------------------------------
-    def compose(self, prompt: str) -> tuple[str, str]:
-        rng = self.rng(prompt)
+    def compose(self, prompt: str, sample: int = 0) -> tuple[str, str]:
+        """(purpose, text): the answer to a prompt; `sample` > 0 draws another answer to the same prompt."""
+        rng = self.rng(prompt, str(sample)) if sample else self.rng(prompt)
         lengths = self.cfg["lengths"]
         criteria, reply = CRITERIA.search(prompt), REPLY.search(prompt)
         unit = UNIT.search(prompt)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import hashlib
 import math
 import os
 import shutil
@@ -125,6 +126,7 @@ class Simulator(LoopbackServer):
         self.billing: dict[tuple[str, str], Counter] = defaultdict(Counter)  # (model, channel) -> totals
         self.purposes: Counter = Counter()
         self.events: Counter = Counter()  # truncated, rate_limited, batch item fates
+        self.asked: Counter = Counter()  # prompt digest -> times answered (a repeat is sampled again)
         self.spool = Path(tempfile.mkdtemp(prefix="msm-simulator-"))
         self.local = threading.local()
 
@@ -170,7 +172,13 @@ class Simulator(LoopbackServer):
         """(text, stop reason, stop sequence): the purpose's whole answer, cut at max_tokens as the API cuts."""
         if forced == "refusal" or "[refuse]" in prompt:
             return "", "refusal", None
-        purpose, text = self.writer.compose(prompt)
+        sample = 0
+        if self.config["sampling"]["repeats_vary"]:
+            digest = hashlib.sha256(prompt.encode()).hexdigest()
+            with self.lock:
+                sample = self.asked[digest]
+                self.asked[digest] += 1
+        purpose, text = self.writer.compose(prompt, sample)
         reason = "end_turn"
         if self.count_tokens(text) > max_tokens:
             text, reason = self.writer.cut(text, max_tokens), "max_tokens"

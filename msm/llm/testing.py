@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
 import threading
@@ -24,6 +25,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 TRANSIENT_FAULTS = ("429", "500", "529", "malformed", "hang")
 ADJECTIVES = ("careful", "honest", "clear", "difficult", "quiet", "public", "private", "early", "recent", "small",
@@ -412,6 +414,11 @@ class LoopbackProcess:
             self.process.join(timeout=10)
             raise self.url
         return self
+
+    def cpu_seconds(self) -> float:
+        """CPU time the server's process has used so far (Linux /proc): benchmarks count every core."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stats(self) -> dict:
         import urllib.request
