@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import shutil
+import threading
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -154,8 +155,20 @@ def prepare(alias: str | None = None, force: bool = False, log=print) -> Path:
     return target
 
 
+# transformers builds a model under process-wide patches (parameters made on the meta device,
+# lazy imports of its own modules): a second model built on another thread meanwhile comes out with
+# meta parameters ("Cannot copy out of meta tensor") or a failed import. A corpus build loads MiniLM
+# on a thread while the local backend loads its model, so every model load here takes this lock.
+_BUILDING = threading.RLock()
+
+
 def load_causal_lm(alias: str | None = None, device: str = "cpu"):
     """(model, tokenizer) from the prepared cache, or from a local transformers directory."""
+    with _BUILDING:
+        return _load_causal_lm(alias, device)
+
+
+def _load_causal_lm(alias: str | None, device: str):
     name = alias or default_alias("causal-lm")
     path = Path(name)
     if not path.is_dir():
@@ -199,6 +212,11 @@ def load_embedder(name: str | None = None, device: str = "cpu"):
 
 @lru_cache(maxsize=2)
 def _load_embedder(source: str, device: str):
+    with _BUILDING:
+        return _build_embedder(source, device)
+
+
+def _build_embedder(source: str, device: str):
     _silence_transformers()
     from sentence_transformers import SentenceTransformer
 
@@ -230,6 +248,11 @@ def load_model(name: str, dtype=None, device: str = "cpu"):
     """(model, tokenizer) for any stage: the tiny test model, a local alias, a local directory, or
     an HF id already in the local cache (nothing is downloaded at run time). The tokenizer always
     has a pad token."""
+    with _BUILDING:
+        return _load_model(name, dtype, device)
+
+
+def _load_model(name: str, dtype, device: str):
     import torch
 
     dtype = dtype or torch.float32

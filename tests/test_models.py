@@ -117,3 +117,31 @@ def test_llm_ping_local_works_offline():
     result = run_msm("llm", "ping", "--backend", "local", env={"HF_HUB_OFFLINE": "1", "MSM_NO_SPEND": "1"})
     assert result.returncode == 0, result.stderr
     assert "backend: local  model: smollm2-135m-instruct" in result.stdout and "answer:" in result.stdout
+
+
+@pytest.mark.smoke  # the real SmolLM2 (prepared in the smoke tier): the tiny model builds too fast to race
+def test_models_built_on_two_threads_at_once_are_whole():
+    """transformers builds a model under process-wide patches (parameters on the meta device, lazy
+    imports); a build loads MiniLM on a thread while the local backend loads its model."""
+    import threading
+
+    from msm import models
+
+    failures = []
+
+    def build(load):
+        try:
+            module = load()
+            assert not any(p.is_meta for p in module.parameters()), "parameters left on the meta device"
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            failures.append(repr(exc)[:200])
+
+    for _ in range(3):
+        models._load_embedder.cache_clear()
+        threads = [threading.Thread(target=build, args=(lambda: models.load_model("smollm2-135m-instruct")[0],)),
+                   threading.Thread(target=build, args=(models.load_embedder,))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not failures, failures
