@@ -177,8 +177,9 @@ def build_corpus(spec_path: str, opts: BuildOptions) -> BuildResult:
     _writable_home(settings.home)
     assertions, ideas = [], []
     if opts.plan_mode == "brainstorm":
-        plan, assertions, ideas = _brainstorm(plan, ctx, backend_name, model, base_url, local,
-                                              settings.home / "cache", opts.concurrency)
+        with _stopped_before_the_build("brainstorming"):
+            plan, assertions, ideas = _brainstorm(plan, ctx, backend_name, model, base_url, local,
+                                                  settings.home / "cache", opts.concurrency)
     if opts.conditions:
         plan = expand_conditions(plan, tuple(opts.conditions))
     settings_key = {"compact": ctx.compact, "scratchpad": ctx.scratchpad, "max_tokens": ctx.max_tokens,
@@ -446,6 +447,27 @@ def _stopped_builds_recorded(db, build_id: str, logs: Path):
         log = _log_trace(logs, exc)
         _mark(db, build_id, "failed")
         raise BuildStopped(*_one_line(exc, build_id, log)) from None
+    finally:
+        _restore_signals(handlers)
+
+
+@contextlib.contextmanager
+def _stopped_before_the_build(stage: str):
+    """SIGINT and SIGTERM while planning, before the build has an id (brainstorming): stop at once
+    in one line. Left to Python, the first Ctrl-C only cancelled asyncio's current call and the
+    brainstorm went on with the next one."""
+    caught: dict = {}
+    handlers = _catch_signals(caught)
+    try:
+        yield
+    except BaseException as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else caught.get("signum")
+        if signum is None:
+            raise
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+        raise BuildStopped(f"{stage} interrupted by {signal.Signals(signum).name}",
+                           "rerun the same command to resume (answered calls come from the cache)",
+                           exit_code=128 + signum) from None
     finally:
         _restore_signals(handlers)
 

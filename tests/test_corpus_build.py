@@ -517,3 +517,29 @@ def test_the_embed_step_vectors_are_minilms_stored_once_and_not_recomputed(api, 
     rows2 = read_staged(sorted((isolated_home / "builds" / again.build_id / "staged").glob("*.parquet")))
     seen = [r for r in rows2 if normalised_hash(r["text"]) in stored]
     assert seen and not any("embedding" in r["meta"] for r in seen)
+
+
+def test_sigint_while_brainstorming_stops_at_once_in_one_line(api, isolated_home):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    api.latency = 3.0  # every brainstorm call is still in flight when the signal comes
+    env = {**os.environ, "ANTHROPIC_API_KEY": LOOPBACK_KEY}
+    proc = subprocess.Popen([sys.executable, "-m", "msm.cli", "corpus", "build", str(SPEC), "--docs", "12",
+                             "--backend", "anthropic", "--model", MODEL, "--base-url", api.url, "--plan", "brainstorm",
+                             "--dedup", "minhash"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 60
+    while api.stats.requests.get("messages", 0) == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert api.stats.requests.get("messages", 0) > 0, "the build never started brainstorming"
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    # before the fix the first SIGINT cancelled one asyncio call and brainstorming went on
+    assert time.monotonic() - sent < 10 and proc.returncode == 130, (proc.returncode, err[-500:])
+    lines = [ln for ln in err.splitlines() if ln.strip() and "|" not in ln]  # progress bars aside
+    assert lines == ["Error: brainstorming interrupted by SIGINT; rerun the same command to resume (answered calls come "
+                     "from the cache)"], err[-500:]
