@@ -80,12 +80,12 @@ def embedded_texts(db: Path, build_id: str) -> tuple[list[str], list[str]]:
 def embedder_seconds(texts: list[str]) -> float:
     """MiniLM alone on these texts, as the build feeds it (head and tail, batches of 32), warm."""
     from msm.models import load_embedder
-    from pipelines.dedup import embedding_text
+    from warehouse.vectors import encode
 
     embedder = load_embedder()
     embedder.encode(["warm-up"] * 32, batch_size=32)
     started = time.perf_counter()
-    embedder.encode(embedding_text(texts, embedder.tokenizer), normalize_embeddings=True, batch_size=32)
+    encode(embedder, texts)
     return time.perf_counter() - started
 
 

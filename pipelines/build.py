@@ -228,6 +228,10 @@ def _run_build(spec, opts: BuildOptions, settings, ctx, ctx_path: str, root: Pat
     stages = {"plan": time.monotonic() - started}
     mark = time.monotonic()
     _stage(logs, "pipeline")
+    from corpus.decontam import default_item_dirs, default_scenario_dirs, mark_contaminated
+
+    against = default_item_dirs() if opts.against is None else [Path(p) for p in opts.against]
+    scenarios = default_scenario_dirs() if opts.scenarios is None else [Path(p) for p in opts.scenarios]
     eval_vectors = None
     if opts.executor == "slurm":
         submitted = _submit_to_slurm(ctx_path, staged, logs, opts, plan, build_id)
@@ -235,7 +239,7 @@ def _run_build(spec, opts: BuildOptions, settings, ctx, ctx_path: str, root: Pat
             return BuildResult(build_id, None, None, len(plan), {"submitted": len(plan)}, {}, 0, counter.name, 0.0,
                                time.monotonic() - started, {}, False, note=submitted)
     else:
-        eval_vectors = _embed_eval_texts(opts, ctx)  # overlaps the pipeline; stored before decontamination
+        eval_vectors = _embed_eval_texts(ctx, against, scenarios)  # overlaps the pipeline; stored before decontamination
         _run_pipeline(ctx_path, staged, logs, opts.tasks, opts.workers, plan, opts.executor)
     stages["pipeline"] = time.monotonic() - mark
     stages.update(_step_seconds(logs))
@@ -255,10 +259,6 @@ def _run_build(spec, opts: BuildOptions, settings, ctx, ctx_path: str, root: Pat
     stages["near-dup"] = time.monotonic() - mark
     mark = time.monotonic()
     _stage(logs, "decontaminate")
-    from corpus.decontam import default_item_dirs, default_scenario_dirs, mark_contaminated
-
-    against = default_item_dirs() if opts.against is None else [Path(p) for p in opts.against]
-    scenarios = default_scenario_dirs() if opts.scenarios is None else [Path(p) for p in opts.scenarios]
     if "embedding" in opts.dedup and (against or scenarios):
         _wait_for_warehouse(settings.db, lock_wait, build_id)
         if eval_vectors is not None:
@@ -280,18 +280,16 @@ def _run_build(spec, opts: BuildOptions, settings, ctx, ctx_path: str, root: Pat
     return summary
 
 
-def _embed_eval_texts(opts: BuildOptions, ctx):
+def _embed_eval_texts(ctx, against: list[Path], scenarios: list[Path]):
     """The eval items' and scenarios' vectors the warehouse lacks, computed on a thread while the
     pipeline runs (the first build in a warehouse embeds ~1,900 of them: ~10 s of MiniLM here)."""
     if not ctx.embed:
         return None
-    from corpus.decontam import default_item_dirs, default_scenario_dirs, eval_texts
+    from corpus.decontam import eval_texts
     from pipelines.dedup import normalised_hash
     from pipelines.embed import read_known
     from warehouse.vectors import embed_in_background
 
-    against = default_item_dirs() if opts.against is None else [Path(p) for p in opts.against]
-    scenarios = default_scenario_dirs() if opts.scenarios is None else [Path(p) for p in opts.scenarios]
     texts = [t.plain for t in eval_texts(against, scenarios) if t.embedded]
     return embed_in_background(texts, [normalised_hash(t) for t in texts], read_known(ctx.known_vectors))
 

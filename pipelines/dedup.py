@@ -37,9 +37,9 @@ class Duplicate:
 
 
 def normalised_hash(text: str) -> str:
-    from warehouse.corpus_load import normalise
+    from warehouse.corpus_load import text_hash
 
-    return hashlib.sha256(normalise(text).encode()).hexdigest()
+    return text_hash(text)
 
 
 def near_duplicates(rows: list[dict], methods: tuple[str, ...], workdir: Path, threshold: float = 0.91,

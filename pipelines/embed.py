@@ -49,15 +49,14 @@ class Embed(PipelineStep):
             yield from data
             return
         from msm.models import default_alias, load_embedder
-        from pipelines.dedup import embedding_text, normalised_hash
-        from warehouse.vectors import RECIPE, pack
+        from pipelines.dedup import normalised_hash
+        from warehouse.vectors import RECIPE, encode, pack
 
         known = read_known(ctx.known_vectors)
         embedder, model = load_embedder(), default_alias("embedder")
 
-        def encode(docs: list[Document]):
-            return embedder.encode(embedding_text([d.text for d in docs], embedder.tokenizer),
-                                   normalize_embeddings=True, batch_size=BATCH)
+        def vectors_of(docs: list[Document]):
+            return encode(embedder, [d.text for d in docs], BATCH)
 
         def finish(future: Future, docs: list[Document]):
             with self.track_time():
@@ -76,11 +75,11 @@ class Embed(PipelineStep):
                 else:
                     batch.append(doc)
                     if len(batch) == BATCH:
-                        pending.append((pool.submit(encode, batch), batch))
+                        pending.append((pool.submit(vectors_of, batch), batch))
                         batch = []
                 while pending and pending[0][0].done():
                     yield from finish(*pending.popleft())
             if batch:
-                pending.append((pool.submit(encode, batch), batch))
+                pending.append((pool.submit(vectors_of, batch), batch))
             while pending:
                 yield from finish(*pending.popleft())

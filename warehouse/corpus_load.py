@@ -31,6 +31,11 @@ def normalise(text: str) -> str:
     return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", "", text.lower())).strip()
 
 
+def text_hash(text: str) -> str:
+    """`documents.text_hash` and `embeddings.text_hash`: the SHA-256 of the normalised text."""
+    return hashlib.sha256(normalise(text).encode()).hexdigest()
+
+
 def keeper_key(row: dict) -> tuple[str, str]:
     """The order in which duplicates keep their place: the plan cell first, then the row id.
 
@@ -85,7 +90,7 @@ def prepare_load(staged: list[dict], counter, cache) -> PreparedLoad:
     kept = sorted((r for r in staged if r["meta"]["status"] == "judged"), key=keeper_key)
     first_by_hash: dict[str, str] = {}
     for r in kept:
-        digest = hashlib.sha256(normalise(r["text"]).encode()).hexdigest()
+        digest = text_hash(r["text"])
         r["hash"] = digest
         if digest in first_by_hash:
             r["meta"]["status"] = "dropped"
@@ -120,7 +125,7 @@ def load_build(con, build_id: str, staged, counter=None, cache=None, corpus_name
             "unit_id": plan["unit_id"], "genre": plan["genre"], "audience": plan["audience"],
             "condition": plan["condition"], "text": r["text"], "n_tokens": n_tokens, "token_counter": prepared.counter_name,
             "status": status, "drop_reason": None if status == "kept" else meta["reason"],
-            "text_hash": r.get("hash") or hashlib.sha256(normalise(r["text"]).encode()).hexdigest(),
+            "text_hash": r.get("hash") or text_hash(r["text"]),
             "prompt_hash": meta["prompt_hash"], "backend": meta["backend"], "model": meta["model"],
             "seed": plan["seed"], "call_keys": json.dumps(meta["call_keys"]), "cost_usd": meta["cost_usd"],
             "trimmed": bool(meta.get("trimmed")), "revision": meta.get("revision"), "draft_text": meta.get("draft")})

@@ -11,6 +11,14 @@ import numpy as np
 RECIPE = "head128+tail128"
 
 
+def encode(embedder, texts: list[str], batch_size: int = 32) -> np.ndarray:
+    """RECIPE's unit vectors: MiniLM on each text's head and tail. Every vector the warehouse keeps
+    is made here, so vectors computed in the pipeline, on a thread or after it are the same."""
+    from pipelines.dedup import embedding_text
+
+    return embedder.encode(embedding_text(texts, embedder.tokenizer), normalize_embeddings=True, batch_size=batch_size)
+
+
 def pack(vector) -> str:
     """A vector as text for a staged row's JSON metadata: base64 of its float32 bytes."""
     return base64.b64encode(np.asarray(vector, dtype=np.float32).tobytes()).decode("ascii")
@@ -25,7 +33,6 @@ def stored_embedder(db, model_name: str | None = None, batch_size: int = 32):
 
     def embed(texts: list[str], hashes: list[str]) -> np.ndarray:
         from msm.models import default_alias, load_embedder, resolve_embedder
-        from pipelines.dedup import embedding_text
         from warehouse.db import connect, insert_rows
 
         model = model_name or default_alias("embedder")
@@ -39,8 +46,7 @@ def stored_embedder(db, model_name: str | None = None, batch_size: int = 32):
             missing = list({hashes[i]: i for i in missing}.values())  # one text per hash
             if missing:
                 embedder = load_embedder(model_name)
-                vectors = embedder.encode(embedding_text([texts[i] for i in missing], embedder.tokenizer),
-                                          normalize_embeddings=True, batch_size=batch_size)
+                vectors = encode(embedder, [texts[i] for i in missing], batch_size)
                 fresh = {hashes[i]: vectors[k].tolist() for k, i in enumerate(missing)}
                 insert_rows(con, "INSERT OR IGNORE INTO embeddings",
                             [{"text_hash": h, "model": model, "recipe": RECIPE, "vector": v} for h, v in fresh.items()])
@@ -78,15 +84,13 @@ def write_known_hashes(db, path: str) -> None:
 def store_staged_vectors(db, rows: list[dict]) -> int:
     """Move the vectors the Embed step put in staged rows (`meta["embedding"]`) into the
     `embeddings` table; returns how many texts carried one."""
-    import hashlib
-
-    from warehouse.corpus_load import normalise
+    from warehouse.corpus_load import text_hash
 
     fresh = {}
     for r in rows:
         packed = r["meta"].pop("embedding", None)
         if packed and packed.get("recipe") == RECIPE:
-            fresh[hashlib.sha256(normalise(r["text"]).encode()).hexdigest()] = (packed["model"], unpack(packed["vector"]))
+            fresh[text_hash(r["text"])] = (packed["model"], unpack(packed["vector"]))
     return store_vectors(db, fresh)
 
 
@@ -109,7 +113,7 @@ def store_vectors(db, vectors: dict[str, tuple[str, np.ndarray]]) -> int:
 def embed_in_background(texts: list[str], hashes: list[str], known: set[str]):
     """Start embedding the texts whose hash is not in `known` on a thread (torch releases the GIL,
     so it overlaps whatever the caller does next); `.result()` gives {hash: (model, vector)}
-    for `store_vectors`. The same recipe as `stored_embedder`, so the vectors are the same."""
+    for `store_vectors`."""
     from concurrent.futures import ThreadPoolExecutor
 
     todo = {h: t for t, h in zip(texts, hashes) if h not in known}
@@ -118,11 +122,8 @@ def embed_in_background(texts: list[str], hashes: list[str], known: set[str]):
         if not todo:
             return {}
         from msm.models import default_alias, load_embedder
-        from pipelines.dedup import embedding_text
 
-        embedder = load_embedder()
-        vectors = embedder.encode(embedding_text(list(todo.values()), embedder.tokenizer),
-                                  normalize_embeddings=True, batch_size=32)
+        vectors = encode(load_embedder(), list(todo.values()))
         model = default_alias("embedder")
         return {h: (model, vectors[k]) for k, h in enumerate(todo)}
 
