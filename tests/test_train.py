@@ -144,7 +144,7 @@ def test_the_loss_mask_is_exactly_the_assistant_turns(cot):
 def test_the_sparse_loss_equals_the_full_loss_with_its_gradients():
     """AFT batches compute logits only where some row is trained on: same loss, same gradients."""
     from msm.tiny import tiny_causal_lm
-    from train.loop import supervised_loss
+    from train.loss import supervised_loss
 
     model, tok = tiny_causal_lm(seed=3)
     model.train()
@@ -163,6 +163,39 @@ def test_the_sparse_loss_equals_the_full_loss_with_its_gradients():
     sparse.backward()
     assert float(sparse.detach()) == pytest.approx(float(full.detach()), rel=1e-5)
     assert all(torch.allclose(p.grad, g, atol=1e-6) for p, g in zip(model.parameters(), expected))
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_the_chunked_dense_loss_equals_the_models_own_loss_with_its_gradients(lora, monkeypatch):
+    """Midtraining batches project a chunk of positions at a time: the same loss and the same
+    gradients as the model's own loss, for a LoRA adapter (head frozen) and for full training,
+    where the tied head and embeddings take the gradient of both uses."""
+    import train.loss
+    from msm.tiny import tiny_causal_lm
+    from train.config import Adapter
+    from train.loss import supervised_loss
+    from train.run import _lora
+
+    model, tok = tiny_causal_lm(seed=5)
+    if lora:
+        model = _lora(model, Adapter(r=4, alpha=8))
+    model.train()
+    texts = [" ".join(random.Random(i).choice(WORDS) for _ in range(12 + 9 * i)) for i in range(6)]
+    batch = collate(pack_documents(texts, tok, 48).examples, tok.pad_token_id)
+    batch.pop("real_tokens")
+    monkeypatch.setattr(train.loss, "CHUNK", 7)  # several chunks, the last one short
+    assert batch["input_ids"].numel() > 3 * train.loss.CHUNK
+    params = [p for p in model.parameters() if p.requires_grad]
+    full = model(**batch).loss
+    full.backward()
+    expected = [p.grad.clone() for p in params]
+    model.zero_grad()
+    chunked = supervised_loss(model, batch)
+    chunked.backward()
+    assert type(model.get_output_embeddings()) is torch.nn.Linear  # the head is put back
+    assert float(chunked.detach()) == pytest.approx(float(full.detach()), rel=1e-5)
+    assert all(torch.allclose(p.grad, g, atol=1e-6, rtol=1e-4) for p, g in zip(params, expected))
+    assert any(float(g.abs().max()) > 0 for g in expected)
 
 
 def test_max_len_below_a_chat_truncates_with_a_count_or_drops_what_has_no_target():

@@ -37,26 +37,6 @@ class Dist:
         return self.rank == 0
 
 
-def supervised_loss(model, batch: dict):
-    """The causal-LM loss (mean cross-entropy over labelled tokens), with logits computed only at
-    the positions some row of the batch is trained on. Assistant-only AFT masks leave most
-    positions unlabelled, and the vocabulary projection and its softmax are the largest part of a
-    small model's step; dense batches (midtraining) take the model's own loss."""
-    import torch
-
-    from train.data import IGNORE
-
-    labels = batch["labels"]
-    targets = labels[:, 1:]  # the token at t + 1 is predicted at position t
-    keep = (targets != IGNORE).any(dim=0).nonzero().squeeze(1)
-    if keep.numel() == 0 or keep.numel() > targets.shape[1] // 2:
-        return model(**batch).loss
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, logits_to_keep=keep).logits
-    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets[:, keep].flatten(),
-                                             ignore_index=IGNORE)
-
-
 def init_distributed() -> Dist:
     """Rank and device from the launcher's environment; gloo on CPU, nccl on GPUs."""
     import torch
@@ -236,6 +216,7 @@ def train_stage(model, examples: list, collate_fn, stage, stage_dir: Path, dist:
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     from train.data import IGNORE
+    from train.loss import supervised_loss
 
     per_step = stage.batch_size * stage.grad_accum * dist.world
     per_epoch, total = steps_for(len(examples), stage, dist.world)
