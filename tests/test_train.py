@@ -184,6 +184,9 @@ def test_the_chunked_dense_loss_equals_the_models_own_loss_with_its_gradients(lo
     batch = collate(pack_documents(texts, tok, 48).examples, tok.pad_token_id)
     batch.pop("real_tokens")
     monkeypatch.setattr(train.loss, "CHUNK", 7)  # several chunks, the last one short
+    calls = []
+    apply = train.loss.LinearCrossEntropy.apply
+    monkeypatch.setattr(train.loss.LinearCrossEntropy, "apply", lambda *a: calls.append(1) or apply(*a))
     assert batch["input_ids"].numel() > 3 * train.loss.CHUNK
     params = [p for p in model.parameters() if p.requires_grad]
     full = model(**batch).loss
@@ -192,6 +195,7 @@ def test_the_chunked_dense_loss_equals_the_models_own_loss_with_its_gradients(lo
     model.zero_grad()
     chunked = supervised_loss(model, batch)
     chunked.backward()
+    assert calls == [1]  # the chunked path ran, not the model's own loss
     assert type(model.get_output_embeddings()) is torch.nn.Linear  # the head is put back
     assert float(chunked.detach()) == pytest.approx(float(full.detach()), rel=1e-5)
     assert all(torch.allclose(p.grad, g, atol=1e-6, rtol=1e-4) for p, g in zip(params, expected))
