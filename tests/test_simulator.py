@@ -228,6 +228,65 @@ def test_batches_over_the_request_or_size_limit_are_refused_as_the_api_refuses_t
         assert client.messages.batches.create(requests=items(50)).processing_status in ("in_progress", "ended")
 
 
+def batch_items(n: int, tag: str = "r") -> list[dict]:
+    return [{"custom_id": f"{tag}{i}", "params": {"model": MODEL, "max_tokens": 20,
+                                                  "messages": [{"role": "user", "content": f"Say hi {tag}{i}."}]}}
+            for i in range(n)]
+
+
+def test_the_batch_endpoints_share_one_requests_per_minute_limit():
+    with Simulator(time_scale=1, config_overrides={"batches": {"endpoint_requests_per_minute": 3}}) as sim:
+        client = sdk(sim)
+        batch = client.messages.batches.create(requests=batch_items(2))
+        client.messages.batches.retrieve(batch.id)
+        client.messages.batches.retrieve(batch.id)
+        with pytest.raises(anthropic.RateLimitError) as info:  # the fourth call to any batch endpoint
+            client.messages.batches.retrieve(batch.id)
+        assert "Message Batches API requests per minute" in str(info.value)
+        assert 5 < float(info.value.response.headers["retry-after"]) <= 20
+        assert ask(client, "Say hi.", max_tokens=20).content  # the Messages endpoint has its own buckets
+
+
+def test_a_full_batch_queue_is_refused_until_a_batch_ends():
+    settings = {"batches": {"queue_max_requests": 30, "processing_median_min": 15, "processing_sigma": 0.0,
+                            "item_errored_rate": 0.0, "item_expired_rate": 0.0}}
+    with Simulator(time_scale=1800, config_overrides=settings) as sim:  # a batch takes 0.5 s
+        client = sdk(sim)
+        first = client.messages.batches.create(requests=batch_items(20, "a"))
+        with pytest.raises(anthropic.RateLimitError) as info:
+            client.messages.batches.create(requests=batch_items(20, "b"))
+        assert "30" in str(info.value) and "(20)" in str(info.value)
+        wait = float(info.value.response.headers["retry-after"])
+        assert 0 < wait <= 0.5  # until the batch in progress ends
+        assert client.messages.batches.create(requests=batch_items(10, "c")).processing_status == "in_progress"
+        time.sleep(wait + 0.05)
+        assert client.messages.batches.retrieve(first.id).processing_status == "ended"
+        client.messages.batches.create(requests=batch_items(20, "b"))  # room again
+        assert sim.stats_payload()["events"]["rate_limited_batch_queue"] == 1
+
+
+@pytest.mark.parametrize("attempts", [6, 1])
+def test_the_client_finishes_every_batch_through_a_full_queue(attempts, monkeypatch):
+    """More batch parts than the organisation's queue holds: msm waits for room (the retry-after), or,
+    refused past its retries, collects the batches in progress first; every request is answered
+    once and billed once."""
+    import msm.llm.client
+
+    monkeypatch.setattr(msm.llm.client, "MAX_BATCH_ITEMS", 10)
+    settings = {"batches": {"queue_max_requests": 30, "processing_median_min": 15, "processing_sigma": 0.0,
+                            "item_errored_rate": 0.0, "item_expired_rate": 0.0}}
+    with Simulator(time_scale=1800, config_overrides=settings) as sim:
+        backend = AnthropicBackend(api_key="simulated", base_url=sim.url, idle_timeout=5)
+        client = LLMClient(backend, model=MODEL, batch_poll_s=0.05,
+                           retry=RetryPolicy(max_attempts=attempts, base_delay=0.01, max_delay=0.05))
+        results = client.complete([Request.user(f"Say hi {i}.", max_tokens=20) for i in range(70)], batch=True)
+        stats = sim.stats_payload()
+    assert all(r.ok for r in results) and len({r.key for r in results}) == 70
+    assert stats["batches_created"] == 7 and stats["batch_items"] == 70
+    assert stats["billing"][MODEL]["batch"]["requests"] == 70 and "messages" not in stats["billing"][MODEL]
+    assert stats["events"]["rate_limited_batch_queue"] >= 1
+
+
 def test_batches_take_their_processing_time_and_some_items_fail():
     rates = {"batches": {"item_errored_rate": 0.1, "item_expired_rate": 0.1, "processing_median_min": 15,
                          "processing_sigma": 0.0}}

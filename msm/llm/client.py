@@ -348,13 +348,24 @@ class LLMClient:
         remaining = {k: r for k, r in todo.items() if k not in results}
         affordable, pending = self._fit_budget(remaining)
         results.update({k: self._pending(k) for k in pending})
-        submitted = []
-        for part in batch_parts(affordable):  # every part submitted first, so they are processed together
-            batch_id = await self._retrying(lambda: self.backend.submit_batch(list(part.items()), self.model))
+        submitted, parts = [], batch_parts(affordable)
+        while parts:  # every part submitted first, so they are processed together
+            part = parts[0]
+            try:
+                batch_id = await self._retrying(lambda: self.backend.submit_batch(list(part.items()), self.model))
+            except TransientError:
+                if not submitted:
+                    raise
+                # refused past the retries with batches in progress: most likely the organisation's
+                # queue of batch requests is full; it empties as they end, so collect them, then go on
+                for collected in await asyncio.gather(*(self._collect(b, p) for b, p in submitted)):
+                    results.update(collected)
+                submitted = []
+                continue
             self.stats.calls += 1
             if self.cache:
                 self.cache.save_batch(batch_id, self.backend.name, self.model, {k: k for k in part})
-            submitted.append((batch_id, part))
+            submitted.append((batch_id, parts.pop(0)))
         for collected in await asyncio.gather(*(self._collect(batch_id, part) for batch_id, part in submitted)):
             results.update(collected)
         fallback = {k: r for k, r in todo.items() if k not in results or results[k].error == "batch item failed"}

@@ -123,6 +123,9 @@ class Simulator(LoopbackServer):
         self.host, self.port = host, port
         self.writer = Writer(config, seed)
         self.limits = RateLimits(config["rate_limits"], time_scale)
+        per_minute = config["batches"]["endpoint_requests_per_minute"]  # one bucket for every batch endpoint
+        self.batch_limits = RateLimits({"requests_per_minute": per_minute, "input_tokens_per_minute": 1,
+                                        "output_tokens_per_minute": 1}, time_scale)
         self.billing: dict[tuple[str, str], Counter] = defaultdict(Counter)  # (model, channel) -> totals
         self.purposes: Counter = Counter()
         self.events: Counter = Counter()  # truncated, rate_limited, batch item fates
@@ -266,6 +269,14 @@ class Simulator(LoopbackServer):
     def batch_ended(self, batch: dict) -> bool:
         return batch["done"].is_set() and time.monotonic() - batch["t0"] >= batch["duration"]
 
+    def queue(self) -> tuple[int, float]:
+        """(requests in batches still in progress, real seconds until the first of them ends)."""
+        with self.lock:
+            open_ = [b for b in self.batches.values() if not self.batch_ended(b)]
+        now = time.monotonic()
+        soonest = min((b["t0"] + b["duration"] - now for b in open_), default=0.0)
+        return sum(b["n"] for b in open_), max(soonest, 0.0)
+
     # ---- stats -----------------------------------------------------------------------------
     def stats_payload(self) -> dict:
         """Counters and billed totals (per model and channel: "messages", "batch", "chat")."""
@@ -370,11 +381,30 @@ class _SimHandler(_Handler):
         self.writing_s = out / srv.config["latency"]["output_tokens_per_s"]
         self._paced(super()._chat, len(text.split()) + 4, body)
 
+    def _batch_endpoint_limited(self) -> bool:
+        """Charge the batch endpoints' shared requests-per-minute bucket; True (answered 429) when empty."""
+        srv = self.server_ref
+        wait, limit = srv.batch_limits.take("batches", {"requests": 1})
+        if not limit:
+            return False
+        with srv.lock:
+            srv.events["rate_limited_batch_endpoints"] += 1
+        self._error(429, "rate_limit_error", f"This request would exceed the rate limit for your organization of "
+                    f"{srv.batch_limits.caps['requests']:,} Message Batches API requests per minute",
+                    {"retry-after": f"{max(wait, 0.001):.3f}"}, False)
+        return True
+
+    def _find_batch(self, batch_id: str, route: str) -> dict | None:
+        if self._batch_endpoint_limited():
+            self.server_ref.stats.requests[route] += 1
+            return None
+        return super()._find_batch(batch_id, route)
+
     def _batch_create(self, body: dict) -> None:
         srv = self.server_ref
         cfg = srv.config["batches"]
         srv.stats.requests["batch_create"] += 1
-        if not self._authorized(openai=False):
+        if not self._authorized(openai=False) or self._batch_endpoint_limited():
             return
         size = int(self.headers.get("Content-Length") or 0)
         if size > cfg["max_bytes"]:
@@ -386,6 +416,15 @@ class _SimHandler(_Handler):
             self._error(cfg["too_many_status"], cfg["too_many_type"],
                         f"requests: a message batch holds 1 to {cfg['max_requests']:,} requests, "
                         f"got {len(requests) if isinstance(requests, list) else 0:,}")
+            return
+        queued, soonest = srv.queue()
+        if queued + len(requests) > cfg["queue_max_requests"]:
+            with srv.lock:
+                srv.events["rate_limited_batch_queue"] += 1
+            wait = max(soonest, 0.001)
+            self._error(429, "rate_limit_error", f"This batch's {len(requests):,} requests would take the batch "
+                        f"requests waiting or in progress ({queued:,}) past your organization's limit of "
+                        f"{cfg['queue_max_requests']:,}", {"retry-after": f"{wait:.3f}"}, False)
             return
         self._send(200, self._batch_view(srv.submit_batch(requests)))
 
