@@ -237,6 +237,35 @@ def test_packed_documents_do_not_attend_across_boundaries():
     assert wide.efficiency > 0.95
 
 
+def test_packed_rows_match_a_token_by_token_packing(monkeypatch):
+    """The array packing gives exactly the rows of the plain list algorithm: every token, label and
+    segment, documents starting on a row's first position included (tokenized in several chunks)."""
+    import train.data
+
+    monkeypatch.setattr(train.data, "TOKENIZE_CHUNK", 3)
+    tok = tokenizer()
+    texts = [" ".join(random.Random(i).choice(WORDS) for _ in range(1 + (i * 7) % 23)) for i in range(11)]
+    order = list(range(len(texts)))
+    random.Random(4).shuffle(order)
+    stream, segments, starts = [], [], set()
+    for k, i in enumerate(order):
+        doc = tok(texts[i], add_special_tokens=False).input_ids + [tok.eos_token_id]
+        starts.add(len(stream))
+        stream += doc
+        segments += [k] * len(doc)
+    on_boundary = 0
+    for max_len in range(5, 20):
+        packed = pack_documents(texts, tok, max_len, seed=4)
+        expected = [{"input_ids": stream[at:at + max_len], "segments": segments[at:at + max_len],
+                     "labels": [IGNORE if at + i in starts and i > 0 else t
+                                for i, t in enumerate(stream[at:at + max_len])]}
+                    for at in range(0, len(stream), max_len)]
+        assert [{k: list(map(int, v)) for k, v in e.items()} for e in packed.examples] == expected
+        assert packed.real_tokens == len(stream)
+        on_boundary += sum(1 for at in starts if at and at % max_len == 0)
+    assert on_boundary > 0  # documents that start a row were among the cases
+
+
 def test_padded_documents_get_a_2d_mask_and_the_logits_of_each_document_alone():
     from msm.tiny import tiny_causal_lm
 
